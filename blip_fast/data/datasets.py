@@ -1,0 +1,194 @@
+"""Datasets over the official BLIP annotation JSON formats (DESIGN §4).
+
+Annotation files are read and validated whole at construction; a bad file, entry, key or type
+raises with the file, entry index and key in the message. Images are opened lazily in
+``__getitem__``; a missing or undecodable image raises with its full path. Nothing is ever
+skipped silently: a skipped sample would shift the image/text numbering of evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from blip_fast.text import pre_caption
+
+__all__ = ["MissingKeyError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
+           "load_annotations", "load_image"]
+
+PathLike = str | os.PathLike
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Open ``path`` as RGB (decoded now, so a truncated file fails here, not later)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {os.fspath(path)}") from None
+    except OSError as err:  # PIL.UnidentifiedImageError and truncated data are OSErrors
+        raise OSError(f"cannot decode image {os.fspath(path)}: {err}") from err
+
+
+class MissingKeyError(KeyError):
+    """An annotation entry lacks a key. Prints its message plainly (KeyError quotes it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _read_json(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {path}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:  # its message gives line, column and char offset
+        raise ValueError(f"invalid JSON in annotation file {path}: {err}") from err
+    if not isinstance(data, list):
+        raise TypeError(f"annotation file {path}: top level must be a list of entries, "
+                        f"got {_type_name(data)}")
+    return data
+
+
+def _check_caption_list(value, where: str) -> None:
+    if not value:
+        raise ValueError(f"{where}: 'caption' is an empty list")
+    for j, c in enumerate(value):
+        if not isinstance(c, str):
+            raise TypeError(f"{where}: 'caption'[{j}] must be str, got {_type_name(c)}")
+
+
+def load_annotations(files: PathLike | Sequence[PathLike], caption: str) -> list[dict]:
+    """Concatenate the entries of ``files``, checking each one.
+
+    ``caption`` is the required caption type: ``"str"`` (retrieval train), ``"list"`` (retrieval
+    eval) or ``"str|list"`` (pre-training). Every entry needs ``"image"`` (str) and
+    ``"caption"``; retrieval train entries also ``"image_id"`` (str or int).
+    """
+    if caption not in ("str", "list", "str|list"):
+        raise ValueError(f"caption must be 'str', 'list' or 'str|list', not {caption!r}")
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    keys = ("image", "caption", "image_id") if caption == "str" else ("image", "caption")
+    out = []
+    for f in files:
+        path = Path(f)
+        for i, entry in enumerate(_read_json(path)):
+            where = f"{path}: entry {i}"
+            if not isinstance(entry, dict):
+                raise TypeError(f"{where} must be an object, got {_type_name(entry)}")
+            for key in keys:
+                if key not in entry:
+                    raise MissingKeyError(f"{where} has no '{key}' key (keys: {sorted(entry)})")
+            if not isinstance(entry["image"], str):
+                raise TypeError(f"{where}: 'image' must be str, got {_type_name(entry['image'])}")
+            cap = entry["caption"]
+            if not ((isinstance(cap, str) and caption != "list")
+                    or (isinstance(cap, list) and caption != "str")):
+                want = {"str": "str", "list": "list of str", "str|list": "str or list of str"}[caption]
+                raise TypeError(f"{where}: 'caption' must be {want}, got {_type_name(cap)}")
+            if isinstance(cap, list):
+                _check_caption_list(cap, where)
+            if "image_id" in keys and (isinstance(entry["image_id"], bool)
+                                       or not isinstance(entry["image_id"], (str, int))):
+                raise TypeError(f"{where}: 'image_id' must be str or int, "
+                                f"got {_type_name(entry['image_id'])}")
+            out.append(entry)
+    return out
+
+
+class RetrievalTrainDataset(Dataset):
+    """Official ``re_train_dataset``: one item per (image, caption) entry.
+
+    Returns (transform(image), pre_caption(caption, max_words), img_idx) where img_idx numbers
+    the distinct ``image_id`` values 0, 1, ... in order of first appearance (``img_ids``).
+    """
+
+    def __init__(self, ann_files: PathLike | Sequence[PathLike], image_root: PathLike,
+                 transform: Transform, max_words: int = 30):
+        self.annotation = load_annotations(ann_files, caption="str")
+        self.image_root, self.transform, self.max_words = Path(image_root), transform, max_words
+        self.img_ids: dict = {}
+        for ann in self.annotation:
+            self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
+
+    def __len__(self) -> int:
+        return len(self.annotation)
+
+    def __getitem__(self, index: int):
+        ann = self.annotation[index]
+        image = self.transform(load_image(self.image_root / ann["image"]))
+        return image, pre_caption(ann["caption"], self.max_words), self.img_ids[ann["image_id"]]
+
+
+class RetrievalEvalDataset(Dataset):
+    """Official ``re_eval_dataset``: one item per image, captions flattened.
+
+    ``text``: normalised captions, numbered in order of appearance; ``image``: image relpaths;
+    ``img2txt[i]``: the text ids of image i; ``txt2img[t]``: the image id of text t.
+    ``__getitem__(i)`` -> (transform(image i), i).
+    """
+
+    def __init__(self, ann_file: PathLike, image_root: PathLike, transform: Transform,
+                 max_words: int = 30):
+        self.annotation = load_annotations(ann_file, caption="list")
+        self.image_root, self.transform = Path(image_root), transform
+        self.text: list[str] = []
+        self.image: list[str] = []
+        self.txt2img: dict[int, int] = {}
+        self.img2txt: dict[int, list[int]] = {}
+        for img_id, ann in enumerate(self.annotation):
+            self.image.append(ann["image"])
+            self.img2txt[img_id] = []
+            for caption in ann["caption"]:
+                self.img2txt[img_id].append(len(self.text))
+                self.txt2img[len(self.text)] = img_id
+                self.text.append(pre_caption(caption, max_words))
+
+    def __len__(self) -> int:
+        return len(self.annotation)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(self.image_root / self.annotation[index]["image"])), index
+
+
+class PretrainDataset(Dataset):
+    """Official ``pretrain_dataset`` over ``{"image", "caption": str | [str]}`` entries.
+
+    Returns (transform(image), pre_caption(caption, max_words)), the RGB PIL image itself when
+    ``transform`` is None (CapFilt's captioner and filter apply their own transforms); a list
+    caption gives one of its captions drawn uniformly from torch's global RNG (seeded per
+    ``DataLoader`` worker). ``image_root`` None means the ``"image"`` paths are used as written
+    (official pre-training JSONs hold absolute paths); an absolute path also ignores ``image_root``.
+    """
+
+    def __init__(self, ann_files: PathLike | Sequence[PathLike], image_root: PathLike | None = None,
+                 transform: Transform | None = None, max_words: int = 30):
+        self.annotation = load_annotations(ann_files, caption="str|list")
+        self.image_root, self.transform, self.max_words = image_root, transform, max_words
+
+    def __len__(self) -> int:
+        return len(self.annotation)
+
+    def __getitem__(self, index: int):
+        ann = self.annotation[index]
+        path = ann["image"] if self.image_root is None else os.path.join(self.image_root, ann["image"])
+        caption = ann["caption"]
+        if isinstance(caption, list):
+            caption = caption[int(torch.randint(len(caption), ()).item())]
+        image = load_image(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, pre_caption(caption, self.max_words)

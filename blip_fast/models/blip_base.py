@@ -1,0 +1,90 @@
+"""Pieces shared by the BLIP task models: backend maps, momentum encoders and feature queues."""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast.models.configs import BlipConfig
+
+OPS = ("attention", "cross_attention", "itc")
+
+
+def backend_map(backend: str | dict | None) -> dict:
+    """``backend`` as op -> requested backend: a string applies to every op, a dict names some
+    ops (the others choose automatically), None chooses automatically everywhere."""
+    if backend is None:
+        return {}
+    if isinstance(backend, str):
+        return dict.fromkeys(OPS, backend)
+    unknown = set(backend) - set(OPS)
+    if unknown:
+        raise ValueError(f"unknown ops in backend map: {sorted(unknown)}; known: {OPS}")
+    return dict(backend)
+
+
+class MomentumMixin:
+    """Momentum copies ``<name>_m`` of the online modules named in ``momentum_names``, updated
+    as p_m = m * p_m + (1 - m) * p (official ``_momentum_update``), never trained."""
+
+    momentum_names: tuple[str, ...] = ()
+
+    def _make_momentum(self):
+        for name in self.momentum_names:
+            model_m = copy.deepcopy(getattr(self, name))
+            for p in model_m.parameters():
+                p.requires_grad_(False)
+            setattr(self, name + "_m", model_m)
+
+    def momentum_pairs(self):
+        return [(getattr(self, n), getattr(self, n + "_m")) for n in self.momentum_names]
+
+    @torch.no_grad()
+    def copy_params(self):
+        """Momentum copies := online weights (official ``copy_params``)."""
+        for model, model_m in self.momentum_pairs():
+            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
+                p_m.copy_(p)
+
+    @torch.no_grad()
+    def momentum_update(self):
+        m = self.cfg.momentum
+        for model, model_m in self.momentum_pairs():
+            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
+                p_m.mul_(m).add_(p.detach(), alpha=1 - m)
+
+
+def init_queues(module: nn.Module, cfg: BlipConfig, with_idx: bool, ptr_name: str):
+    """Register the L2-normalised random feature queues (D, Q), the idx queue (1, Q) = -100 and
+    the write pointer under its official name (``ptr_queue`` / ``queue_ptr``)."""
+    module.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+    module.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+    if with_idx:
+        module.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
+    module.register_buffer(ptr_name, torch.zeros(1, dtype=torch.long))
+
+
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x`` concatenated in rank order (no gradient); identity without a group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def enqueue(module: nn.Module, ptr_name: str, image_feat_m, text_feat_m, idx=None):
+    """Write the gathered momentum features (and idx) of every rank into the queues at the
+    pointer, then advance it (official ``_dequeue_and_enqueue``)."""
+    image_feats, text_feats = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
+    n, size = image_feats.shape[0], module.image_queue.shape[1]
+    if size % n:
+        raise ValueError(f"queue_size {size} must be divisible by the global batch {n}")
+    ptr = int(getattr(module, ptr_name))
+    module.image_queue[:, ptr:ptr + n] = image_feats.T
+    module.text_queue[:, ptr:ptr + n] = text_feats.T
+    if idx is not None:
+        module.idx_queue[:, ptr:ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
+    getattr(module, ptr_name)[0] = (ptr + n) % size

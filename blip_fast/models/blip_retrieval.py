@@ -1,0 +1,74 @@
+"""BLIP image-text retrieval model (official ``BLIP_Retrieval``): ViT + BERT text encoder,
+projections, ITM head, learnable temperature, momentum encoders and queues with idx."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast import ops
+from blip_fast.models.blip_base import (MomentumMixin, backend_map, enqueue, init_queues)
+from blip_fast.models.configs import BlipConfig
+from blip_fast.models.med import BertModel
+from blip_fast.models.vit import VisionTransformer
+
+ENC_TOKEN_ID = 30523
+
+
+class BlipITMMixin:
+    """Inference API shared by the retrieval and pre-training models."""
+
+    def image_embeds(self, pixels):
+        """pixels (B, 3, S, S) -> all image tokens (B, 1 + (S/16)^2, vision width)."""
+        return self.visual_encoder(pixels)
+
+    def image_features(self, pixels=None, image_embeds=None):
+        """Normalised (B, embed_dim) image features from pixels or precomputed embeds."""
+        embeds = self.image_embeds(pixels) if image_embeds is None else image_embeds
+        return F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+
+    def text_features(self, ids, mask):
+        """ids, mask (B, L) as tokenised ([CLS] first) -> normalised (B, embed_dim)."""
+        out = self.text_encoder(ids, mask, mode="text")
+        return F.normalize(self.text_proj(out[:, 0]), dim=-1)
+
+    def itm_logits(self, ids, mask, image_embeds):
+        """Image-text matching logits (B, 2), index 1 = match. ids, mask (B, L) as tokenised;
+        the first token is replaced by [ENC] here, as official. image_embeds (B or 1, N, W);
+        a single image is broadcast over the B texts without copying."""
+        ids = ids.clone()
+        ids[:, 0] = ENC_TOKEN_ID
+        if image_embeds.shape[0] == 1 and ids.shape[0] > 1:
+            image_embeds = image_embeds.expand(ids.shape[0], -1, -1)
+        out = self.text_encoder(ids, mask, image_embeds, mode="multimodal")
+        return self.itm_head(out[:, 0])
+
+    def clamp_temp(self):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+
+class BlipRetrieval(BlipITMMixin, MomentumMixin, nn.Module):
+    momentum_names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+    ptr_name = "ptr_queue"
+
+    def __init__(self, cfg: BlipConfig, backend: str | dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backends = backend_map(backend)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        init_queues(self, cfg, with_idx=True, ptr_name=self.ptr_name)
+        self.visual_encoder = VisionTransformer(cfg.vision, self.backends.get("attention"))
+        self.text_encoder = BertModel(cfg.text, cfg.vision.width, self.backends)
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
+        self._make_momentum()
+
+    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
+        """ITC through the op dispatch, reading the queues in place."""
+        return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                            self.text_queue, self.temp, alpha, idx,
+                            None if idx is None else self.idx_queue,
+                            backend=self.backends.get("itc"))
+
+    def enqueue(self, image_feat_m, text_feat_m, idx=None):
+        enqueue(self, self.ptr_name, image_feat_m, text_feat_m, idx)

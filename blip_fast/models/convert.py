@@ -1,0 +1,265 @@
+"""Checkpoint converters between official BLIP and HuggingFace ``transformers`` BLIP.
+
+Official BLIP (Li et al. 2022, https://github.com/salesforce/BLIP) and HF
+``BlipForImageTextRetrieval`` / ``BlipForConditionalGeneration`` hold the same tensors; only the
+vision tower is renamed (``visual_encoder.blocks.N.attn.qkv`` <->
+``vision_model.encoder.layers.N.self_attn.qkv`` ...). Text encoder / decoder, projections and the
+ITM head keep their names. Our native names ARE the official ones, so converting HF -> official
+is all that loading an HF checkpoint needs.
+
+What HF has no place for:
+- ``*.embeddings.position_ids`` (a non-persistent buffer in HF): dropped on the way to HF after
+  checking it is ``arange`` (anything else is an error, never silently lost), recreated on the
+  way back from ``position_embeddings.weight``;
+- the training-only tensors (momentum encoders ``*_m``, ``image_queue``, ``text_queue``,
+  ``idx_queue``, ``ptr_queue`` / ``queue_ptr``, ``temp``): moved into ``extra`` (kept under their
+  official names) when a dict is passed, an error otherwise.
+
+Tied tensors stay in both directions' state dicts (``text_decoder.cls.predictions.decoder.*``);
+``blip_fast.checkpoint.save`` drops them from ``model.safetensors`` the way HF does, and
+``hf_to_official`` restores them when absent.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from blip_fast.models.configs import BlipConfig, TextConfig, VisionConfig
+
+__all__ = ["official_to_hf", "hf_to_official", "hf_config_to_blip", "blip_to_hf_config",
+           "is_training_only", "HF_ARCHITECTURES", "TIED_HF_KEYS"]
+
+HF_ARCHITECTURES = {"retrieval": ["BlipForImageTextRetrieval"],
+                    "caption": ["BlipForConditionalGeneration"],
+                    # no HF class holds both; either class loads its part of the file
+                    "pretrain": ["BlipForImageTextRetrieval", "BlipForConditionalGeneration"]}
+
+# Tied in HF (omitted from its model.safetensors) -> the tensor they alias.
+TIED_HF_KEYS = {
+    "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+}
+
+# (official vision suffix, HF vision suffix); block-level entries hold "{n}".
+_VISION_TOP = [("cls_token", "embeddings.class_embedding"),
+               ("pos_embed", "embeddings.position_embedding"),
+               ("patch_embed.proj.", "embeddings.patch_embedding."),
+               ("norm.", "post_layernorm.")]
+_VISION_BLOCK = [("norm1.", "layer_norm1."), ("norm2.", "layer_norm2."),
+                 ("attn.qkv.", "self_attn.qkv."), ("attn.proj.", "self_attn.projection."),
+                 ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]
+_SHARED_PREFIXES = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
+_TRAINING_ONLY = re.compile(
+    r"^(visual_encoder_m|vision_proj_m|text_encoder_m|text_proj_m)\.|"
+    r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$")
+_POS_IDS = re.compile(r"^(.*\.embeddings)\.position_ids$")
+
+
+def is_training_only(key: str) -> bool:
+    """True for the official tensors HF BLIP has no place for (momentum, queues, ptr, temp)."""
+    return bool(_TRAINING_ONLY.match(key))
+
+
+def _vision_official_to_hf(rest: str, key: str) -> str:
+    m = re.match(r"blocks\.(\d+)\.(.*)$", rest)
+    if m:
+        n, sub = m.groups()
+        for a, b in _VISION_BLOCK:
+            if sub.startswith(a):
+                return f"vision_model.encoder.layers.{n}.{b}{sub[len(a):]}"
+    else:
+        for a, b in _VISION_TOP:
+            if rest == a or (a.endswith(".") and rest.startswith(a)):
+                return f"vision_model.{b}{rest[len(a):]}"
+    raise KeyError(f"official key {key!r} has no HF equivalent")
+
+
+def _vision_hf_to_official(rest: str, key: str) -> str:
+    m = re.match(r"encoder\.layers\.(\d+)\.(.*)$", rest)
+    if m:
+        n, sub = m.groups()
+        for a, b in _VISION_BLOCK:
+            if sub.startswith(b):
+                return f"visual_encoder.blocks.{n}.{a}{sub[len(b):]}"
+    else:
+        for a, b in _VISION_TOP:
+            if rest == b or (b.endswith(".") and rest.startswith(b)):
+                return f"visual_encoder.{a}{rest[len(b):]}"
+    raise KeyError(f"HF key {key!r} has no official equivalent")
+
+
+def check_position_ids(key: str, value: torch.Tensor):
+    """Raise unless ``value`` is (1, n) ``arange(n)`` (the only value official BLIP writes)."""
+    n = value.shape[-1] if value.ndim else 0
+    if value.ndim != 2 or value.shape[0] != 1 or not torch.equal(
+            value.cpu().long(), torch.arange(n)[None]):
+        raise ValueError(f"{key}: expected position ids arange({n}) of shape (1, {n}), got a "
+                         f"{tuple(value.shape)} tensor that is not arange; this checkpoint "
+                         f"cannot be represented without them")
+
+
+def official_to_hf(sd: dict, extra: dict | None = None, keep_unknown: bool = False) -> dict:
+    """Official BLIP state dict -> HF BLIP state dict (same tensors, not copied).
+
+    ``position_ids`` are checked (must be arange) and dropped. Training-only tensors
+    (``is_training_only``) go into ``extra`` under their official names when a dict is given;
+    with ``extra=None`` their presence is an error naming them. Keys with no HF equivalent are
+    an error, or passed through unchanged with ``keep_unknown=True``."""
+    out, leftover = {}, []
+    for key, value in sd.items():
+        if _POS_IDS.match(key):
+            check_position_ids(key, value)
+            continue
+        if is_training_only(key):
+            if extra is None:
+                leftover.append(key)
+            else:
+                extra[key] = value
+            continue
+        if key.startswith("visual_encoder."):
+            out[_vision_official_to_hf(key[len("visual_encoder."):], key)] = value
+        elif key.startswith(_SHARED_PREFIXES) or keep_unknown:
+            out[key] = value
+        else:
+            raise KeyError(f"official key {key!r} has no HF equivalent")
+    if leftover:
+        raise ValueError(f"{len(leftover)} training-only tensors have no HF name; pass "
+                         f"extra={{}} to collect them: {_names(leftover)}")
+    return out
+
+
+def hf_to_official(sd: dict, extra: dict | None = None, keep_unknown: bool = False) -> dict:
+    """HF BLIP state dict (+ the ``extra`` training-only tensors, official names) -> official.
+
+    Recreates ``*.embeddings.position_ids`` (arange over ``position_embeddings``) and the tied
+    LM-head entries (``text_decoder.cls.predictions.decoder.weight`` / ``.bias``) when absent.
+    Keys with no official equivalent are an error, or kept unchanged with ``keep_unknown``."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("vision_model."):
+            try:
+                out[_vision_hf_to_official(key[len("vision_model."):], key)] = value
+            except KeyError:
+                if not keep_unknown:
+                    raise
+                out[key] = value
+        elif key.startswith(_SHARED_PREFIXES) or keep_unknown:
+            if _POS_IDS.match(key):  # some old HF files still carry them
+                check_position_ids(key, value)
+            out[key] = value
+        else:
+            raise KeyError(f"HF key {key!r} has no official equivalent")
+    for key, value in (extra or {}).items():
+        if key in out:
+            raise ValueError(f"extra tensor {key!r} duplicates a model tensor")
+        out[key] = value
+    for key in list(out):
+        m = re.match(r"^(.*\.embeddings)\.position_embeddings\.weight$", key)
+        if m and m.group(1) + ".position_ids" not in out:
+            out[m.group(1) + ".position_ids"] = torch.arange(out[key].shape[0])[None]
+    for tied, src in TIED_HF_KEYS.items():
+        if tied not in out and src in out:
+            out[tied] = out[src]
+    return out
+
+
+def _names(keys, limit=20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------- configs
+
+def hf_config_to_blip(config: dict) -> BlipConfig:
+    """An HF BLIP ``config.json`` dict -> BlipConfig (HF defaults for absent keys; HF's own eps
+    values kept, e.g. vision 1e-5). A ``blip_fast`` section written by ``blip_to_hf_config``
+    restores the training fields HF has no place for."""
+    v, t = config.get("vision_config") or {}, config.get("text_config") or {}
+    for name, sub in (("vision_config", v), ("text_config", t)):
+        act = sub.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"{name}.hidden_act {act!r} is not supported (BLIP uses 'gelu')")
+    width = int(v.get("hidden_size", 768))
+    hidden = int(t.get("hidden_size", 768))
+    enc = int(t.get("encoder_hidden_size", 768))
+    if enc != width:
+        raise ValueError(f"text_config.encoder_hidden_size {enc} != vision_config.hidden_size "
+                         f"{width}: cross-attention reads the vision tokens")
+    image_size, patch = v.get("image_size", 384), v.get("patch_size", 16)
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            raise ValueError(f"non-square image_size {image_size} is not supported")
+        image_size = image_size[0]
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0]
+    bf = dict(config.get("blip_fast") or {})
+    vision_bf = bf.pop("vision", {})
+    vision = VisionConfig(
+        image_size=int(image_size), patch_size=int(patch), width=width,
+        depth=int(v.get("num_hidden_layers", 12)), heads=int(v.get("num_attention_heads", 12)),
+        mlp_ratio=int(v.get("intermediate_size", 3072)) / width,
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)), **vision_bf)
+    text = TextConfig(
+        vocab_size=int(t.get("vocab_size", 30524)), hidden_size=hidden,
+        num_layers=int(t.get("num_hidden_layers", 12)),
+        num_heads=int(t.get("num_attention_heads", 8)),
+        intermediate_size=int(t.get("intermediate_size", 3072)),
+        max_position_embeddings=int(t.get("max_position_embeddings", 512)),
+        layer_norm_eps=float(t.get("layer_norm_eps", 1e-12)),
+        hidden_dropout=float(t.get("hidden_dropout_prob", 0.0)),
+        attention_dropout=float(t.get("attention_probs_dropout_prob", 0.0)))
+    kw = dict(embed_dim=int(config.get("image_text_hidden_size", 256)))
+    if "label_smoothing" in t and "label_smoothing" not in bf:
+        kw["label_smoothing"] = float(t["label_smoothing"])
+    kw.update(bf)
+    return BlipConfig(vision=vision, text=text, **kw)
+
+
+def blip_to_hf_config(cfg: BlipConfig, task: str) -> dict:
+    """BlipConfig -> HF BLIP ``config.json`` dict for ``task`` (``retrieval``, ``caption``,
+    ``pretrain``). Our eps values are written as they are (official 1e-6 stays 1e-6)."""
+    if task not in HF_ARCHITECTURES:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(HF_ARCHITECTURES)}")
+    v, t = cfg.vision, cfg.text
+    intermediate = int(round(v.width * v.mlp_ratio))
+    full = cfg.to_dict()
+    vision_bf = {k: full["vision"][k] for k in ("drop_path_rate", "grad_checkpointing",
+                                                "ckpt_layer")}
+    blip_fast = {k: val for k, val in full.items() if k not in ("vision", "text", "embed_dim")}
+    blip_fast["vision"] = vision_bf
+    return {
+        "architectures": list(HF_ARCHITECTURES[task]),
+        "model_type": "blip",
+        "image_text_hidden_size": cfg.embed_dim,
+        "projection_dim": 512,
+        "logit_scale_init_value": 2.6592,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "label_smoothing": 0.0,
+        "tie_word_embeddings": True,
+        "vision_config": {
+            "model_type": "blip_vision_model",
+            "hidden_size": v.width, "intermediate_size": intermediate,
+            "num_hidden_layers": v.depth, "num_attention_heads": v.heads,
+            "image_size": v.image_size, "patch_size": v.patch_size,
+            "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu",
+            "attention_dropout": 0.0, "initializer_range": 1e-10, "projection_dim": 512,
+        },
+        "text_config": {
+            "model_type": "blip_text_model",
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "encoder_hidden_size": v.width, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "max_position_embeddings": t.max_position_embeddings,
+            "layer_norm_eps": t.layer_norm_eps, "hidden_act": "gelu",
+            "hidden_dropout_prob": t.hidden_dropout,
+            "attention_probs_dropout_prob": t.attention_dropout,
+            "initializer_range": 0.02, "projection_dim": 768,
+            "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0, "eos_token_id": 2,
+            "is_decoder": True, "use_cache": True, "tie_word_embeddings": True,
+            "label_smoothing": cfg.label_smoothing,
+        },
+        "blip_fast": blip_fast,
+    }

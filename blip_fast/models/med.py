@@ -1,0 +1,256 @@
+"""MED: BLIP's multimodal mixture of encoder-decoder on a BERT-base trunk.
+
+Li et al., BLIP, https://arxiv.org/abs/2201.12086 (§3.1). One text stack, three modes:
+``text`` (bidirectional self-attention only: unimodal encoder), ``multimodal`` (self-attention,
+then cross-attention over image tokens, then FFN: image-grounded encoder, [ENC] first), and
+``decoder`` (causal self-attention + cross-attention + FFN: image-grounded decoder, [DEC]
+first). Cross-attention exists in every layer and runs only in the last two modes. Names follow
+official ``med.py`` (``encoder.layer.N.crossattention.self.query``...). Attention runs through
+``blip_fast.ops``; ``backends`` maps op name -> requested backend (None = automatic).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast import ops
+from blip_fast.models.configs import TextConfig
+
+__all__ = ["BertModel", "BertLMHeadModel", "tie_encoder_decoder", "lm_loss", "MODES"]
+
+MODES = ("text", "multimodal", "decoder")
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings (no token types), LayerNorm, dropout."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        # Persistent because official checkpoints carry it (text_encoder.embeddings.position_ids).
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None])
+
+    def forward(self, input_ids, past_len: int = 0):  # (B, L) -> (B, L, H)
+        L = input_ids.shape[1]
+        if past_len + L > self.position_ids.shape[1]:
+            raise ValueError(f"text of {past_len + L} tokens exceeds max_position_embeddings "
+                             f"{self.position_ids.shape[1]}")
+        pos = self.position_ids[:, past_len:past_len + L]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Projections + attention op. Cross-attention reads keys / values from image tokens of
+    width ``kv_width``; self-attention from the text itself."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int, is_cross: bool, backends: dict):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout_p = cfg.attention_dropout
+        self.is_cross = is_cross
+        self.backends = backends
+
+    def split_heads(self, x):  # (B, L, H*D) -> (B, H, L, D)
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def kv(self, source):
+        """Keys and values of ``source`` (B, L, kv_width): each (B, H, L, D)."""
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None):
+        q = self.split_heads(self.query(hidden))
+        name = "cross" if self.is_cross else "self"
+        if cache is not None and self.is_cross and "cross_k" in cache:
+            k, v = cache["cross_k"], cache["cross_v"]  # image K/V are fixed while decoding
+        else:
+            k, v = self.kv(kv_source)
+            if cache is not None and not self.is_cross and "self_k" in cache:
+                k = torch.cat([cache["self_k"], k], dim=2)
+                v = torch.cat([cache["self_v"], v], dim=2)
+        if cache is not None:
+            cache[name + "_k"], cache[name + "_v"] = k, v
+        p = self.dropout_p if self.training else 0.0
+        if self.is_cross and p == 0.0:
+            ctx = ops.cross_attention(q, k, v, key_padding_mask,
+                                      backend=self.backends.get("cross_attention"))
+        else:  # self-attention, or cross-attention with probability dropout while training
+            ctx = ops.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=p,
+                                backend=self.backends.get("attention"))
+        B, H, L, D = ctx.shape
+        return ctx.transpose(1, 2).reshape(B, L, H * D)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, kv_width: int, is_cross: bool, backends: dict):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, kv_width, is_cross, backends)
+        self.output = BertSelfOutput(cfg)
+
+    def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None):
+        ctx = self.self(hidden, kv_source, key_padding_mask, causal, cache)
+        return self.output(ctx, hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size, False, backends)
+        self.crossattention = BertAttention(cfg, encoder_width, True, backends)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertOutput(cfg)
+
+    def forward(self, x, mask, image, image_mask, mode, cache=None):
+        x = self.attention(x, x, mask, causal=mode == "decoder", cache=cache)
+        if mode != "text":
+            x = self.crossattention(x, image, image_mask, cache=cache)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg, encoder_width, backends)
+                                   for _ in range(cfg.num_layers))
+
+
+class BertModel(nn.Module):
+    """BERT trunk in one of ``MODES``.
+
+    forward(input_ids (B, L), attention_mask (B, L) 0/1, image_embeds (B, Li, W) or None,
+    image_mask (B, Li) bool or None, mode, cache) -> (B, L, hidden). ``cache``: a list with one
+    dict per layer, filled and extended in place (KV cache for decoding).
+    """
+
+    def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backends = backends or {}
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg, encoder_width, backends)
+        self.apply(_init_weights)
+
+    def forward(self, input_ids, attention_mask, image_embeds=None, image_mask=None,
+                mode="text", cache=None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "text" and image_embeds is None:
+            raise ValueError(f"mode {mode!r} needs image_embeds")
+        past_len = 0 if not cache or "self_k" not in cache[0] else cache[0]["self_k"].shape[2]
+        x = self.embeddings(input_ids, past_len)
+        mask = attention_mask.bool() if attention_mask is not None else None
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, mask, image_embeds, image_mask, mode,
+                      cache=None if cache is None else cache[i])
+        return x
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias  # one tensor under both official names
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(cfg)
+
+
+class BertLMHeadModel(nn.Module):
+    """Image-grounded decoder: ``bert`` in decoder mode + LM head whose weight is the word
+    embedding (tied). forward(...) -> logits (B, L, vocab)."""
+
+    def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
+        super().__init__()
+        self.bert = BertModel(cfg, encoder_width, backends)
+        self.cls = BertOnlyMLMHead(cfg)
+        self.cls.apply(_init_weights)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask, image_embeds, image_mask=None, cache=None):
+        hidden = self.bert(input_ids, attention_mask, image_embeds, image_mask, "decoder", cache)
+        return self.cls.predictions(hidden)
+
+
+def tie_encoder_decoder(encoder: BertModel, decoder: BertModel):
+    """Share everything but self-attention (paper Table 3): embeddings, cross-attention and FFN
+    modules of ``decoder`` become those of ``encoder``. The decoder's LM head keeps pointing at
+    the (now shared) word embedding."""
+    decoder.embeddings = encoder.embeddings
+    for enc, dec in zip(encoder.encoder.layer, decoder.encoder.layer, strict=True):
+        dec.crossattention = enc.crossattention
+        dec.intermediate = enc.intermediate
+        dec.output = enc.output
+
+
+def lm_loss(logits, labels, label_smoothing: float = 0.1, reduction: str = "mean"):
+    """Next-token cross-entropy as official ``BertLMHeadModel``: logits (B, L, V) predict
+    labels shifted by one (B, L); label -100 is ignored. ``reduction='none'`` sums per sample."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shifted, target, reduction=reduction, label_smoothing=label_smoothing)
+    return loss.view(labels.shape[0], -1).sum(1) if reduction == "none" else loss
+
+
+def _init_weights(m):
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

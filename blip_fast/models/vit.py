@@ -1,0 +1,147 @@
+"""Vision Transformer image encoder of BLIP (ViT-B/16, ViT-L/16).
+
+Dosovitskiy et al., https://arxiv.org/abs/2010.11929. Module and parameter names follow the
+official BLIP ``vit.py`` (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``...), so official
+checkpoints load without renaming. Attention runs through ``blip_fast.ops.attention``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from blip_fast import ops
+from blip_fast.models.configs import VisionConfig
+
+__all__ = ["VisionTransformer", "interpolate_pos_embed"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, backend: str | None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = backend
+
+    def forward(self, x):  # x: (B, N, C)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = ops.attention(qkv[0], qkv[1], qkv[2], backend=self.backend)  # (B, H, N, D)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: VisionConfig, drop_path: float, grad_ckpt: bool, backend):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads, backend)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.grad_ckpt = grad_ckpt
+
+    def _forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x):
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):  # (B, 3, S, S) -> (B, (S/p)^2, C)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """[CLS] + patch tokens, learned position embedding, pre-norm blocks, final LayerNorm.
+
+    ``forward(pixels (B, 3, S, S)) -> (B, 1 + (S/16)^2, width)``: all tokens, [CLS] first.
+    """
+
+    def __init__(self, cfg: VisionConfig, attention_backend: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size "
+                             f"{cfg.patch_size}")
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        first_ckpt = cfg.depth - cfg.ckpt_layer  # official: the last ckpt_layer blocks
+        self.blocks = nn.ModuleList(
+            Block(cfg, rates[i], cfg.grad_checkpointing and i >= first_ckpt, attention_backend)
+            for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def forward(self, pixels):
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"pixels must be (B, 3, {self.cfg.image_size}, "
+                             f"{self.cfg.image_size}), got {tuple(pixels.shape)}")
+        x = self.patch_embed(pixels)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Resize (1, 1 + g*g, C) position embeddings to ``num_tokens`` = 1 + G*G: bicubic on the
+    patch grid, [CLS] position kept (official ``interpolate_pos_embed``)."""
+    if pos_embed.shape[1] == num_tokens:
+        return pos_embed
+    old, new = int((pos_embed.shape[1] - 1) ** 0.5), int((num_tokens - 1) ** 0.5)
+    if old * old + 1 != pos_embed.shape[1] or new * new + 1 != num_tokens:
+        raise ValueError(f"position embedding {tuple(pos_embed.shape)} cannot be interpolated "
+                         f"to {num_tokens} tokens: both must be 1 + a square grid")
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    C = grid.shape[-1]
+    grid = grid.reshape(1, old, old, C).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, C).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)

@@ -1,0 +1,9 @@
+"""Public ops. Each takes ``backend=None`` (explicit > ``BLIP_FAST_BACKEND`` > best available);
+``reference`` is eager PyTorch mirroring the official math (``blip_fast.ops.reference``)."""
+from blip_fast.ops import reference
+from blip_fast.ops._backend import available, resolve
+from blip_fast.ops.attention import attention
+from blip_fast.ops.cross_attention import cross_attention
+from blip_fast.ops.itc import itc_loss
+
+__all__ = ["attention", "cross_attention", "itc_loss", "reference", "available", "resolve"]

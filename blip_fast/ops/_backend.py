@@ -1,0 +1,87 @@
+"""Backend selection for every op: explicit argument > ``BLIP_FAST_BACKEND`` > best available.
+
+An explicitly requested backend that cannot run raises; an automatic choice (env var or
+default) that cannot run falls back down the op's preference list with one log line.
+"""
+import functools
+import importlib.util
+import logging
+
+import torch
+
+from blip_fast import envs
+
+log = logging.getLogger("blip_fast")
+
+# Fastest first, per device type. "reference" is last everywhere and always available.
+PREFERENCE = {
+    "attention": {"cuda": ("sdpa", "reference"), "cpu": ("sdpa", "reference")},
+    "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
+    "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
+}
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@functools.cache
+def _triton_ok() -> bool:
+    return _has_module("triton") and torch.cuda.is_available()
+
+
+def _ext_has(op_name: str, device_type: str) -> bool:
+    """True when the compiled extension registered a kernel for ``blip_fast::op_name`` on the
+    device's dispatch key (torchao's capability probe)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"blip_fast::{op_name}",
+                                                              device_type.upper())
+    except RuntimeError:
+        return False
+
+
+# backend -> {op: name of the blip_fast:: op that runs it}; filled by each ops/<op>.py.
+KERNEL_OPS: dict[str, dict[str, str]] = {}
+
+
+def available(op: str, backend: str, device_type: str) -> bool:
+    """Whether ``backend`` can run ``op`` on tensors of ``device_type``."""
+    if backend == "reference":
+        return True
+    if backend == "sdpa":
+        return op in ("attention", "cross_attention")
+    if backend == "triton":
+        return device_type == "cuda" and _triton_ok() and op in KERNEL_OPS.get("triton", {})
+    if backend in ("cpu", "cuda"):
+        name = KERNEL_OPS.get(backend, {}).get(op)
+        return backend == device_type and name is not None and _ext_has(name, device_type)
+    if backend in ("xformers", "flash_attn"):
+        return device_type == "cuda" and op in KERNEL_OPS.get(backend, {}) and _has_module(backend)
+    return False
+
+
+def _auto(op: str, device_type: str, wanted: str | None) -> str:
+    prefs = PREFERENCE[op].get(device_type, ("reference",))
+    if wanted is not None:
+        if available(op, wanted, device_type):
+            return wanted
+        log.warning("blip_fast: BLIP_FAST_BACKEND=%s cannot run %s on %s; using the best available",
+                    wanted, op, device_type)
+    return next(b for b in prefs if available(op, b, device_type))
+
+
+def resolve(op: str, device, requested: str | None = None) -> str:
+    """Backend name for ``op`` on ``device`` (a torch.device, or 'cpu' / 'cuda')."""
+    return _resolve(op, torch.device(device).type, requested, envs.backend())
+
+
+@functools.cache
+def _resolve(op: str, device_type: str, requested: str | None, env: str | None) -> str:
+    if op not in PREFERENCE:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(PREFERENCE)}")
+    if requested is not None:
+        if not available(op, requested, device_type):
+            raise RuntimeError(f"backend {requested!r} cannot run op {op!r} on {device_type} "
+                               f"(see `blip-fast info` for what is available)")
+        return requested
+    return _auto(op, device_type, env)

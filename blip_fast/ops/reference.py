@@ -1,0 +1,124 @@
+"""Eager PyTorch oracle for every op, mirroring the official BLIP math (DESIGN §1-2).
+
+Tests, benchmarks and the CPU fallback all import these functions; no other reference exists.
+Shapes follow the public ops: q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk)
+bool with True = attend.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Official BERT adds (1 - mask) * -10000 to the scores instead of -inf.
+MASK_VALUE = -10000.0
+
+
+def allowed_mask(key_padding_mask, causal: bool, lq: int, lk: int, device):
+    """(B | 1, 1, Lq | 1, Lk) bool, True = attend, or None when nothing is masked. Causal is
+    bottom-right aligned: query i (absolute position lk - lq + i) sees keys j <= lk - lq + i,
+    which is what decoding with a KV cache needs."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask.bool()[:, None, None, :]
+    if causal:
+        seen = (torch.arange(lk, device=device)[None, :]
+                <= torch.arange(lk - lq, lk, device=device)[:, None])[None, None]
+        allowed = seen if allowed is None else allowed & seen
+    return allowed
+
+
+def additive_mask(key_padding_mask, causal: bool, lq: int, lk: int, dtype, device):
+    """``allowed_mask`` as official BERT adds it: 0 where allowed, -10000 elsewhere (a key
+    masked both ways is still -10000, as (1 - causal * padding) * -10000 gives)."""
+    allowed = allowed_mask(key_padding_mask, causal, lq, lk, device)
+    return None if allowed is None else (~allowed).to(dtype) * MASK_VALUE
+
+
+def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None):
+    """softmax(q kᵀ · scale + mask) v, as official BERT / ViT attention.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_padding_mask: (B, Lk) bool, True = attend.
+    Returns (B, H, Lq, D).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mask = additive_mask(key_padding_mask, causal, q.shape[-2], k.shape[-2], scores.dtype, q.device)
+    if mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
+def cross_attention(q, k, v, key_padding_mask=None, scale=None):
+    """Text queries over image keys: non-causal ``attention`` (no dropout; BLIP's ITM/LM
+    cross-attention dropout is applied by the caller's module when training)."""
+    return attention(q, k, v, key_padding_mask, causal=False, scale=scale)
+
+
+def cross_attention_fwd(q, k, v, key_padding_mask, scale: float):
+    """Forward that also returns the row log-sum-exp, so a backward can recompute the
+    probabilities instead of keeping (B, H, Lq, Lk). Returns out (B, H, Lq, D) in q's dtype and
+    lse (B, H, Lq) in fp32 (fp64 for fp64 inputs)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    mask = additive_mask(key_padding_mask, False, q.shape[-2], k.shape[-2], scores.dtype, q.device)
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.to(acc))
+    return out.to(q.dtype), lse
+
+
+def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float):
+    """Gradients of ``cross_attention_fwd`` from the saved lse (FlashAttention's recurrence:
+    dS = P ∘ (dP − rowsum(dO ∘ O))). Returns dq, dk, dv in the inputs' dtypes."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    mask = additive_mask(key_padding_mask, False, q.shape[-2], k.shape[-2], scores.dtype, q.device)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.exp(scores - lse[..., None])
+    dv = torch.matmul(probs.transpose(-1, -2), dof)
+    dprobs = torch.matmul(dof, vf.transpose(-1, -2))
+    delta = (dof * out.to(acc)).sum(-1, keepdim=True)
+    dscores = probs * (dprobs - delta) * scale
+    dq = torch.matmul(dscores, kf)
+    dk = torch.matmul(dscores.transpose(-1, -2), qf)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+             temp, alpha: float, idx=None, idx_queue=None):
+    """Momentum-distilled image-text contrastive loss, exactly as official BLIP.
+
+    image_feat, text_feat: (B, D) normalised student features (carry grad);
+    image_feat_m, text_feat_m: (B, D) momentum features of the local batch;
+    image_queue, text_queue: (D, Q) ring buffers as stored; temp: 0-d tensor (carries grad);
+    idx: (B,) and idx_queue: (Q,) or (1, Q) image ids: same id ⇒ positive (fine-tuning);
+    without idx the hard targets are the identity over the batch part (pre-training).
+    Returns the scalar (loss_i2t + loss_t2i) / 2.
+    """
+    with torch.no_grad():
+        image_feat_m_all = torch.cat([image_feat_m.t(), image_queue.detach()], dim=1)
+        text_feat_m_all = torch.cat([text_feat_m.t(), text_queue.detach()], dim=1)
+        if idx is None:
+            sim_targets = torch.zeros(image_feat.shape[0], text_feat_m_all.shape[1],
+                                      device=image_feat.device, dtype=image_feat.dtype)
+            sim_targets.fill_diagonal_(1)
+        else:
+            idx = idx.view(-1, 1)
+            idx_all = torch.cat([idx.t(), idx_queue.detach().view(1, -1)], dim=1)
+            pos_idx = torch.eq(idx, idx_all).to(image_feat.dtype)
+            sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
+        sim_i2t_m = image_feat_m @ text_feat_m_all / temp
+        sim_t2i_m = text_feat_m @ image_feat_m_all / temp
+        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+    sim_i2t = image_feat @ text_feat_m_all / temp
+    sim_t2i = text_feat @ image_feat_m_all / temp
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2

@@ -1,0 +1,281 @@
+// OpenMP cross-attention kernels: FlashAttention's tiling on CPU. The forward keeps an online
+// softmax over key tiles; the backward recomputes the probabilities from the saved lse
+// (dS = P ∘ (dP − rowsum(dO ∘ O))). Memory per thread is one [kBlockQ, kBlockK] score tile and
+// its operand tiles (plus the [Lq, D] query-side rows of one head in the backward), never
+// [B, H, Lq, Lk].
+//
+// Every tile is copied into per-thread scratch in the compute type (fp32, or fp64 for fp64
+// inputs), which converts fp16 / bf16, absorbs the input strides and pads rows to a multiple of
+// kMR and columns to one of kWidth, so all products go through one micro-kernel (vec.h).
+// Key columns past Lk get score −inf, so their probabilities are exactly 0.
+#include "cpu/cross_attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/vec.h"
+
+namespace blip_fast::cpu {
+namespace {
+
+using vec::kMR;
+using vec::kWidth;
+using vec::Vec;
+
+// Query rows per tile: BLIP's text side (Lq <= 40) is a single tile, so each key tile is
+// loaded once per head. Keys per tile: with D = 64 a tile's K, V and scores take 16 KiB each
+// in fp32, which stays in L1 / L2 (benchmarks/bench_attention.py, AMD EPYC, 2 cores: 64 was
+// within a few percent of the best of 32 / 64 / 128 for Lk 197 and 577).
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+static_assert(kBlockK % kWidth == 0 && kBlockQ % kMR == 0, "tiles must hold whole blocks");
+// Official BERT adds (1 − mask) · −10000 to the scores instead of −inf.
+constexpr double kMaskValue = -10000.0;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// rows × D elements of one head starting at row `row0`, into dst[rows, ld].
+template <typename scalar_t, typename acc_t>
+BLIP_FAST_INLINE void load_rows(const Operand& x, int64_t b, int64_t h, int64_t row0, int64_t rows,
+                                int64_t D, acc_t* dst, int64_t ld) {
+  const auto* src = static_cast<const scalar_t*>(x.data) + b * x.batch_stride + h * x.head_stride;
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* row = src + (row0 + i) * x.row_stride;
+    for (int64_t d = 0; d < D; ++d) dst[i * ld + d] = static_cast<acc_t>(row[d]);
+  }
+}
+
+// A key tile transposed, dst[D, kBlockK] with dst[d, j] = x[j0 + j, d]; columns past `bk` are
+// zeroed so that their scores are finite before the −inf of load_mask is added.
+template <typename scalar_t, typename acc_t>
+BLIP_FAST_INLINE void load_keys_t(const Operand& x, int64_t b, int64_t h, int64_t j0, int64_t bk,
+                                  int64_t D, acc_t* dst) {
+  const auto* src = static_cast<const scalar_t*>(x.data) + b * x.batch_stride + h * x.head_stride;
+  for (int64_t j = 0; j < bk; ++j) {
+    const scalar_t* row = src + (j0 + j) * x.row_stride;
+    for (int64_t d = 0; d < D; ++d) dst[d * kBlockK + j] = static_cast<acc_t>(row[d]);
+  }
+  for (int64_t d = 0; d < D && bk < kBlockK; ++d)
+    std::fill(dst + d * kBlockK + bk, dst + (d + 1) * kBlockK, acc_t(0));
+}
+
+template <typename scalar_t, typename acc_t>
+BLIP_FAST_INLINE void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D,
+                                 scalar_t* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<scalar_t>(src[i * ld + d]);
+}
+
+// What each key j0 + j of batch b adds to its scores: 0 to attend, −10000 for padding, −inf
+// past the last key.
+template <typename acc_t>
+BLIP_FAST_INLINE void load_mask(const CrossAttentionParams& p, int64_t b, int64_t j0, int64_t bk,
+                                acc_t* dst) {
+  const bool* mask = p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.k_len + j0;
+  for (int64_t j = 0; j < bk; ++j)
+    dst[j] = mask == nullptr || mask[j] ? acc_t(0) : static_cast<acc_t>(kMaskValue);
+  std::fill(dst + bk, dst + kBlockK, -std::numeric_limits<acc_t>::infinity());
+}
+
+// Per-thread tiles of the forward.
+template <typename acc_t>
+struct FwdScratch {
+  int64_t dp;  // head_dim rounded up to kWidth
+  std::vector<acc_t> q, kt, v, s, o, m, l, mask_add;
+  explicit FwdScratch(int64_t head_dim)
+      : dp(round_up(head_dim, kWidth)), q(kBlockQ * dp), kt(dp * kBlockK), v(kBlockK * dp),
+        s(kBlockQ * kBlockK), o(kBlockQ * dp), m(kBlockQ), l(kBlockQ), mask_add(kBlockK) {}
+};
+
+// One (batch, head, query tile) of the forward.
+template <typename scalar_t>
+BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t item,
+                                      FwdScratch<acc_type<scalar_t>>& w) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t q_tiles = (p.q_len + kBlockQ - 1) / kBlockQ;
+  const int64_t bh = item / q_tiles, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = (item % q_tiles) * kBlockQ, bq = std::min(kBlockQ, p.q_len - i0);
+  const int64_t bq_pad = round_up(bq, kMR), D = p.head_dim, dp = w.dp;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  std::fill(w.o.begin(), w.o.end(), acc_t(0));
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<acc_t>::infinity());
+  std::fill(w.l.begin(), w.l.end(), acc_t(0));
+  load_rows<scalar_t>(p.q, b, h, i0, bq, D, w.q.data(), dp);
+
+  for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
+    const int64_t bk = std::min(kBlockK, p.k_len - j0);
+    load_keys_t<scalar_t>(p.k, b, h, j0, bk, D, w.kt.data());
+    load_rows<scalar_t>(p.v, b, h, j0, bk, D, w.v.data(), dp);
+    load_mask(p, b, j0, bk, w.mask_add.data());
+    vec::gemm<false>(bq_pad, kBlockK, D, w.q.data(), dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
+
+    // Online softmax: s becomes exp(score − running max); what earlier tiles summed is
+    // rescaled when the running max grows.
+    for (int64_t i = 0; i < bq; ++i) {
+      acc_t* s = w.s.data() + i * kBlockK;
+      Vec<acc_t> max_v = vec::broadcast(w.m[i]);
+      for (int64_t j = 0; j < kBlockK; j += kWidth) {
+        const Vec<acc_t> x = vec::load(s + j) * scale + vec::load(w.mask_add.data() + j);
+        vec::store(s + j, x);
+        max_v = x > max_v ? x : max_v;
+      }
+      const acc_t row_max = vec::reduce_max<acc_t>(max_v);
+      Vec<acc_t> sum_v{};
+      for (int64_t j = 0; j < kBlockK; j += kWidth) {
+        const Vec<acc_t> prob = vec::exp(vec::load(s + j) - row_max);
+        vec::store(s + j, prob);
+        sum_v += prob;
+      }
+      const acc_t correction = std::exp(w.m[i] - row_max);  // 0 on the first tile
+      w.l[i] = w.l[i] * correction + vec::reduce_sum<acc_t>(sum_v);
+      w.m[i] = row_max;
+      acc_t* o = w.o.data() + i * dp;
+      for (int64_t d = 0; d < dp; d += kWidth) vec::store(o + d, vec::load(o + d) * correction);
+    }
+    vec::gemm<true>(bq_pad, dp, bk, w.s.data(), kBlockK, w.v.data(), dp, w.o.data(), dp);
+  }
+
+  auto* out = static_cast<scalar_t*>(p.out) + ((b * p.heads + h) * p.q_len + i0) * D;
+  float* lse = p.lse + (b * p.heads + h) * p.q_len + i0;
+  for (int64_t i = 0; i < bq; ++i) {
+    const acc_t inv = acc_t(1) / w.l[i];
+    for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(w.o[i * dp + d] * inv);
+    lse[i] = static_cast<float>(w.m[i] + std::log(w.l[i]));
+  }
+}
+
+// Per-thread buffers of the backward: the query-side rows of one head (rows past Lq stay 0),
+// one key tile and the score tiles.
+template <typename acc_t>
+struct BwdScratch {
+  int64_t dp, lq_pad;
+  std::vector<acc_t> q, dout, dq, lse, delta;      // [lq_pad, dp] / [lq_pad]
+  std::vector<acc_t> k, kt, vt, dk, dv, mask_add;  // one key tile
+  std::vector<acc_t> s, ds, pt, dst;               // [kBlockQ, kBlockK] and transposes
+  BwdScratch(int64_t head_dim, int64_t q_len)
+      : dp(round_up(head_dim, kWidth)), lq_pad(round_up(q_len, kBlockQ)), q(lq_pad * dp),
+        dout(lq_pad * dp), dq(lq_pad * dp), lse(lq_pad), delta(lq_pad), k(kBlockK * dp),
+        kt(dp * kBlockK), vt(dp * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), mask_add(kBlockK),
+        s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), pt(kBlockK * kBlockQ), dst(kBlockK * kBlockQ) {}
+};
+
+// One (batch, head) of the backward: outer loop over key tiles (their dK, dV finish inside
+// it), inner loop over query tiles (dQ accumulates across key tiles).
+template <typename scalar_t>
+BLIP_FAST_TARGET_CLONES void bwd_head(const CrossAttentionBwdParams& p, int64_t bh,
+                                      BwdScratch<acc_type<scalar_t>>& w) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t b = bh / p.heads, h = bh % p.heads, D = p.head_dim, dp = w.dp, Lq = p.q_len;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
+  load_rows<scalar_t>(p.q, b, h, 0, Lq, D, w.q.data(), dp);
+  load_rows<scalar_t>(p.dout, b, h, 0, Lq, D, w.dout.data(), dp);
+  const auto* out = static_cast<const scalar_t*>(p.out.data) + b * p.out.batch_stride +
+                    h * p.out.head_stride;
+  for (int64_t i = 0; i < Lq; ++i) {  // delta_i = dO_i · O_i, the softmax-gradient correction
+    acc_t sum = 0;
+    for (int64_t d = 0; d < D; ++d)
+      sum += w.dout[i * dp + d] * static_cast<acc_t>(out[i * p.out.row_stride + d]);
+    w.delta[i] = sum;
+    w.lse[i] = p.lse[bh * Lq + i];
+  }
+
+  for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
+    const int64_t bk = std::min(kBlockK, p.k_len - j0), bk_pad = round_up(bk, kMR);
+    std::fill(w.dk.begin(), w.dk.end(), acc_t(0));
+    std::fill(w.dv.begin(), w.dv.end(), acc_t(0));
+    load_rows<scalar_t>(p.k, b, h, j0, bk, D, w.k.data(), dp);
+    load_keys_t<scalar_t>(p.k, b, h, j0, bk, D, w.kt.data());
+    load_keys_t<scalar_t>(p.v, b, h, j0, bk, D, w.vt.data());
+    load_mask(p, b, j0, bk, w.mask_add.data());
+
+    for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
+      const int64_t bq = std::min(kBlockQ, Lq - i0), bq_pad = round_up(bq, kMR);
+      const acc_t* q = w.q.data() + i0 * dp;
+      const acc_t* dout = w.dout.data() + i0 * dp;
+      vec::gemm<false>(bq_pad, kBlockK, D, q, dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
+      vec::gemm<false>(bq_pad, kBlockK, D, dout, dp, w.vt.data(), kBlockK, w.ds.data(), kBlockK);
+      // s becomes P = exp(score − lse) and ds (holding dP) becomes dS = P ∘ (dP − delta) ·
+      // scale; both are also transposed for the dK / dV products.
+      for (int64_t i = 0; i < bq_pad; ++i) {
+        acc_t* s = w.s.data() + i * kBlockK;
+        acc_t* ds = w.ds.data() + i * kBlockK;
+        const acc_t row_lse = w.lse[i0 + i], row_delta = w.delta[i0 + i];
+        for (int64_t j = 0; j < kBlockK; j += kWidth) {
+          const Vec<acc_t> prob =
+              vec::exp(vec::load(s + j) * scale + vec::load(w.mask_add.data() + j) - row_lse);
+          vec::store(s + j, prob);
+          vec::store(ds + j, prob * (vec::load(ds + j) - row_delta) * scale);
+        }
+        for (int64_t j = 0; j < bk_pad; ++j) {
+          w.pt[j * kBlockQ + i] = s[j];
+          w.dst[j * kBlockQ + i] = ds[j];
+        }
+      }
+      vec::gemm<true>(bq_pad, dp, bk, w.ds.data(), kBlockK, w.k.data(), dp, w.dq.data() + i0 * dp, dp);
+      vec::gemm<true>(bk_pad, dp, bq, w.pt.data(), kBlockQ, dout, dp, w.dv.data(), dp);
+      vec::gemm<true>(bk_pad, dp, bq, w.dst.data(), kBlockQ, q, dp, w.dk.data(), dp);
+    }
+    const int64_t head_off = (b * p.heads + h) * p.k_len + j0;
+    store_rows(w.dk.data(), dp, bk, D, static_cast<scalar_t*>(p.dk) + head_off * D);
+    store_rows(w.dv.data(), dp, bk, D, static_cast<scalar_t*>(p.dv) + head_off * D);
+  }
+  store_rows(w.dq.data(), dp, Lq, D, static_cast<scalar_t*>(p.dq) + bh * Lq * D);
+}
+
+template <typename scalar_t>
+void fwd(const CrossAttentionFwdParams& p) {
+  const int64_t items = p.batch * p.heads * ((p.q_len + kBlockQ - 1) / kBlockQ);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    FwdScratch<acc_type<scalar_t>> scratch(p.head_dim);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) fwd_tile<scalar_t>(p, item, scratch);
+  }
+}
+
+template <typename scalar_t>
+void bwd(const CrossAttentionBwdParams& p) {
+  const int64_t heads = p.batch * p.heads;
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    BwdScratch<acc_type<scalar_t>> scratch(p.head_dim, p.q_len);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < heads; ++bh) bwd_head<scalar_t>(p, bh, scratch);
+  }
+}
+
+}  // namespace
+
+void cross_attention_fwd(const CrossAttentionFwdParams& params) {
+  switch (params.dtype) {
+    case Dtype::kFloat32: return fwd<float>(params);
+    case Dtype::kFloat64: return fwd<double>(params);
+    case Dtype::kFloat16: return fwd<c10::Half>(params);
+    case Dtype::kBFloat16: return fwd<c10::BFloat16>(params);
+  }
+}
+
+void cross_attention_bwd(const CrossAttentionBwdParams& params) {
+  switch (params.dtype) {
+    case Dtype::kFloat32: return bwd<float>(params);
+    case Dtype::kFloat64: return bwd<double>(params);
+    case Dtype::kFloat16: return bwd<c10::Half>(params);
+    case Dtype::kBFloat16: return bwd<c10::BFloat16>(params);
+  }
+}
+
+}  // namespace blip_fast::cpu

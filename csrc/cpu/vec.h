@@ -1,0 +1,125 @@
+// SIMD building blocks for the OpenMP kernels in csrc/cpu/: a fixed-width vector type, exp on
+// it, and a register-blocked matrix-product micro-kernel.
+//
+// One binary serves every x86-64 CPU: kernel entry points marked BLIP_FAST_TARGET_CLONES are
+// compiled once per ISA level (AVX-512, AVX2 + FMA, baseline SSE2) and the best clone is picked
+// when the library loads. Everything here is forced inline so that it is compiled for the ISA of
+// the clone calling it, and written with GCC vector types rather than intrinsics, so each clone
+// lowers Vec to its own register width (GCC's auto-vectoriser left these loops scalar).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define BLIP_FAST_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BLIP_FAST_TARGET_CLONES
+#endif
+#define BLIP_FAST_INLINE inline __attribute__((always_inline))
+
+namespace blip_fast::cpu::vec {
+
+// Lanes per vector: one AVX-512 register of fp32, two of AVX2.
+constexpr int64_t kWidth = 16;
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(kWidth * sizeof(float))));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(kWidth * sizeof(double))));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+BLIP_FAST_INLINE Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+BLIP_FAST_INLINE void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+BLIP_FAST_INLINE Vec<T> broadcast(T x) {
+  return Vec<T>{} + x;
+}
+
+template <typename T>
+BLIP_FAST_INLINE T reduce_max(Vec<T> v) {
+  T m = v[0];
+  for (int64_t i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+template <typename T>
+BLIP_FAST_INLINE T reduce_sum(Vec<T> v) {
+  T s = 0;
+  for (int64_t i = 0; i < kWidth; ++i) s += v[i];
+  return s;
+}
+
+// exp, lane by lane: Cephes' expf (x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial, relative
+// error <= 2^-23). Inputs below −87 give 0 (the scores of masked keys, −10000, must vanish as
+// they do in fp32 torch.exp); NaN stays NaN.
+BLIP_FAST_INLINE Vec<float> exp(Vec<float> x) {
+  typedef int32_t VecInt __attribute__((vector_size(kWidth * sizeof(int32_t))));
+  const Vec<float> lo = broadcast(-87.0f);
+  const Vec<float> xc = x < lo ? lo : x;
+  // Round to nearest by adding and removing 1.5 · 2^23 (exact for |t| < 2^22).
+  const Vec<float> round = broadcast(12582912.0f);
+  const Vec<float> n = (xc * 1.44269504088896341f + round) - round;
+  Vec<float> r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  Vec<float> p = broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec<float> y = p * r * r + r + 1.0f;
+  const VecInt bits = (__builtin_convertvector(n, VecInt) + 127) << 23;
+  const Vec<float> two_n = (Vec<float>)bits;  // same bits, read as fp32
+  return x < lo ? Vec<float>{} : y * two_n;
+}
+
+// fp64 runs the gradient checks, not the fast paths: the libm exp per lane.
+BLIP_FAST_INLINE Vec<double> exp(Vec<double> x) {
+  for (int64_t i = 0; i < kWidth; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// Micro-kernel block: kMR rows × kWidth columns of C stay in registers.
+constexpr int64_t kMR = 4;
+
+// C[M, N] (+)= A[M, K] · B[K, N], all row-major; M % kMR == 0 and N % kWidth == 0 (callers
+// pad). Row r of C reads only row r of A, column c only column c of B, so padding rows and
+// columns of the operands only reach padding of C.
+template <bool kAccumulate, typename T>
+BLIP_FAST_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                           int64_t ldb, T* C, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+    for (int64_t j0 = 0; j0 < N; j0 += kWidth) {
+      Vec<T> acc[kMR];
+      for (int64_t r = 0; r < kMR; ++r) acc[r] = kAccumulate ? load(C + (i0 + r) * ldc + j0) : Vec<T>{};
+      const T* a = A + i0 * lda;
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec<T> b = load(B + k * ldb + j0);
+        for (int64_t r = 0; r < kMR; ++r) acc[r] += a[r * lda + k] * b;
+      }
+      for (int64_t r = 0; r < kMR; ++r) store(C + (i0 + r) * ldc + j0, acc[r]);
+    }
+  }
+}
+
+}  // namespace blip_fast::cpu::vec

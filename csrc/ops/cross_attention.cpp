@@ -1,0 +1,205 @@
+// Torch-typed host functions of blip_fast::cross_attention_fwd / _bwd: check the tensors, map
+// the dtype, allocate the outputs and call the CPU (csrc/cpu) or CUDA (csrc/cuda) launcher.
+#include "ops.h"
+
+#include <algorithm>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include "core/registration.h"
+#include "cpu/cross_attention.h"
+
+#ifdef BLIP_FAST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+
+#include "cuda/cross_attention.h"
+#endif
+
+namespace blip_fast {
+namespace {
+
+// The kernels read rows with arbitrary batch / head / row strides but need contiguous rows.
+at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// q [B, H, Lq, D], k / v [B, H, Lk, D], key_padding_mask [B, Lk] bool.
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& key_padding_mask) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, H, Lq, D] (rank 4), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, H, Lk, D] (rank 4), got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1), op,
+              ": batch and heads of k ", k.sizes(), " must match q ", q.sizes());
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": head dim mismatch: q has D = ", q.size(3),
+              " but k and v have D = ", k.size(3));
+  TORCH_CHECK(k.size(2) > 0, op, ": k and v have no keys (Lk = 0)");
+  TORCH_CHECK(q.size(3) > 0, op, ": head dim D must be positive, got q shape ", q.sizes());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": q must be float32, float64, float16 or bfloat16, got ", dtype);
+  CHECK_DTYPE(op, k, q);
+  CHECK_DTYPE(op, v, q);
+  CHECK_DEVICE(op, k, q);
+  CHECK_DEVICE(op, v, q);
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool, op,
+                ": key_padding_mask must be bool (True = attend), got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == k.size(2), op,
+                ": key_padding_mask must be [B, Lk] = [", q.size(0), ", ", k.size(2),
+                "], got shape ", mask.sizes());
+    CHECK_DEVICE(op, mask, q);
+  }
+}
+
+template <typename Operand>
+Operand operand(const at::Tensor& x) {
+  return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+template <typename Params>
+void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, double scale) {
+  using Operand = decltype(p.q);
+  p.q = operand<Operand>(q);
+  p.k = operand<Operand>(k);
+  p.v = operand<Operand>(v);
+  p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.q_len = q.size(2);
+  p.k_len = k.size(2);
+  p.head_dim = static_cast<decltype(p.head_dim)>(q.size(3));
+  p.scale = static_cast<decltype(p.scale)>(scale);
+}
+
+cpu::Dtype cpu_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return cpu::Dtype::kFloat32;
+    case at::kDouble: return cpu::Dtype::kFloat64;
+    case at::kHalf: return cpu::Dtype::kFloat16;
+    default: return cpu::Dtype::kBFloat16;  // check_inputs admits no other dtype
+  }
+}
+
+// Multiply-adds per OpenMP thread below which a call is split over fewer threads: waking a
+// worker costs ~10 µs on an idle machine and far more on a loaded one, more than a call this
+// small computes (the many tiny calls of gradcheck took 7 ms each with 2 threads, 30 µs with 1).
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
+
+// Threads for a call doing `work` multiply-adds: torch's setting at most, 1 inside an
+// at::parallel_for region.
+int cpu_threads(int64_t work) {
+  if (at::in_parallel_region()) return 1;
+  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, at::get_num_threads()));
+}
+
+int64_t attention_work(const at::Tensor& q, const at::Tensor& k) {
+  return q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3);
+}
+
+#ifdef BLIP_FAST_WITH_CUDA
+void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const std::optional<at::Tensor>& mask, double scale, at::Tensor& out,
+              at::Tensor& lse) {
+  const char* op = "cross_attention_fwd";
+  TORCH_CHECK(q.scalar_type() != at::kDouble, op,
+              ": the CUDA kernel takes float32, float16 or bfloat16, got float64");
+  TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, op, ": the CUDA kernel takes head dim <= ",
+              cuda::kMaxHeadDim, ", got ", q.size(3));
+  TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() &&
+                  (q.size(2) + 15) / 16 <= 65535,
+              op, ": too many (batch · heads, query tiles) for one launch: q is ", q.sizes());
+  cuda::CrossAttentionParams p{};
+  fill_common(p, q, k, v, mask, scale);
+  p.dtype = q.scalar_type() == at::kFloat  ? cuda::Dtype::kFloat32
+            : q.scalar_type() == at::kHalf ? cuda::Dtype::kFloat16
+                                           : cuda::Dtype::kBFloat16;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaError_t err = cuda::cross_attention_fwd(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+#endif
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  check_inputs("cross_attention_fwd", q, k, v, key_padding_mask);
+  const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
+  const at::Tensor v_rows = rows_contiguous(v);
+  std::optional<at::Tensor> mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};  // no (batch, head, query) rows
+
+#ifdef BLIP_FAST_WITH_CUDA
+  if (q.is_cuda()) {
+    cuda_fwd(q_rows, k_rows, v_rows, mask, scale, out, lse);
+    return {out, lse};
+  }
+#endif
+  cpu::CrossAttentionFwdParams p{};
+  fill_common(p, q_rows, k_rows, v_rows, mask, scale);
+  p.dtype = cpu_dtype(q.scalar_type());
+  p.num_threads = cpu_threads(attention_work(q, k));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  cpu::cross_attention_fwd(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale) {
+  const char* op = "cross_attention_bwd";
+  check_inputs(op, q, k, v, key_padding_mask);
+  TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout must have q's shape ", q.sizes(), ", got ",
+              dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
+              out.sizes());
+  CHECK_SHAPE(op, lse, q.size(0), q.size(1), q.size(2));
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ",
+              lse.scalar_type());
+  CHECK_DTYPE(op, dout, q);
+  CHECK_DTYPE(op, out, q);
+  CHECK_DEVICE(op, dout, q);
+  CHECK_DEVICE(op, out, q);
+  CHECK_DEVICE(op, lse, q);
+  TORCH_CHECK(q.is_cpu(), op, ": only a CPU kernel is built, got ", q.device());
+
+  const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
+  const at::Tensor v_rows = rows_contiguous(v), dout_rows = rows_contiguous(dout);
+  const at::Tensor out_rows = rows_contiguous(out), lse_c = lse.contiguous();
+  std::optional<at::Tensor> mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};  // no queries: no gradient
+
+  cpu::CrossAttentionBwdParams p{};
+  fill_common(p, q_rows, k_rows, v_rows, mask, scale);
+  p.dtype = cpu_dtype(q.scalar_type());
+  p.num_threads = cpu_threads(attention_work(q, k));
+  p.dout = operand<cpu::Operand>(dout_rows);
+  p.out = operand<cpu::Operand>(out_rows);
+  p.lse = lse_c.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  cpu::cross_attention_bwd(p);
+  return {dq, dk, dv};
+}
+
+}  // namespace blip_fast

@@ -1,0 +1,27 @@
+// The only file that registers kernels. Schemas are defined in Python (blip_fast/ops/*.py), so
+// a build without this extension still has every op; these blocks add the C++ kernels for the
+// devices they cover and take precedence there over the Python reference kernels.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_IMPL(blip_fast, CPU, m) {
+  m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
+  m.impl("cross_attention_bwd", &blip_fast::cross_attention_bwd);
+}
+
+#ifdef BLIP_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(blip_fast, CUDA, m) {
+  // No CUDA backward yet: cross_attention_bwd on CUDA runs the Python reference kernel.
+  m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
+}
+#endif
+
+// `from blip_fast import _C` only needs a module object: loading the library runs the
+// registrations above. No pybind11 (FlashAttention 3's flash_api.cpp does the same).
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

