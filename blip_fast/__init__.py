@@ -13,7 +13,9 @@ except ImportError as _err:  # a pure-Python install still has every op (referen
     _logging.getLogger("blip_fast").warning("blip_fast._C not loaded (%s); C++ kernels off", _err)
 
 from blip_fast import ops  # noqa: E402,F401  (defines the op schemas)
+from blip_fast.checkpoint import load, save  # noqa: E402
 from blip_fast.models import BlipConfig, create_model, list_models  # noqa: E402
-from blip_fast.tokenizer import tokenizer  # noqa: E402
+from blip_fast.tokenization import tokenizer  # noqa: E402
 
-__all__ = ["BlipConfig", "create_model", "list_models", "ops", "tokenizer", "__version__"]
+__all__ = ["BlipConfig", "create_model", "list_models", "load", "ops", "save", "tokenizer",
+           "__version__"]

@@ -327,12 +327,14 @@ def load(path, task: str | None = None, config=None, strict: bool = True, backen
         missing = [k for k in missing if not _MOMENTUM.match(k)]
     report.kept_random = [k for k in missing if _KEEP_INIT.search(k)]
     missing = [k for k in missing if not _KEEP_INIT.search(k)]
-    if strict and unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys for task {task} "
-                              f"(strict=True): {convert._names(unexpected)}")
-    if strict and missing:
-        raise CheckpointError(f"{path}: {len(missing)} required keys missing for task {task} "
-                              f"(strict=True): {convert._names(missing)}")
+    if strict and (unexpected or missing):
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} required keys missing: {convert._names(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {convert._names(unexpected)}")
+        raise CheckpointError(f"{path}: does not fit task {task} (strict=True): "
+                              + "; ".join(problems))
     for group in _alias_groups(model):
         present = [k for k in group if k in sd]
         for k in present[1:]:
@@ -391,7 +393,7 @@ def save(model, path, format: str = "official"):
         raise ValueError(f"format must be 'official' or 'hf', got {format!r}")
     tok = model.tokenizer if hasattr(model, "tokenizer") else None
     if tok is None:
-        from blip_fast.tokenizer import tokenizer
+        from blip_fast.tokenization import tokenizer
         tok = tokenizer()
     extra = {}
     hf = convert.official_to_hf(sd, extra)

@@ -24,7 +24,7 @@ class BlipCaption(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from blip_fast.tokenizer import tokenizer
+            from blip_fast.tokenization import tokenizer
             self._tokenizer = tokenizer()
         return self._tokenizer
 

@@ -210,10 +210,9 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
         layer_norm_eps=float(t.get("layer_norm_eps", 1e-12)),
         hidden_dropout=float(t.get("hidden_dropout_prob", 0.0)),
         attention_dropout=float(t.get("attention_probs_dropout_prob", 0.0)))
-    kw = dict(embed_dim=int(config.get("image_text_hidden_size", 256)))
-    if "label_smoothing" in t and "label_smoothing" not in bf:
-        kw["label_smoothing"] = float(t["label_smoothing"])
-    kw.update(bf)
+    # HF's text_config.label_smoothing defaults to 0.0 whatever the weights were trained with;
+    # the official 0.1 stays unless our own section says otherwise.
+    kw = dict(embed_dim=int(config.get("image_text_hidden_size", 256)), **bf)
     return BlipConfig(vision=vision, text=text, **kw)
 
 

@@ -2,7 +2,9 @@
 // softmax over tiles of kBlockN keys (FlashAttention-1 style, fp32 in shared memory). BLIP's
 // text side is short (Lq <= 40) and the image side long (197 / 577), so a block keeps its
 // queries and streams the keys. No torch headers: see cross_attention.h.
-#include "cross_attention.h"
+// The tile sizes follow from the thread mapping (one key per lane, four query rows per warp)
+// and have not been tuned on a GPU yet.
+#include "cuda/cross_attention.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,7 +14,7 @@
 namespace blip_fast::cuda {
 namespace {
 
-constexpr int kBlockM = 16;             // queries per block: 4 per warp in the softmax
+constexpr int kBlockM = kQueriesPerBlock;  // 4 per warp in the softmax
 constexpr int kBlockN = 32;             // keys per tile: one per lane in the softmax
 constexpr int kThreads = 128;           // 4 warps
 constexpr int kWarps = kThreads / 32;
@@ -166,6 +168,7 @@ cudaError_t launch(const CrossAttentionParams& p, cudaStream_t stream) {
 static_assert(smem_floats(kMaxHeadDim) * sizeof(float) <= 48 * 1024,
               "shared memory at kMaxHeadDim must fit the default 48 KiB");
 static_assert(kBlockN == 32, "the softmax gives one key per lane");
+static_assert(kBlockM % kWarps == 0 && kThreads % kBlockM == 0, "rows must split over warps");
 static_assert(kMaxHeadDim % kThreadsPerRow == 0, "output columns must split evenly");
 
 }  // namespace

@@ -13,6 +13,9 @@ enum class Dtype { kFloat32, kFloat16, kBFloat16 };
 
 // Largest head_dim the kernel accepts: its per-thread accumulators are sized for it.
 constexpr int kMaxHeadDim = 128;
+// Queries per thread block; the grid is (B · H, ceil(Lq / kQueriesPerBlock)), the latter
+// limited to 65535 by CUDA.
+constexpr int kQueriesPerBlock = 16;
 
 // A [B, H, L, D] tensor whose last dim is contiguous; strides in elements.
 struct Operand {

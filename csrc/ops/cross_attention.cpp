@@ -11,8 +11,8 @@
 #include "cpu/cross_attention.h"
 
 #ifdef BLIP_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <limits>
 
@@ -113,8 +113,8 @@ void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, op, ": the CUDA kernel takes head dim <= ",
               cuda::kMaxHeadDim, ", got ", q.size(3));
   TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() &&
-                  (q.size(2) + 15) / 16 <= 65535,
-              op, ": too many (batch · heads, query tiles) for one launch: q is ", q.sizes());
+                  (q.size(2) + cuda::kQueriesPerBlock - 1) / cuda::kQueriesPerBlock <= 65535,
+              op, ": q ", q.sizes(), " needs more thread blocks than one launch allows");
   cuda::CrossAttentionParams p{};
   fill_common(p, q, k, v, mask, scale);
   p.dtype = q.scalar_type() == at::kFloat  ? cuda::Dtype::kFloat32
@@ -123,7 +123,7 @@ void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
-  const cudaError_t err = cuda::cross_attention_fwd(p, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::cross_attention_fwd(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 #endif

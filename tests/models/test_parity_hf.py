@@ -9,7 +9,7 @@ import torch
 
 from blip_fast import checkpoint
 from blip_fast.models import convert
-from blip_fast.tokenizer import tokenizer
+from blip_fast.tokenization import tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -269,3 +269,11 @@ def test_hf_save_is_hf_loadable_and_lossless(tmp_path, pixels):
     assert again.text_decoder.bert.embeddings is again.text_encoder.embeddings
     a, b = pre.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_safetensors_file_alone(hf_retrieval_dir, ours_retrieval):
+    """An HF ``model.safetensors`` without its directory: HF keys detected and converted."""
+    again = checkpoint.load(hf_retrieval_dir / "model.safetensors", config=ours_retrieval.cfg)
+    assert again.load_report.source_format == "hf" and again.load_report.task == "retrieval"
+    a, b = ours_retrieval.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "queue" not in k)

@@ -4,8 +4,8 @@ import shutil
 import pytest
 import torch
 
-from blip_fast import tokenizer as tok_mod
-from blip_fast.tokenizer import BlipTokenizer, find_vocab, tokenizer
+from blip_fast import tokenization as tok_mod
+from blip_fast.tokenization import BlipTokenizer, find_vocab, tokenizer
 
 transformers = pytest.importorskip("transformers")
 
