@@ -61,32 +61,24 @@ def is_training_only(key: str) -> bool:
     return bool(_TRAINING_ONLY.match(key))
 
 
-def _vision_official_to_hf(rest: str, key: str) -> str:
-    m = re.match(r"blocks\.(\d+)\.(.*)$", rest)
+def _rename_vision(rest: str, key: str, to_hf: bool) -> str:
+    """Map the part of a vision key after its prefix between layouts (to_hf: official -> HF)."""
+    block_re = r"blocks\.(\d+)\.(.*)$" if to_hf else r"encoder\.layers\.(\d+)\.(.*)$"
+    block_prefix = "vision_model.encoder.layers" if to_hf else "visual_encoder.blocks"
+    top_prefix = "vision_model." if to_hf else "visual_encoder."
+    flip = (lambda table: table) if to_hf else (lambda table: [(b, a) for a, b in table])
+    m = re.match(block_re, rest)
     if m:
         n, sub = m.groups()
-        for a, b in _VISION_BLOCK:
+        for a, b in flip(_VISION_BLOCK):
             if sub.startswith(a):
-                return f"vision_model.encoder.layers.{n}.{b}{sub[len(a):]}"
+                return f"{block_prefix}.{n}.{b}{sub[len(a):]}"
     else:
-        for a, b in _VISION_TOP:
+        for a, b in flip(_VISION_TOP):
             if rest == a or (a.endswith(".") and rest.startswith(a)):
-                return f"vision_model.{b}{rest[len(a):]}"
-    raise KeyError(f"official key {key!r} has no HF equivalent")
-
-
-def _vision_hf_to_official(rest: str, key: str) -> str:
-    m = re.match(r"encoder\.layers\.(\d+)\.(.*)$", rest)
-    if m:
-        n, sub = m.groups()
-        for a, b in _VISION_BLOCK:
-            if sub.startswith(b):
-                return f"visual_encoder.blocks.{n}.{a}{sub[len(b):]}"
-    else:
-        for a, b in _VISION_TOP:
-            if rest == b or (b.endswith(".") and rest.startswith(b)):
-                return f"visual_encoder.{a}{rest[len(b):]}"
-    raise KeyError(f"HF key {key!r} has no official equivalent")
+                return f"{top_prefix}{b}{rest[len(a):]}"
+    src, dst = ("official", "HF") if to_hf else ("HF", "official")
+    raise KeyError(f"{src} key {key!r} has no {dst} equivalent")
 
 
 def check_position_ids(key: str, value: torch.Tensor):
@@ -118,7 +110,7 @@ def official_to_hf(sd: dict, extra: dict | None = None, keep_unknown: bool = Fal
                 extra[key] = value
             continue
         if key.startswith("visual_encoder."):
-            out[_vision_official_to_hf(key[len("visual_encoder."):], key)] = value
+            out[_rename_vision(key[len("visual_encoder."):], key, to_hf=True)] = value
         elif key.startswith(_SHARED_PREFIXES) or keep_unknown:
             out[key] = value
         else:
@@ -139,7 +131,7 @@ def hf_to_official(sd: dict, extra: dict | None = None, keep_unknown: bool = Fal
     for key, value in sd.items():
         if key.startswith("vision_model."):
             try:
-                out[_vision_hf_to_official(key[len("vision_model."):], key)] = value
+                out[_rename_vision(key[len("vision_model."):], key, to_hf=False)] = value
             except KeyError:
                 if not keep_unknown:
                     raise

@@ -16,7 +16,9 @@ log = logging.getLogger("blip_fast")
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
     "attention": {"cuda": ("sdpa", "reference"), "cpu": ("sdpa", "reference")},
-    "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
+    # C++ beats sdpa on CPU: 88 vs 116 ms fwd, 421 vs 466 ms fwd+bwd at 64x12x35x577 fp32
+    # (benchmarks/results/attention-cpu.json, 2-core VM).
+    "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 
@@ -70,6 +72,7 @@ def _auto(op: str, device_type: str, wanted: str | None) -> str:
     return next(b for b in prefs if available(op, b, device_type))
 
 
+@torch.compiler.assume_constant_result  # torch.compile(fullgraph=True) sees one op, no branch
 def resolve(op: str, device, requested: str | None = None) -> str:
     """Backend name for ``op`` on ``device`` (a torch.device, or 'cpu' / 'cuda')."""
     return _resolve(op, torch.device(device).type, requested, envs.backend())

@@ -87,9 +87,9 @@ cpu::Dtype cpu_dtype(at::ScalarType dtype) {
   }
 }
 
-// Multiply-adds per OpenMP thread below which a call is split over fewer threads: waking a
-// worker costs ~10 µs on an idle machine and far more on a loaded one, more than a call this
-// small computes (the many tiny calls of gradcheck took 7 ms each with 2 threads, 30 µs with 1).
+// Multiply-adds per OpenMP thread (~20 µs of one core's work) below which a call uses fewer
+// threads: waking idle workers can cost far more than that (on the 2-core dev VM each tiny
+// gradcheck call took 7-16 ms with 2 threads and 30 µs with 1).
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 
 // Threads for a call doing `work` multiply-adds: torch's setting at most, 1 inside an

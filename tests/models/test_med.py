@@ -110,3 +110,20 @@ def test_official_yaml_keys(tmp_path):
     assert cfg.extra == {"image_root": "x", "k_test": 128, "init_lr": 1e-5}
     with pytest.raises(ValueError, match="vit must be one of"):
         BlipConfig.from_official({"vit": "huge"})
+
+
+def test_model_compiles_fullgraph_with_automatic_backends():
+    torch.manual_seed(0)
+    m = create_model("retrieval", "blip_tiny").eval()  # automatic: C++ cross-attention on CPU
+
+    def step(px, ids, mask):
+        embeds = m.image_embeds(px)
+        return m.itm_logits(ids, mask, embeds), m.text_features(ids, mask)
+
+    ids, mask = _text()
+    px = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = step(px, ids, mask)
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(px, ids, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
