@@ -23,4 +23,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, double scale);
 
+// image_feat / text_feat / image_feat_m / text_feat_m [B, D], image_queue / text_queue [D, Q]
+// (read in place), temp 0-d, idx [B] / idx_queue [Q] int64 or none -> loss 0-d (image_feat's
+// dtype), stats [2, B, 3 + D] (fp64 for fp64 inputs, else fp32): per direction and row lse_s,
+// lse_t, count and, with need_grad (CPU), the gradient direction G [D].
+std::tuple<at::Tensor, at::Tensor> itc_fwd(
+    const at::Tensor& image_feat, const at::Tensor& text_feat, const at::Tensor& image_feat_m,
+    const at::Tensor& text_feat_m, const at::Tensor& image_queue, const at::Tensor& text_queue,
+    const at::Tensor& temp, double alpha, const std::optional<at::Tensor>& idx,
+    const std::optional<at::Tensor>& idx_queue, bool need_grad);
+
+// dloss 0-d, the itc_fwd inputs and its stats [2, B, 3 + D] -> d_image_feat, d_text_feat
+// [B, D], d_temp (temp's shape). CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> itc_bwd(
+    const at::Tensor& dloss, const at::Tensor& image_feat, const at::Tensor& text_feat,
+    const at::Tensor& image_feat_m, const at::Tensor& text_feat_m, const at::Tensor& image_queue,
+    const at::Tensor& text_queue, const at::Tensor& temp, double alpha,
+    const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& idx_queue,
+    bool need_grad, const at::Tensor& stats);
+
 }  // namespace blip_fast

@@ -10,12 +10,16 @@
 TORCH_LIBRARY_IMPL(blip_fast, CPU, m) {
   m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
   m.impl("cross_attention_bwd", &blip_fast::cross_attention_bwd);
+  m.impl("itc_fwd", &blip_fast::itc_fwd);
+  m.impl("itc_bwd", &blip_fast::itc_bwd);
 }
 
 #ifdef BLIP_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(blip_fast, CUDA, m) {
   // No CUDA backward yet: cross_attention_bwd on CUDA runs the Python reference kernel.
   m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
+  // No C++ CUDA itc_bwd: blip_fast/ops/itc.py registers the Triton backward for that key.
+  m.impl("itc_fwd", &blip_fast::itc_fwd);
 }
 #endif
 

@@ -41,6 +41,14 @@ class BlipITMMixin:
         out = self.text_encoder(ids, mask, image_embeds, mode="multimodal")
         return self.itm_head(out[:, 0])
 
+    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
+        """ITC through the op dispatch, reading the queues in place; ``idx`` (fine-tuning)
+        makes same-image pairs positive against the batch and ``idx_queue``."""
+        return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                            self.text_queue, self.temp, alpha, idx,
+                            None if idx is None else self.idx_queue,
+                            backend=self.backends.get("itc"))
+
     def clamp_temp(self):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -62,13 +70,6 @@ class BlipRetrieval(BlipITMMixin, MomentumMixin, nn.Module):
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
         self._make_momentum()
-
-    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
-        """ITC through the op dispatch, reading the queues in place."""
-        return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                            self.text_queue, self.temp, alpha, idx,
-                            None if idx is None else self.idx_queue,
-                            backend=self.backends.get("itc"))
 
     def enqueue(self, image_feat_m, text_feat_m, idx=None):
         enqueue(self, self.ptr_name, image_feat_m, text_feat_m, idx)

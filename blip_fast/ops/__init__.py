@@ -4,6 +4,8 @@ from blip_fast.ops import reference
 from blip_fast.ops._backend import available, resolve
 from blip_fast.ops.attention import attention
 from blip_fast.ops.cross_attention import cross_attention
+from blip_fast.ops.gathered_cross_attention import gathered_cross_attention
 from blip_fast.ops.itc import itc_loss
 
-__all__ = ["attention", "cross_attention", "itc_loss", "reference", "available", "resolve"]
+__all__ = ["attention", "cross_attention", "gathered_cross_attention", "itc_loss", "reference",
+           "available", "resolve"]

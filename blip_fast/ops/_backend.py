@@ -19,6 +19,8 @@ PREFERENCE = {
     # C++ beats sdpa on CPU: 88 vs 116 ms fwd, 421 vs 466 ms fwd+bwd at 64x12x35x577 fp32
     # (benchmarks/results/attention-cpu.json, 2-core VM).
     "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
+    # ITM reranking over cached image K / V (DESIGN §6.3); the reference copies K / V per pair.
+    "gathered_cross_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 

@@ -3,7 +3,8 @@
 Shapes: q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk) bool, True = attend.
 
 Ops (schemas here, kernels: the eager reference everywhere, C++ from ``blip_fast._C`` on CPU
-and, when built with CUDA, the CUDA forward):
+and, when built with CUDA, the CUDA forward; the ``*_triton`` twins take the same arguments and
+get the Triton kernels of ``blip_fast.kernels.cross_attention`` on CUDA):
     blip_fast::cross_attention_fwd(q, k, v, key_padding_mask, scale) -> (out, lse)
     blip_fast::cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale) -> (dq, dk, dv)
 with out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) fp32, the row log-sum-exp that lets the
@@ -15,27 +16,20 @@ import torch.nn.functional as F
 from blip_fast.ops import _backend, reference
 from blip_fast.ops._library import lib
 
-lib.define("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-           "float scale) -> (Tensor, Tensor)")
-lib.define("cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-           "Tensor? key_padding_mask, Tensor out, Tensor lse, float scale) "
-           "-> (Tensor, Tensor, Tensor)")
-# Default kernels on every device; _C's TORCH_LIBRARY_IMPL(blip_fast, CPU / CUDA) kernels take
-# precedence on their device.
-lib.impl("cross_attention_fwd", reference.cross_attention_fwd, "CompositeExplicitAutograd")
-lib.impl("cross_attention_bwd", reference.cross_attention_bwd, "CompositeExplicitAutograd")
-
-for _backend_name in ("cpu", "cuda"):
-    _backend.KERNEL_OPS.setdefault(_backend_name, {})["cross_attention"] = "cross_attention_fwd"
+_FWD = "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)"
+_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
+        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)")
+# backend -> forward op. Two op families share one schema because the C++ CUDA kernel and the
+# Triton kernel both want the CUDA key (STYLE §2): "" gets _C's kernels, "_triton" Triton's.
+_OPS = {"cpu": "cross_attention_fwd", "cuda": "cross_attention_fwd",
+        "triton": "cross_attention_fwd_triton"}
 
 
-@torch.library.register_fake("blip_fast::cross_attention_fwd", lib=lib)
 def _fwd_fake(q, k, v, key_padding_mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("blip_fast::cross_attention_bwd", lib=lib)
 def _bwd_fake(dout, q, k, v, key_padding_mask, out, lse, scale):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
@@ -48,23 +42,43 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.blip_fast.cross_attention_bwd(
-        dout, q, k, v, key_padding_mask, out, lse, ctx.scale)
-    return dq, dk, dv, None, None
-
-
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("blip_fast::cross_attention_bwd has no backward: double backward "
                               "through cross_attention is not supported")
 
 
-torch.library.register_autograd("blip_fast::cross_attention_fwd", _backward,
-                                setup_context=_setup_context, lib=lib)
-# Registered so that a double backward fails loudly instead of silently returning no gradient.
-torch.library.register_autograd("blip_fast::cross_attention_bwd", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None, lib=lib)
+def _register_family(suffix: str):
+    """Schemas, eager default kernels (every device), fakes and autograd of one op family;
+    compiled kernels registered for a device key take precedence on that device."""
+    fwd, bwd = f"cross_attention_fwd{suffix}", f"cross_attention_bwd{suffix}"
+    lib.define(fwd + _FWD)
+    lib.define(bwd + _BWD)
+    lib.impl(fwd, reference.cross_attention_fwd, "CompositeExplicitAutograd")
+    lib.impl(bwd, reference.cross_attention_bwd, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"blip_fast::{fwd}", _fwd_fake, lib=lib)
+    torch.library.register_fake(f"blip_fast::{bwd}", _bwd_fake, lib=lib)
+    bwd_op = getattr(torch.ops.blip_fast, bwd)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout, q, k, v, key_padding_mask, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd(f"blip_fast::{fwd}", backward,
+                                    setup_context=_setup_context, lib=lib)
+    # Registered so that a double backward fails loudly instead of silently returning no grad.
+    torch.library.register_autograd(f"blip_fast::{bwd}", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None, lib=lib)
+
+
+for _suffix in ("", "_triton"):
+    _register_family(_suffix)
+if _backend._triton_ok():
+    from blip_fast.kernels import cross_attention as _k
+    lib.impl("cross_attention_fwd_triton", _k.cross_attention_fwd, "CUDA")
+    lib.impl("cross_attention_bwd_triton", _k.cross_attention_bwd, "CUDA")
+for _name, _op in _OPS.items():
+    _backend.KERNEL_OPS.setdefault(_name, {})["cross_attention"] = _op
 
 
 def cross_attention(q, k, v, key_padding_mask=None, backend=None):
@@ -77,7 +91,8 @@ def cross_attention(q, k, v, key_padding_mask=None, backend=None):
     if backend == "sdpa":
         allowed = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    if backend in ("cpu", "cuda"):
+    if backend in _OPS:
         mask = None if key_padding_mask is None else key_padding_mask.bool()
-        return torch.ops.blip_fast.cross_attention_fwd(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+        op = getattr(torch.ops.blip_fast, _OPS[backend])
+        return op(q, k, v, mask, q.shape[-1] ** -0.5)[0]
     return reference.cross_attention(q, k, v, key_padding_mask)

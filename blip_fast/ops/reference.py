@@ -122,3 +122,12 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
     loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def gathered_cross_attention(q, k_cache, v_cache, image_index, scale=None):
+    """ITM reranking's cross-attention over cached image K / V: pair p's queries attend over
+    row image_index[p] of the caches (index, then attend).
+
+    q: (P, H, Lq, D); k_cache, v_cache: (N_images, H, Lk, D); image_index: (P,) int64.
+    Returns (P, H, Lq, D)."""
+    return cross_attention(q, k_cache[image_index], v_cache[image_index], scale=scale)

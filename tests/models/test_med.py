@@ -127,3 +127,16 @@ def test_model_compiles_fullgraph_with_automatic_backends():
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(px, ids, mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_task_models_route_itc_through_the_dispatch():
+    torch.manual_seed(0)
+    feats = [torch.nn.functional.normalize(torch.randn(4, 32), dim=-1) for _ in range(4)]
+    for task in ("retrieval", "pretrain"):
+        ref = create_model(task, "blip_tiny", backend="reference")
+        auto = create_model(task, "blip_tiny")
+        auto.load_state_dict(ref.state_dict())
+        idx = torch.tensor([0, 1, 1, 2]) if task == "retrieval" else None
+        want = ref.itc_loss(*feats, 0.4, idx)
+        got = auto.itc_loss(*feats, 0.4, idx)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

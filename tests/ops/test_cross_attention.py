@@ -9,7 +9,7 @@ from blip_fast.ops import _backend, cross_attention, reference
 BACKENDS = ("reference", "sdpa", "cpu", "cuda", "triton", "xformers", "flash_attn")
 # Backends whose output carries autograd (a Triton / xformers / flash_attn path would be added
 # here with its backward).
-DIFFERENTIABLE = ("reference", "sdpa", "cpu", "cuda")
+DIFFERENTIABLE = ("reference", "sdpa", "cpu", "cuda", "triton")
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 Q_LENS = (1, 7, 35)  # a decoding step, a short caption, BLIP's retrieval text length
 K_LENS = (13, 197, 577)  # below one key tile, ViT-B at 224 px and at 384 px

@@ -1,0 +1,218 @@
+"""Triton kernels of the fused cross-attention (blip_fast/ops/cross_attention.py has the math
+and the schemas): text queries (Lq <= 40 in BLIP) over image tokens (Lk = 197 / 577).
+
+Forward: one program per (batch·head, block of BLOCK_M queries), looping over key tiles of
+BLOCK_N with an online softmax (running max m, running sum l), writing out (B, H, Lq, D) in the
+inputs' dtype and the fp32 row log-sum-exp lse (B, H, Lq). A masked key gets −10000 added to
+its score after scaling, exactly as official BERT and ``reference.cross_attention_fwd`` do.
+With an index pointer (HAS_IDX) program b reads K / V rows at IDX[b] instead of b: the gathered
+cross-attention of ITM reranking (``kernels/itm_gather.py``) shares this body.
+
+Backward: one program per batch·head. For each block of queries it recomputes P = exp(S − lse)
+per key tile, accumulates dq in registers and writes dk / dv of the tile (first query block
+stores, later ones add); no (B, H, Lq, Lk) tensor exists anywhere. BLIP's Lq <= 40 is one query
+block, so dk / dv are written once; longer queries add in the output dtype (fp16 / bf16 then
+round once per extra block).
+
+Products run with input_precision="ieee" (TF32 would miss the fp32 1e-5 parity goal); fp16 /
+bf16 products run in their dtype with fp32 accumulation, P and dS rounded to the input dtype
+before their products (FlashAttention's choice). Launchers take and return what the
+``blip_fast::cross_attention_fwd_triton`` / ``_bwd_triton`` schemas do; tests run them on CPU
+tensors under TRITON_INTERPRET=1.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Keys per tile. 64 keeps a (BLOCK_N, BLOCK_D = 128) fp32 K tile at 32 KiB; not tuned on a GPU
+# yet (no device in the session that wrote this). BLOCK_M: queries per program, >= 16 (tl.dot's
+# minimum) and <= 64; BLIP's 35 text tokens fill one 64 block.
+BLOCK_N = 64
+MAX_BLOCK_M = 64
+MASK_VALUE = -10000.0  # official BERT's additive padding mask (reference.MASK_VALUE)
+
+
+@triton.jit
+def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, D,
+                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                so_b, so_h, so_m, sl_b, sl_h, sm_b,
+                                HAS_MASK: tl.constexpr, HAS_IDX: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kb = b
+    if HAS_IDX:
+        kb = tl.load(IDX + b)
+    b = b.to(tl.int64)
+    kb = kb.to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    mm = rm < LQ
+    md = rd < D
+    q = tl.load(Q + b * sq_b + h * sq_h + rm[:, None] * sq_m + rd[None, :],
+                mask=mm[:, None] & md[None, :], other=0.0)
+    k_base = K + kb * sk_b + h * sk_h
+    v_base = V + kb * sv_b + h * sv_h
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        mn = rn < LK
+        k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=mn[:, None] & md[None, :],
+                    other=0.0)
+        v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=mn[:, None] & md[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        if HAS_MASK:
+            keep = tl.load(MASK + b * sm_b + rn, mask=mn, other=1)
+            s = s + tl.where(keep != 0, 0.0, MASK_VALUE)[None, :]
+        s = tl.where(mn[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :],
+             out.to(OUT.dtype.element_ty), mask=mm[:, None] & md[None, :])
+    tl.store(LSE + b * sl_b + h * sl_h + rm, m_i + tl.log(l_i), mask=mm)
+
+
+@triton.jit
+def _cross_attention_bwd_kernel(DO, Q, K, V, MASK, O, LSE, DQ, DK, DV, scale, H, LQ, LK, D,
+                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                so_b, so_h, so_m, sdo_b, sdo_h, sdo_m, sl_b, sl_h, sm_b,
+                                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # DQ / DK / DV are contiguous with the shapes of Q / K / V.
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    q_base = Q + b * sq_b + h * sq_h
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    dq_base = DQ + pid_bh.to(tl.int64) * LQ * D
+    dk_base = DK + pid_bh.to(tl.int64) * LK * D
+    dv_base = DV + pid_bh.to(tl.int64) * LK * D
+    for m_start in range(0, LQ, BLOCK_M):
+        rm = m_start + tl.arange(0, BLOCK_M)
+        mm = rm < LQ
+        qmask = mm[:, None] & md[None, :]
+        q = tl.load(q_base + rm[:, None] * sq_m + rd[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + rm[:, None] * sdo_m + rd[None, :], mask=qmask,
+                     other=0.0)
+        o = tl.load(O + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :], mask=qmask,
+                    other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O)
+        lse = tl.load(LSE + b * sl_b + h * sl_h + rm, mask=mm, other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for n_start in range(0, LK, BLOCK_N):
+            rn = n_start + tl.arange(0, BLOCK_N)
+            mn = rn < LK
+            kvmask = mn[:, None] & md[None, :]
+            k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=kvmask, other=0.0)
+            v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=kvmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            if HAS_MASK:
+                keep = tl.load(MASK + b * sm_b + rn, mask=mn, other=1)
+                s = s + tl.where(keep != 0, 0.0, MASK_VALUE)[None, :]
+            p = tl.where(mm[:, None] & mn[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            ds = p * (dp - delta[:, None]) * scale
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            offs = rn[:, None] * D + rd[None, :]
+            if m_start > 0:
+                dk += tl.load(dk_base + offs, mask=kvmask, other=0.0).to(tl.float32)
+                dv += tl.load(dv_base + offs, mask=kvmask, other=0.0).to(tl.float32)
+            tl.store(dk_base + offs, dk.to(DK.dtype.element_ty), mask=kvmask)
+            tl.store(dv_base + offs, dv.to(DV.dtype.element_ty), mask=kvmask)
+        tl.store(dq_base + rm[:, None] * D + rd[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+def _block_sizes(lq, d):
+    if d > 128:
+        raise ValueError(f"head_dim {d} > 128 is not supported by the Triton cross-attention")
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(lq)))
+    return block_m, max(16, triton.next_power_of_2(d))
+
+
+def _mask_arg(key_padding_mask, q):
+    """(B, Lk) uint8 view of the bool mask (Triton has no bool pointer loads), or a dummy."""
+    if key_padding_mask is None:
+        return q, 0, False
+    mask = key_padding_mask.bool().contiguous().view(torch.uint8)
+    return mask, mask.stride(0), True
+
+
+def _inner_contiguous(*tensors):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, out=None, lse=None):
+    """Forward shared by cross attention and the gathered one.
+
+    q (B, H, Lq, D); k, v (N, H, Lk, D) with N = B, or any N when ``index`` (B,) int64 gives the
+    K / V row of each batch entry; key_padding_mask (B, Lk) bool or None. ``out`` / ``lse``
+    (tests pass poisoned buffers) are written in full. Returns out (B, H, Lq, D), lse (B, H, Lq).
+    """
+    q, k, v = _inner_contiguous(q, k, v)
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    if out is None:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if lse is None:
+        lse = torch.empty((batch, heads, lq), device=q.device, dtype=torch.float32)
+    if batch == 0 or lq == 0:
+        return out, lse
+    block_m, block_d = _block_sizes(lq, d)
+    mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
+    idx = q if index is None else index.contiguous()
+    grid = (triton.cdiv(lq, block_m), batch * heads)
+    _cross_attention_fwd_kernel[grid](
+        q, k, v, mask, idx, out, lse, float(scale), heads, lq, lk, d,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), sm_b,
+        HAS_MASK=has_mask, HAS_IDX=index is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d)
+    return out, lse
+
+
+def cross_attention_fwd(q, k, v, key_padding_mask, scale, *, out=None, lse=None):
+    """q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk) bool or None ->
+    out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) fp32."""
+    return attend_fwd(q, k, v, key_padding_mask, scale, out=out, lse=lse)
+
+
+def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None):
+    """Gradients of ``cross_attention_fwd`` from its out / lse: dq (B, H, Lq, D), dk / dv
+    (B, H, Lk, D), contiguous, in the inputs' dtypes. ``grads`` (tests pass poisoned
+    contiguous buffers) = (dq, dk, dv) to write in full."""
+    dout, q, k, v, out = _inner_contiguous(dout, q, k, v, out)
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    if grads is None:
+        grads = tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    dq, dk, dv = grads
+    if batch * heads == 0:
+        return dq, dk, dv
+    if lq == 0:  # no query: every key gets no gradient
+        return dq, dk.zero_(), dv.zero_()
+    block_m, block_d = _block_sizes(lq, d)
+    mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
+    lse = lse.contiguous()
+    _cross_attention_bwd_kernel[(batch * heads,)](
+        dout, q, k, v, mask, out, lse, dq, dk, dv, float(scale), heads, lq, lk, d,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), sm_b,
+        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+    return dq, dk, dv

@@ -1,0 +1,94 @@
+"""blip_fast.ops.gathered_cross_attention: every available backend vs "copy K / V per pair, then
+reference.cross_attention", the registered op (opcheck) and the shape / index checks."""
+import pytest
+import torch
+from _utils import TOL, assert_close_verbose
+
+from blip_fast.ops import _backend, gathered_cross_attention, reference
+
+BACKENDS = ("reference", "triton")
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
+# (pairs, images, q_len, k_len, head_dim): BLIP's retrieval text length over ViT-B/384 tokens,
+# and odd sizes below one key tile with a head_dim that is not a power of two.
+SHAPES = [(6, 3, 35, 577, 64), (5, 2, 7, 13, 40), (1, 4, 1, 197, 64)]
+HEADS = 3
+
+
+def make_inputs(pairs, images, lq, lk, d, device="cpu", dtype=torch.float32):
+    q = torch.randn(pairs, HEADS, lq, d, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(images, HEADS, lk, d, device=device, dtype=dtype)
+                        for _ in "kv")
+    # repeated and out-of-order indices: pairs share images, as i2t / t2i candidates do
+    index = torch.randint(0, images, (pairs,), device=device)
+    return q, k_cache, v_cache, index
+
+
+def copied(q, k_cache, v_cache, index):
+    """The naive path the op replaces: one K / V copy per pair, then plain cross attention."""
+    k = torch.stack([k_cache[i] for i in index.tolist()])
+    v = torch.stack([v_cache[i] for i in index.tolist()])
+    return reference.cross_attention(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backends_match_copy_per_pair(shape, device):
+    inputs = make_inputs(*shape, device=device)
+    expected = copied(*inputs)
+    for backend in BACKENDS:
+        if not _backend.available("gathered_cross_attention", backend, device):
+            continue
+        with torch.no_grad():
+            out = gathered_cross_attention(*inputs, backend=backend)
+        assert_close_verbose(out, expected, **TOL[torch.float32], name=f"{backend} out")
+
+
+def test_reference_records_autograd():
+    q, k_cache, v_cache, index = make_inputs(4, 2, 7, 13, 40)
+    q.requires_grad_()
+    out = gathered_cross_attention(q, k_cache, v_cache, index, backend="reference")
+    assert out.requires_grad
+
+
+def test_default_backend_on_cpu_is_reference():
+    assert _backend.resolve("gathered_cross_attention", "cpu") == "reference"
+
+
+def test_opcheck():
+    q, k_cache, v_cache, index = make_inputs(4, 3, 7, 13, 40)
+    torch.library.opcheck(torch.ops.blip_fast.gathered_cross_attention_triton.default,
+                          (q, k_cache, v_cache, index, 40 ** -0.5),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q=torch.randn(4, 3, 7)), r"must be 4-D; got q \(4, 3, 7\)"),
+    (dict(v_cache=torch.randn(2, 3, 12, 40)),
+     r"k_cache \(2, 3, 13, 40\) and v_cache \(2, 3, 12, 40\)"),
+    (dict(q=torch.randn(4, 2, 7, 40)), r"heads and head_dim of q \(4, 2, 7, 40\)"),
+    (dict(image_index=torch.zeros(3, dtype=torch.long)),
+     r"shape \(P,\) = \(4,\); got torch.int64 \(3,\)"),
+    (dict(image_index=torch.zeros(4, dtype=torch.int32)), r"must be int64"),
+    (dict(image_index=torch.tensor([0, 1, 2, 1])),
+     r"\[0, 2\] but k_cache \(2, 3, 13, 40\) has 2 images"),
+    (dict(image_index=torch.tensor([0, -1, 1, 1])), r"\[-1, 1\]"),
+])
+def test_bad_inputs_raise_with_shapes(bad, match):
+    q, k_cache, v_cache, index = make_inputs(4, 2, 7, 13, 40)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, image_index=index) | bad
+    with pytest.raises((ValueError, IndexError), match=match):
+        gathered_cross_attention(**args, backend="reference")
+
+
+def test_triton_unavailable_on_cpu_raises():
+    with pytest.raises(RuntimeError, match="triton"):
+        gathered_cross_attention(*make_inputs(2, 2, 7, 13, 40), backend="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_refuses_grad():
+    q, k_cache, v_cache, index = make_inputs(4, 2, 7, 13, 40, device="cuda")
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="inference only"):
+        gathered_cross_attention(q, k_cache, v_cache, index, backend="triton")
