@@ -16,6 +16,12 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, double scale);
 
+// q [P, H, Lq, D], k_cache / v_cache [N_images, H, Lk, D], image_index [P] int64 in
+// [0, N_images) -> out [P, H, Lq, D] (q's dtype): pair p attends over cache row image_index[p].
+at::Tensor gathered_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                        const at::Tensor& v_cache, const at::Tensor& image_index,
+                                        double scale);
+
 // dout / out [B, H, Lq, D], q [B, H, Lq, D], k / v [B, H, Lk, D], key_padding_mask [B, Lk] or
 // none, lse [B, H, Lq] fp32 (from cross_attention_fwd) -> dq, dk, dv shaped like q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(

@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(blip_fast, CPU, m) {
   m.impl("cross_attention_bwd", &blip_fast::cross_attention_bwd);
   m.impl("itc_fwd", &blip_fast::itc_fwd);
   m.impl("itc_bwd", &blip_fast::itc_bwd);
+  m.impl("gathered_cross_attention_fwd", &blip_fast::gathered_cross_attention_fwd);
 }
 
 #ifdef BLIP_FAST_WITH_CUDA
@@ -20,6 +21,7 @@ TORCH_LIBRARY_IMPL(blip_fast, CUDA, m) {
   m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
   // No C++ CUDA itc_bwd: blip_fast/ops/itc.py registers the Triton backward for that key.
   m.impl("itc_fwd", &blip_fast::itc_fwd);
+  m.impl("gathered_cross_attention_fwd", &blip_fast::gathered_cross_attention_fwd);
 }
 #endif
 

@@ -6,7 +6,11 @@ BLOCK_N with an online softmax (running max m, running sum l), writing out (B, H
 inputs' dtype and the fp32 row log-sum-exp lse (B, H, Lq). A masked key gets −10000 added to
 its score after scaling, exactly as official BERT and ``reference.cross_attention_fwd`` do.
 With an index pointer (HAS_IDX) program b reads K / V rows at IDX[b] instead of b: the gathered
-cross-attention of ITM reranking (``kernels/itm_gather.py``) shares this body.
+cross-attention of ITM reranking (``kernels/itm_gather.py``) shares this body. With CAUSAL the
+same kernels are the text layers' self-attention (``blip_fast::attention_*_triton``): a key in a
+query's future (bottom-right aligned, query i sees keys j <= Lk − Lq + i, so Lq < Lk over a KV
+cache works) also gets −10000, once even when padding masks it too. Fully-future key tiles are
+not skipped yet: with the additive −10000 they still count where a row has no allowed key.
 
 Backward: one program per batch·head. For each block of queries it recomputes P = exp(S − lse)
 per key tile, accumulates dq in registers and writes dk / dv of the tile (first query block
@@ -33,12 +37,31 @@ MASK_VALUE = -10000.0  # official BERT's additive padding mask (reference.MASK_V
 
 
 @triton.jit
+def _masked_scores(q, k, scale, mask_row, rm, rn, mn, LQ, LK, HAS_MASK: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """q kᵀ · scale of one (query block, key tile) plus official BERT's additive mask: −10000
+    on a key that the padding mask drops or (CAUSAL, bottom-right aligned: query i sees keys
+    j <= LK − LQ + i) that lies in the query's future; a key masked both ways gets −10000 once,
+    as ``reference.additive_mask`` does."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    if HAS_MASK or CAUSAL:
+        drop = tl.zeros(s.shape, tl.int1)
+        if HAS_MASK:
+            keep = tl.load(mask_row + rn, mask=mn, other=1)
+            drop = drop | (keep == 0)[None, :]
+        if CAUSAL:
+            drop = drop | (rn[None, :] > (LK - LQ + rm)[:, None])
+        s = s + tl.where(drop, MASK_VALUE, 0.0)
+    return s
+
+
+@triton.jit
 def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, D,
                                 sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                 so_b, so_h, so_m, sl_b, sl_h, sm_b,
                                 HAS_MASK: tl.constexpr, HAS_IDX: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
+                                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -65,10 +88,7 @@ def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, 
                     other=0.0)
         v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=mn[:, None] & md[None, :],
                     other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        if HAS_MASK:
-            keep = tl.load(MASK + b * sm_b + rn, mask=mn, other=1)
-            s = s + tl.where(keep != 0, 0.0, MASK_VALUE)[None, :]
+        s = _masked_scores(q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK, CAUSAL)
         s = tl.where(mn[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -86,8 +106,9 @@ def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, 
 def _cross_attention_bwd_kernel(DO, Q, K, V, MASK, O, LSE, DQ, DK, DV, scale, H, LQ, LK, D,
                                 sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                 so_b, so_h, so_m, sdo_b, sdo_h, sdo_m, sl_b, sl_h, sm_b,
-                                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
     # DQ / DK / DV are contiguous with the shapes of Q / K / V.
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -118,10 +139,8 @@ def _cross_attention_bwd_kernel(DO, Q, K, V, MASK, O, LSE, DQ, DK, DV, scale, H,
             kvmask = mn[:, None] & md[None, :]
             k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=kvmask, other=0.0)
             v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            if HAS_MASK:
-                keep = tl.load(MASK + b * sm_b + rn, mask=mn, other=1)
-                s = s + tl.where(keep != 0, 0.0, MASK_VALUE)[None, :]
+            s = _masked_scores(q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK,
+                               CAUSAL)
             p = tl.where(mm[:, None] & mn[None, :], tl.exp(s - lse[:, None]), 0.0)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -156,12 +175,13 @@ def _inner_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, out=None, lse=None):
+def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, out=None, lse=None):
     """Forward shared by cross attention and the gathered one.
 
     q (B, H, Lq, D); k, v (N, H, Lk, D) with N = B, or any N when ``index`` (B,) int64 gives the
     K / V row of each batch entry; key_padding_mask (B, Lk) bool or None. ``out`` / ``lse``
-    (tests pass poisoned buffers) are written in full. Returns out (B, H, Lq, D), lse (B, H, Lq).
+    (tests pass poisoned buffers) are written in full. ``causal``: bottom-right aligned causal
+    mask on top of the padding mask (self-attention). Returns out (B, H, Lq, D), lse (B, H, Lq).
     """
     q, k, v = _inner_contiguous(q, k, v)
     batch, heads, lq, d = q.shape
@@ -181,8 +201,8 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, out=None, lse=No
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), sm_b,
-        HAS_MASK=has_mask, HAS_IDX=index is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d)
+        HAS_MASK=has_mask, HAS_IDX=index is not None, CAUSAL=bool(causal), BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N, BLOCK_D=block_d)
     return out, lse
 
 
@@ -192,7 +212,8 @@ def cross_attention_fwd(q, k, v, key_padding_mask, scale, *, out=None, lse=None)
     return attend_fwd(q, k, v, key_padding_mask, scale, out=out, lse=lse)
 
 
-def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None):
+def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None,
+                        causal=False):
     """Gradients of ``cross_attention_fwd`` from its out / lse: dq (B, H, Lq, D), dk / dv
     (B, H, Lk, D), contiguous, in the inputs' dtypes. ``grads`` (tests pass poisoned
     contiguous buffers) = (dq, dk, dv) to write in full."""
@@ -214,5 +235,19 @@ def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, *, gra
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), sm_b,
-        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+        HAS_MASK=has_mask, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d)
     return dq, dk, dv
+
+
+def attention_fwd(q, k, v, key_padding_mask, scale, causal, *, out=None, lse=None):
+    """Self-attention forward (``blip_fast::attention_fwd_triton``): the cross-attention kernel
+    with CAUSAL switched on or off. q (B, H, Lq, D), k / v (B, H, Lk, D), Lq <= Lk with a KV
+    cache when causal (bottom-right aligned) -> out (B, H, Lq, D), lse (B, H, Lq) fp32."""
+    return attend_fwd(q, k, v, key_padding_mask, scale, causal=causal, out=out, lse=lse)
+
+
+def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, causal, *, grads=None):
+    """Gradients of ``attention_fwd`` (``blip_fast::attention_bwd_triton``) -> dq, dk, dv."""
+    return cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, grads=grads,
+                               causal=causal)

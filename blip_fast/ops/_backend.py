@@ -15,12 +15,12 @@ log = logging.getLogger("blip_fast")
 
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
-    "attention": {"cuda": ("sdpa", "reference"), "cpu": ("sdpa", "reference")},
+    "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
     # C++ beats sdpa on CPU: 88 vs 116 ms fwd, 421 vs 466 ms fwd+bwd at 64x12x35x577 fp32
     # (benchmarks/results/attention-cpu.json, 2-core VM).
     "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
     # ITM reranking over cached image K / V (DESIGN §6.3); the reference copies K / V per pair.
-    "gathered_cross_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "gathered_cross_attention": {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)},
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 

@@ -2,10 +2,38 @@
 decoder), dispatched like every op.
 
 Shapes: q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk) bool, True = attend.
+
+Ops (schemas here, the eager reference kernel everywhere, Triton on CUDA: the cross-attention
+kernels of ``blip_fast.kernels.cross_attention`` with their CAUSAL flag):
+    blip_fast::attention_fwd_triton(q, k, v, key_padding_mask, scale, causal) -> (out, lse)
+    blip_fast::attention_bwd_triton(dout, q, k, v, key_padding_mask, out, lse, scale, causal)
+        -> (dq, dk, dv)
+Causal is bottom-right aligned (query i sees keys j <= Lk - Lq + i), so Lq < Lk decoding over a
+KV cache works; masked keys get -10000 added, as official BERT (``reference.additive_mask``).
+The xformers / flash_attn backends are plain Python calls (``blip_fast.ops._external``).
 """
+import torch
 import torch.nn.functional as F
 
-from blip_fast.ops import _backend, reference
+from blip_fast.ops import _backend, _external, reference
+from blip_fast.ops.cross_attention import _register_family
+
+_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, bool causal) "
+        "-> (Tensor, Tensor)")
+_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
+        "Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)")
+_OPS = {"triton": "attention_fwd_triton"}
+
+_register_family("_triton", "attention", _FWD, _BWD, reference.attention_fwd,
+                 reference.attention_bwd)
+if _backend._triton_ok():
+    from blip_fast.kernels import cross_attention as _k
+    from blip_fast.ops._library import lib
+
+    lib.impl("attention_fwd_triton", _k.attention_fwd, "CUDA")
+    lib.impl("attention_bwd_triton", _k.attention_bwd, "CUDA")
+for _name, _op in _OPS.items():
+    _backend.KERNEL_OPS.setdefault(_name, {})["attention"] = _op
 
 
 def _sdpa(q, k, v, key_padding_mask, causal, dropout_p):
@@ -18,10 +46,21 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, backe
 
     Arguments: q: (batch, heads, q_len, head_dim); k, v: (batch, heads, k_len, head_dim);
     key_padding_mask: (batch, k_len) bool, True = attend; causal: bottom-right aligned causal
-    mask (query i sees keys up to k_len - q_len + i); dropout_p: attention-probability dropout.
-    Returns (batch, heads, q_len, head_dim).
+    mask (query i sees keys up to k_len - q_len + i); dropout_p: attention-probability dropout
+    (reference / sdpa only). Returns (batch, heads, q_len, head_dim).
     """
-    backend = _backend.resolve("attention", q.device, backend)
+    requested, backend = backend, _backend.resolve("attention", q.device, backend)
+    if backend in _OPS and dropout_p > 0.0 and requested is None:
+        backend = "sdpa"  # automatic choice: the fused kernels have no dropout (training only)
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, dropout_p)
+    if backend in _OPS:
+        if dropout_p > 0.0:
+            raise ValueError(f"attention: backend {backend!r} does not support dropout_p > 0 "
+                             f"(got dropout_p={dropout_p}); use backend='sdpa' or 'reference'")
+        mask = None if key_padding_mask is None else key_padding_mask.bool()
+        op = getattr(torch.ops.blip_fast, _OPS[backend])
+        return op(q, k, v, mask, q.shape[-1] ** -0.5, bool(causal))[0]
+    if backend in _external.BACKENDS:
+        return _external.attention(backend, q, k, v, key_padding_mask, causal, dropout_p)
     return reference.attention(q, k, v, key_padding_mask, causal, dropout_p)

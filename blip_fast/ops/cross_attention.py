@@ -13,7 +13,7 @@ backward recompute the probabilities instead of saving (B, H, Lq, Lk).
 import torch
 import torch.nn.functional as F
 
-from blip_fast.ops import _backend, reference
+from blip_fast.ops import _backend, _external, reference
 from blip_fast.ops._library import lib
 
 _FWD = "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)"
@@ -25,44 +25,49 @@ _OPS = {"cpu": "cross_attention_fwd", "cuda": "cross_attention_fwd",
         "triton": "cross_attention_fwd_triton"}
 
 
-def _fwd_fake(q, k, v, key_padding_mask, scale):
+def _fwd_fake(q, k, v, key_padding_mask, scale, *extra):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _bwd_fake(dout, q, k, v, key_padding_mask, out, lse, scale):
+def _bwd_fake(dout, q, k, v, key_padding_mask, out, lse, scale, *extra):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, scale = inputs
+    q, k, v, key_padding_mask, scale, *extra = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # an auxiliary output for the backward, not a result
     ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
     ctx.scale = scale
+    ctx.extra = tuple(extra)  # trailing non-tensor arguments (attention's `causal`)
 
 
 def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("blip_fast::cross_attention_bwd has no backward: double backward "
-                              "through cross_attention is not supported")
+    raise NotImplementedError("blip_fast attention backward ops have no backward: double "
+                              "backward through (cross_)attention is not supported")
 
 
-def _register_family(suffix: str):
+def _register_family(suffix: str, base: str = "cross_attention", fwd_schema: str = _FWD,
+                     bwd_schema: str = _BWD, ref_fwd=reference.cross_attention_fwd,
+                     ref_bwd=reference.cross_attention_bwd):
     """Schemas, eager default kernels (every device), fakes and autograd of one op family;
-    compiled kernels registered for a device key take precedence on that device."""
-    fwd, bwd = f"cross_attention_fwd{suffix}", f"cross_attention_bwd{suffix}"
-    lib.define(fwd + _FWD)
-    lib.define(bwd + _BWD)
-    lib.impl(fwd, reference.cross_attention_fwd, "CompositeExplicitAutograd")
-    lib.impl(bwd, reference.cross_attention_bwd, "CompositeExplicitAutograd")
+    compiled kernels registered for a device key take precedence on that device. The schemas
+    start with (q, k, v, key_padding_mask, scale) / (dout, q, k, v, key_padding_mask, out, lse,
+    scale); trailing non-tensor arguments (attention's `causal`) pass from forward to backward."""
+    fwd, bwd = f"{base}_fwd{suffix}", f"{base}_bwd{suffix}"
+    lib.define(fwd + fwd_schema)
+    lib.define(bwd + bwd_schema)
+    lib.impl(fwd, ref_fwd, "CompositeExplicitAutograd")
+    lib.impl(bwd, ref_bwd, "CompositeExplicitAutograd")
     torch.library.register_fake(f"blip_fast::{fwd}", _fwd_fake, lib=lib)
     torch.library.register_fake(f"blip_fast::{bwd}", _bwd_fake, lib=lib)
     bwd_op = getattr(torch.ops.blip_fast, bwd)
 
     def backward(ctx, dout, _dlse):
         q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout, q, k, v, key_padding_mask, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = bwd_op(dout, q, k, v, key_padding_mask, out, lse, ctx.scale, *ctx.extra)
+        return (dq, dk, dv, None, None) + (None,) * len(ctx.extra)
 
     torch.library.register_autograd(f"blip_fast::{fwd}", backward,
                                     setup_context=_setup_context, lib=lib)
@@ -95,4 +100,6 @@ def cross_attention(q, k, v, key_padding_mask=None, backend=None):
         mask = None if key_padding_mask is None else key_padding_mask.bool()
         op = getattr(torch.ops.blip_fast, _OPS[backend])
         return op(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+    if backend in _external.BACKENDS:
+        return _external.attention(backend, q, k, v, key_padding_mask)
     return reference.cross_attention(q, k, v, key_padding_mask)

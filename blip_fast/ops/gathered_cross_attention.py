@@ -8,29 +8,38 @@ Shapes: q (P, H, Lq, D), k_cache / v_cache (N_images, H, Lk, D), image_index (P,
 [0, N_images). No padding mask: image tokens are all attended, and padded text queries are
 independent rows whose outputs the caller ignores.
 
-Op (schema here; the eager reference everywhere, Triton on CUDA):
+Ops (schemas here; the eager reference everywhere; Triton on CUDA for the ``_triton`` one, the
+C++ kernels of ``blip_fast._C`` (csrc/{cpu,cuda}/itm_gather) on CPU / CUDA for the other):
     blip_fast::gathered_cross_attention_triton(q, k_cache, v_cache, image_index, scale) -> out
+    blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale) -> out
 """
 import torch
 
 from blip_fast.ops import _backend, reference
 from blip_fast.ops._library import lib
 
-lib.define("gathered_cross_attention_triton(Tensor q, Tensor k_cache, Tensor v_cache, "
-           "Tensor image_index, float scale) -> Tensor")
-lib.impl("gathered_cross_attention_triton", reference.gathered_cross_attention,
-         "CompositeExplicitAutograd")
+_SCHEMA = "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, float scale) -> Tensor"
+# Two op names because the C++ CUDA kernel and the Triton kernel both want the CUDA key (STYLE §2).
+for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd"):
+    lib.define(_name + _SCHEMA)
+    lib.impl(_name, reference.gathered_cross_attention, "CompositeExplicitAutograd")
 if _backend._triton_ok():
     from blip_fast.kernels import itm_gather as _k
 
     lib.impl("gathered_cross_attention_triton", _k.itm_gather_fwd, "CUDA")
 _backend.KERNEL_OPS.setdefault("triton", {})["gathered_cross_attention"] = \
     "gathered_cross_attention_triton"
+for _backend_name in ("cpu", "cuda"):  # available() also checks that _C registered the kernel
+    _backend.KERNEL_OPS.setdefault(_backend_name, {})["gathered_cross_attention"] = \
+        "gathered_cross_attention_fwd"
 
 
-@torch.library.register_fake("blip_fast::gathered_cross_attention_triton", lib=lib)
 def _fake(q, k_cache, v_cache, image_index, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd"):
+    torch.library.register_fake(f"blip_fast::{_name}", _fake, lib=lib)
 
 
 def _check(q, k_cache, v_cache, image_index):

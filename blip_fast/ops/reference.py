@@ -57,13 +57,13 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
     return attention(q, k, v, key_padding_mask, causal=False, scale=scale)
 
 
-def cross_attention_fwd(q, k, v, key_padding_mask, scale: float):
+def attention_fwd(q, k, v, key_padding_mask, scale: float, causal: bool = False):
     """Forward that also returns the row log-sum-exp, so a backward can recompute the
     probabilities instead of keeping (B, H, Lq, Lk). Returns out (B, H, Lq, D) in q's dtype and
-    lse (B, H, Lq) in fp32 (fp64 for fp64 inputs)."""
+    lse (B, H, Lq) in fp32 (fp64 for fp64 inputs). ``causal`` as in ``allowed_mask``."""
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    mask = additive_mask(key_padding_mask, False, q.shape[-2], k.shape[-2], scores.dtype, q.device)
+    mask = additive_mask(key_padding_mask, causal, q.shape[-2], k.shape[-2], scores.dtype, q.device)
     if mask is not None:
         scores = scores + mask
     lse = torch.logsumexp(scores, dim=-1)
@@ -71,13 +71,13 @@ def cross_attention_fwd(q, k, v, key_padding_mask, scale: float):
     return out.to(q.dtype), lse
 
 
-def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float):
-    """Gradients of ``cross_attention_fwd`` from the saved lse (FlashAttention's recurrence:
+def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float, causal: bool = False):
+    """Gradients of ``attention_fwd`` from the saved lse (FlashAttention's recurrence:
     dS = P ∘ (dP − rowsum(dO ∘ O))). Returns dq, dk, dv in the inputs' dtypes."""
     acc = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    mask = additive_mask(key_padding_mask, False, q.shape[-2], k.shape[-2], scores.dtype, q.device)
+    mask = additive_mask(key_padding_mask, causal, q.shape[-2], k.shape[-2], scores.dtype, q.device)
     if mask is not None:
         scores = scores + mask
     probs = torch.exp(scores - lse[..., None])
@@ -88,6 +88,16 @@ def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float)
     dq = torch.matmul(dscores, kf)
     dk = torch.matmul(dscores.transpose(-1, -2), qf)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def cross_attention_fwd(q, k, v, key_padding_mask, scale: float):
+    """Non-causal ``attention_fwd``: out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) fp32."""
+    return attention_fwd(q, k, v, key_padding_mask, scale, False)
+
+
+def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float):
+    """Gradients of ``cross_attention_fwd``: dq, dk, dv in the inputs' dtypes."""
+    return attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, False)
 
 
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,

@@ -106,6 +106,7 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
   using acc_t = acc_type<scalar_t>;
   const int64_t q_tiles = (p.q_len + kBlockQ - 1) / kBlockQ;
   const int64_t bh = item / q_tiles, b = bh / p.heads, h = bh % p.heads;
+  const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b];  // K / V row (gathered)
   const int64_t i0 = (item % q_tiles) * kBlockQ, bq = std::min(kBlockQ, p.q_len - i0);
   const int64_t bq_pad = round_up(bq, kMR), D = p.head_dim, dp = w.dp;
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -117,8 +118,8 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
 
   for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
     const int64_t bk = std::min(kBlockK, p.k_len - j0);
-    load_keys_t<scalar_t>(p.k, b, h, j0, bk, D, w.kt.data());
-    load_rows<scalar_t>(p.v, b, h, j0, bk, D, w.v.data(), dp);
+    load_keys_t<scalar_t>(p.k, kb, h, j0, bk, D, w.kt.data());
+    load_rows<scalar_t>(p.v, kb, h, j0, bk, D, w.v.data(), dp);
     load_mask(p, b, j0, bk, w.mask_add.data());
     vec::gemm<false>(bq_pad, kBlockK, D, w.q.data(), dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
 

@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_kernel(const CrossAt
   float* inv_l_s = corr_s + kBlockM;
 
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b];  // K / V row (gathered)
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool* mask = p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.k_len;
@@ -98,8 +99,8 @@ __global__ void __launch_bounds__(kThreads) cross_attention_kernel(const CrossAt
   load_tile<T>(p.q, b, h, m0, p.q_len, kBlockM, D, q_s, D);
 
   for (int64_t n0 = 0; n0 < p.k_len; n0 += kBlockN) {
-    load_tile<T>(p.k, b, h, n0, p.k_len, kBlockN, D, k_s, D + 1);
-    load_tile<T>(p.v, b, h, n0, p.k_len, kBlockN, D, v_s, D);
+    load_tile<T>(p.k, kb, h, n0, p.k_len, kBlockN, D, k_s, D + 1);
+    load_tile<T>(p.v, kb, h, n0, p.k_len, kBlockN, D, v_s, D);
     __syncthreads();
 
     // Lane j scores key n0 + j against the warp's rows, then the warp updates their softmax.
