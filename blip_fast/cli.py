@@ -1,4 +1,4 @@
-"""``blip-fast`` command line: demo, info, convert."""
+"""``blip-fast`` command line: demo, info, convert, eval-retrieval."""
 import argparse
 import json
 import platform
@@ -60,6 +60,52 @@ def _convert(args):
     print(f"wrote {args.dst} ({args.format})")
 
 
+def _eval_retrieval(args):
+    import dataclasses
+    from pathlib import Path
+
+    from blip_fast import tokenizer
+    from blip_fast.checkpoint import load
+    from blip_fast.data import RetrievalEvalDataset, test_transform
+    from blip_fast.eval.retrieval import evaluate
+    from blip_fast.models.configs import load_yaml
+
+    y = load_yaml(args.config) if args.config else {}
+    k_test = args.k_test if args.k_test is not None else int(y.get("k_test", 128))
+    batch_size = args.batch_size if args.batch_size is not None else int(
+        y.get("batch_size_test", 64))
+    image_root = args.image_root or y.get("image_root")
+    if image_root is None:
+        sys.exit("eval-retrieval: no image root (--image-root or image_root in the config)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.checkpoint, task="retrieval")
+    size = args.image_size or int(y.get("image_size", model.cfg.vision.image_size))
+    if size != model.cfg.vision.image_size:  # position embeddings interpolated by load
+        cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision,
+                                                                        image_size=size))
+        model = load(args.checkpoint, task="retrieval", config=cfg)
+    model = model.to(device).eval()
+    dataset = RetrievalEvalDataset(args.ann_file, image_root, test_transform(size))
+    print(f"eval-retrieval: {len(dataset.image)} images, {len(dataset.text)} texts, k_test "
+          f"{k_test}, mode {args.mode}, {args.precision} on {device}", file=sys.stderr)
+    result = evaluate(model, dataset, tokenizer(), k_test=k_test, batch_size=batch_size,
+                      device=device, progress=sys.stderr.isatty(), mode=args.mode,
+                      precision=args.precision, return_scores=args.save_scores)
+    result.update(k_test=k_test, image_size=size, batch_size=batch_size,
+                  checkpoint=str(args.checkpoint), ann_file=str(args.ann_file))
+    if args.save_scores:
+        scores = {k: result.pop(k).cpu() for k in ("scores_i2t", "scores_t2i")}
+        path = Path(args.out).with_suffix(".scores.pt") if args.out else Path("scores.pt")
+        torch.save(scores, path)
+        result["scores_file"] = str(path)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    _print_result(result)
+    if not args.out:
+        print(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="blip-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +124,22 @@ def main(argv=None):
     conv.add_argument("dst")
     conv.add_argument("--format", choices=("official", "hf"), required=True)
     conv.set_defaults(fn=_convert)
+    ev = sub.add_parser("eval-retrieval", help="official image-text retrieval evaluation")
+    ev.add_argument("--config", help="official YAML (retrieval_flickr.yaml / retrieval_coco.yaml)"
+                    "; k_test, batch_size_test, image_size, image_root are read from it")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--image-root", help="overrides the config's image_root")
+    ev.add_argument("--ann-file", required=True, help="test JSON [{image, caption: [...]}]")
+    ev.add_argument("--k-test", type=int)
+    ev.add_argument("--image-size", type=int)
+    ev.add_argument("--batch-size", type=int, help="image batch (config: batch_size_test)")
+    ev.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
+    ev.add_argument("--mode", choices=("fast", "reference"), default="fast")
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="results JSON (default: printed)")
+    ev.add_argument("--save-scores", action="store_true",
+                    help="also save both score matrices (OUT with .scores.pt)")
+    ev.set_defaults(fn=_eval_retrieval)
     args = parser.parse_args(argv)
     args.fn(args)
 

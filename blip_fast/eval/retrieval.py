@@ -2,14 +2,20 @@
 
 Texts and images are encoded in batches; then for every image the top-k texts by cosine
 similarity are re-scored with the ITM head (score = itm logit[1] + similarity), and the same
-for every text over the top-k images; everything else stays -100.
+for every text over the top-k images; everything else stays -100. ``evaluate`` runs it in
+``mode="fast"`` (``blip_fast.eval.fast``: same scores, deduplicated pairs, per-image cross K/V
+computed once, batched) by default, or ``mode="reference"`` (``reference_scores``).
 """
+import contextlib
 import time
 
 import torch
 from tqdm import tqdm
 
 from blip_fast.eval.metrics import retrieval_metrics
+
+MODES = ("fast", "reference")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @torch.no_grad()
@@ -60,24 +66,77 @@ def reference_scores(model, image_feats, image_embed, text_embed, text_ids, text
     return score_i2t, score_t2i
 
 
-def evaluate(model, dataset, tokenizer, k_test=128, batch_size=64, device="cpu", progress=False):
+@contextlib.contextmanager
+def precision_context(precision: str, device):
+    """fp32 (tf32 off on CUDA), tf32 (TF32 matmuls on CUDA; CPU: as fp32), bf16 (autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dev = torch.device(device).type
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def evaluate(model, dataset, tokenizer, k_test=128, batch_size=64, device="cpu", progress=False,
+             mode="fast", precision="fp32", itm_batch=None, kv_budget_bytes=None,
+             return_scores=False):
     """Official retrieval evaluation on a ``RetrievalEvalDataset``; returns the metric dict
-    plus ``timing`` (seconds per phase) and ``pairs_scored``."""
+    plus ``timing`` (seconds per phase), ``pairs_scored`` (score-matrix entries filled, as the
+    official loop), ``itm_pairs`` (ITM forward passes actually run), ``mode``, ``device``,
+    ``precision``, ``world_size``; with ``return_scores`` also ``scores_i2t`` / ``scores_t2i``.
+
+    mode ``fast`` (default, ``blip_fast.eval.fast``): deduplicated candidate pairs, per-image
+    cross K/V computed once, large gathered batches; same scores as ``reference`` (the official
+    loop, one query at a time) up to float rounding. Under torch.distributed, ``fast`` splits
+    the pairs across ranks and every rank returns the single-process result."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    from blip_fast.eval import fast
+
     model.eval()
     timing = {}
+    start = time.perf_counter()
+    with precision_context(precision, device):
+        t0 = time.perf_counter()
+        text_embed, text_ids, text_mask = encode_texts(model, tokenizer, dataset.text, 256,
+                                                       device, progress)
+        timing["texts"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        image_feats, image_embed = encode_images(model, loader, device, progress)
+        timing["images"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_img, n_txt = image_embed.shape[0], text_embed.shape[0]
+        if mode == "reference":
+            s_i2t, s_t2i = reference_scores(model, image_feats, image_embed, text_embed,
+                                            text_ids, text_mask, k_test, progress)
+            itm_pairs = n_img * min(k_test, n_txt) + n_txt * min(k_test, n_img)
+        else:
+            stats = {}
+            s_i2t, s_t2i = fast.fast_scores(
+                model, image_feats, image_embed, text_embed, text_ids,
+                text_mask, k_test, itm_batch or fast.ITM_BATCH,
+                kv_budget_bytes or fast.KV_BUDGET_BYTES, progress, stats)
+            itm_pairs = stats["itm_pairs"]
+            timing["kv"], timing["itm"] = stats["kv_s"], stats["itm_s"]
+        timing["rerank"] = time.perf_counter() - t0
+    s_i2t, s_t2i = s_i2t.float(), s_t2i.float()
     t0 = time.perf_counter()
-    text_embed, text_ids, text_mask = encode_texts(model, tokenizer, dataset.text, 256, device,
-                                                   progress)
-    timing["texts"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    image_feats, image_embed = encode_images(model, loader, device, progress)
-    timing["images"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s_i2t, s_t2i = reference_scores(model, image_feats, image_embed, text_embed, text_ids,
-                                    text_mask, k_test, progress)
-    timing["rerank"] = time.perf_counter() - t0
     metrics = retrieval_metrics(s_i2t, s_t2i, dataset.txt2img, dataset.img2txt)
-    n_img, n_txt = s_i2t.shape
+    timing["metrics"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - start
     pairs = n_img * min(k_test, n_txt) + n_txt * min(k_test, n_img)
-    return {**metrics, "timing": timing, "pairs_scored": pairs}
+    world = fast._dist()[1] if mode == "fast" else 1
+    out = {**metrics, "timing": timing, "pairs_scored": pairs, "itm_pairs": itm_pairs,
+           "mode": mode, "device": str(torch.device(device)), "precision": precision,
+           "world_size": world}
+    if return_scores:
+        out["scores_i2t"], out["scores_t2i"] = s_i2t, s_t2i
+    return out

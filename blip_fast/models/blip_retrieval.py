@@ -41,6 +41,45 @@ class BlipITMMixin:
         out = self.text_encoder(ids, mask, image_embeds, mode="multimodal")
         return self.itm_head(out[:, 0])
 
+    def image_kv(self, image_embeds):
+        """Cross-attention keys / values of every text layer for image tokens (N, Li, W):
+        a list with one (k, v) per layer, each (N, H, Li, D); computed once per image."""
+        return [layer.crossattention.self.kv(image_embeds)
+                for layer in self.text_encoder.encoder.layer]
+
+    def itm_logits_gathered(self, ids, mask, kv, image_index):
+        """ITM logits (P, 2) of P pairs: text p (ids, mask (P, L), [CLS] first as tokenised)
+        with image image_index[p] whose per-layer K / V are ``kv`` (from ``image_kv``).
+        Inference only, exact up to float rounding. Work no pair needs twice is skipped:
+        the first layer's self-attention is text-only, so it runs once per distinct text of
+        the batch; the ITM head reads only the [ENC] token, so the last layer runs queries,
+        cross-attention and FFN for that token alone (keys / values of all tokens)."""
+        ids = ids.clone()
+        ids[:, 0] = ENC_TOKEN_ID
+        enc = self.text_encoder
+        layers = enc.encoder.layer
+        cache = [{"cross_k": k, "cross_v": v, "image_index": image_index} for k, v in kv]
+        L, m = ids.shape[1], mask.bool()
+        uniq, inv = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0,
+                                 return_inverse=True)
+        x = enc.embeddings(uniq[:, :L])
+        x = layers[0].attention(x, x, uniq[:, L:].bool())[inv]  # once per distinct text
+        if len(layers) > 1:
+            first = layers[0]
+            x = first.crossattention(x, None, None, cache=cache[0])
+            x = first.output(first.intermediate(x), x)
+            for layer, c in zip(layers[1:-1], cache[1:-1]):  # as BertModel.forward
+                x = layer(x, m, None, None, "multimodal", cache=c)
+            sa = layers[-1].attention.self
+            q = sa.split_heads(sa.query(x[:, :1]))
+            k, v = sa.kv(x)
+            ctx = ops.attention(q, k, v, m, backend=sa.backends.get("attention"))
+            x = layers[-1].attention.output(ctx.transpose(1, 2).reshape(x.shape[0], 1, -1),
+                                            x[:, :1])
+        layer = layers[-1]
+        h = layer.crossattention(x[:, :1], None, None, cache=cache[-1])
+        return self.itm_head(layer.output(layer.intermediate(h), h)[:, 0])
+
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
         """ITC through the op dispatch, reading the queues in place; ``idx`` (fine-tuning)
         makes same-image pairs positive against the batch and ``idx_queue``."""

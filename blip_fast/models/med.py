@@ -66,6 +66,14 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None):
         q = self.split_heads(self.query(hidden))
+        if cache is not None and self.is_cross and "image_index" in cache:
+            # Batched ITM reranking (DESIGN §6.3): cross_k / cross_v are per-image caches
+            # (N_images, H, Lk, D) and pair p attends over row image_index[p]; read only.
+            ctx = ops.gathered_cross_attention(
+                q, cache["cross_k"], cache["cross_v"], cache["image_index"],
+                backend=self.backends.get("gathered_cross_attention"))
+            B, H, L, D = ctx.shape
+            return ctx.transpose(1, 2).reshape(B, L, H * D)
         name = "cross" if self.is_cross else "self"
         if cache is not None and self.is_cross and "cross_k" in cache:
             k, v = cache["cross_k"], cache["cross_v"]  # image K/V are fixed while decoding
@@ -156,7 +164,10 @@ class BertModel(nn.Module):
 
     forward(input_ids (B, L), attention_mask (B, L) 0/1, image_embeds (B, Li, W) or None,
     image_mask (B, Li) bool or None, mode, cache) -> (B, L, hidden). ``cache``: a list with one
-    dict per layer, filled and extended in place (KV cache for decoding).
+    dict per layer, filled and extended in place (KV cache for decoding). A layer dict holding
+    "cross_k" / "cross_v" of shape (N_images, H, Li, D) plus "image_index" (B,) int64 makes
+    cross-attention read row image_index[b] of those per-image caches (gathered, ITM reranking;
+    image_embeds may then be None); use fresh dicts per call.
     """
 
     def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
@@ -171,7 +182,7 @@ class BertModel(nn.Module):
                 mode="text", cache=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "text" and image_embeds is None:
+        if mode != "text" and image_embeds is None and not (cache and "image_index" in cache[0]):
             raise ValueError(f"mode {mode!r} needs image_embeds")
         past_len = 0 if not cache or "self_k" not in cache[0] else cache[0]["self_k"].shape[2]
         x = self.embeddings(input_ids, past_len)
