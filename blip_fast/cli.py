@@ -26,7 +26,8 @@ def _demo(args):
     print(f"model: {args.config} retrieval, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters, random weights; test split: {len(dataset.image)} images, "
           f"{len(dataset.text)} texts, k_test {args.k_test}")
-    result = evaluate(model, dataset, tokenizer(), k_test=args.k_test, progress=sys.stderr.isatty())
+    result = evaluate(model, dataset, tokenizer(), k_test=args.k_test, mode=args.mode,
+                      progress=sys.stderr.isatty())
     _print_result(result)
 
 
@@ -117,6 +118,8 @@ def main(argv=None):
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--k-test", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--mode", choices=("fast", "reference"), default="fast",
+                      help="retrieval evaluation: batched (same scores) or the official loop")
     demo.set_defaults(fn=_demo)
     sub.add_parser("info", help="versions, devices, available backends").set_defaults(fn=_info)
     conv = sub.add_parser("convert", help="official .pth <-> HuggingFace BLIP directory")

@@ -13,6 +13,11 @@ def test_demo_runs_end_to_end(tmp_path):
              "--train-images", "4", "--test-images", "10", "--k-test", "4")
     assert r.returncode == 0, r.stderr
     assert "txt_r1=" in r.stdout and "img_r10=" in r.stdout and "ITM pairs scored" in r.stdout
+    ref = _run("demo", "--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
+               "--train-images", "4", "--test-images", "10", "--k-test", "4", "--mode", "reference")
+    assert ref.returncode == 0, ref.stderr
+    metrics = [line for line in r.stdout.splitlines() if line.startswith("txt_r1=")]
+    assert metrics == [line for line in ref.stdout.splitlines() if line.startswith("txt_r1=")]
     assert (tmp_path / "test.json").exists()
 
 
