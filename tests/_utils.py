@@ -41,3 +41,13 @@ def assert_close_verbose(actual, expected, *, rtol, atol, name="tensor", max_rep
     if nan_diff or inf_diff:
         lines.append(f"  NaN disagreements: {nan_diff}, inf disagreements: {inf_diff}")
     raise AssertionError("\n".join(lines))
+
+
+def assert_lowp_close(name, got, exact, low, eps):
+    """FlashAttention's rule for fp16 / bf16 kernels: max |got - exact| <= 2 · max |low - exact|
+    + eps, where ``exact`` is the fp64 reference and ``low`` the eager reference run in the
+    kernel's own dtype (its error is the floor any kernel in that dtype can reach)."""
+    assert got.dtype == low.dtype, f"{name}: dtype {got.dtype}, expected {low.dtype}"
+    err = (got.double() - exact).abs().max().item()
+    ref_err = (low.detach().double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + eps, f"{name}: error {err:.3g} > 2 · reference {ref_err:.3g} + {eps}"
