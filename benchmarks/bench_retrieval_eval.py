@@ -5,11 +5,15 @@ weights), same synthetic data (200 images x 1000 texts, k_test 32; ``--quick``: 
 Texts and images are encoded once and shared; both rerankers run on the same encodings, are
 timed end to end (``--repeats`` alternated runs, best kept: the VM may be shared), must give
 identical metrics, and the result goes to benchmarks/results/retrieval_eval-<device>.json
-(``--quick``: retrieval_eval_quick-<device>.json).
+(``--quick``: retrieval_eval_quick-<device>.json). The 1-minute load average before and after is
+recorded: on a shared CPU, other processes slow the reference's many small parallel regions more
+than the fast path's few large ones, so a ratio measured under load overstates the speed-up
+(``--threads 1`` is less exposed to that).
 
-    python benchmarks/bench_retrieval_eval.py [--quick] [--device cpu|cuda]
+    python benchmarks/bench_retrieval_eval.py [--quick] [--device cpu|cuda] [--threads N]
 """
 import argparse
+import os
 import tempfile
 import time
 
@@ -18,7 +22,7 @@ import torch
 import _harness  # benchmarks/ is on sys.path when this file runs as a script
 from blip_fast import create_model, tokenizer
 from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
-from blip_fast.eval.fast import fast_scores
+from blip_fast.eval.fast import ITM_BATCH, fast_scores
 from blip_fast.eval.metrics import KEYS, retrieval_metrics
 from blip_fast.eval.retrieval import encode_images, encode_texts, reference_scores
 
@@ -30,9 +34,13 @@ def main():
     p.add_argument("--images", type=int)
     p.add_argument("--k-test", type=int)
     p.add_argument("--config", default="blip_small_demo")
-    p.add_argument("--itm-batch", type=int, default=256)
+    p.add_argument("--itm-batch", type=int, default=ITM_BATCH)
     p.add_argument("--repeats", type=int, default=1, help="alternated runs, best time kept")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     n_img = args.images or (40 if args.quick else 200)
     k = args.k_test or (16 if args.quick else 32)
     dev = args.device
@@ -87,7 +95,9 @@ def main():
     case = f"{len(ds.image)}x{len(ds.text)} k{k}"
     common = {"case": case, "config": args.config, "images": len(ds.image),
               "texts": len(ds.text), "k_test": k, "pairs_scored": pairs, "encode_s": encode_s,
-              "metrics": fast_m, "max_abs_score_diff": max_diff}
+              "metrics": fast_m, "max_abs_score_diff": max_diff,
+              "threads": torch.get_num_threads(),
+              "load_avg_1min": [load_before, os.getloadavg()[0]]}
     rows = [{**common, "provider": "reference", "median_ms": ref_s * 1e3,
              "pairs_per_s": pairs / ref_s, "itm_pairs": pairs},
             {**common, "provider": "fast", "median_ms": fast_s * 1e3, "pairs_per_s": pairs / fast_s,

@@ -17,3 +17,8 @@ for bench in benchmarks/bench_*.py; do
     python3 "$bench"
 done
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/* "$OUT"/; fi
+# DALI GPU decode (bench_data.py's dali-gpu row; target >= 3000 img/s at 384 px on one H100) and
+# the DALI tests need nvidia-dali-cuda130: carry its wheels in .whl/ too (pip download -d .whl
+# nvidia-dali-cuda130 simplejpeg scikit-image) or install them; without DALI both skip.
+python3 benchmarks/bench_data.py --images 4096 --epochs 3 --batch-size 256
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/data-* "$OUT"/; fi

@@ -1,4 +1,4 @@
-"""``blip-fast`` command line: demo, info, convert, eval-retrieval."""
+"""``blip-fast`` command line: demo, info, convert, eval-retrieval, train."""
 import argparse
 import json
 import platform
@@ -107,6 +107,18 @@ def _eval_retrieval(args):
         print(text)
 
 
+def _capfilt(args):
+    from blip_fast.train.capfilt import run
+    summary = run(args)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+
+
+def _train(args):
+    from blip_fast.train.main import main as train_main
+    train_main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="blip-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,7 +155,47 @@ def main(argv=None):
     ev.add_argument("--save-scores", action="store_true",
                     help="also save both score matrices (OUT with .scores.pt)")
     ev.set_defaults(fn=_eval_retrieval)
-    args = parser.parse_args(argv)
+    cf = sub.add_parser("capfilt", help="caption + filter web data into a bootstrapped JSON")
+    cf.add_argument("--captioner", required=True, help="caption checkpoint (decoder)")
+    cf.add_argument("--filter", required=True, help="retrieval checkpoint (ITM head)")
+    cf.add_argument("--ann", required=True, nargs="+", help="pre-training JSON(s)")
+    cf.add_argument("--image-root", help="prefix of relative image paths")
+    cf.add_argument("--out", required=True, help="output folder (resumes what is there)")
+    cf.add_argument("--threshold", type=float, default=0.5, help="keep texts with P(match) above")
+    cf.add_argument("--seed", type=int, default=0)
+    cf.add_argument("--chunk-size", type=int, default=1024)
+    cf.add_argument("--batch-size", type=int, default=64)
+    cf.add_argument("--num-workers", type=int, default=4)
+    cf.add_argument("--device")
+    cf.set_defaults(fn=_capfilt)
+    tr = sub.add_parser("train", help="pre-training / retrieval / caption fine-tuning "
+                        "(alone or under torchrun)")
+    tr.add_argument("task", choices=("pretrain", "retrieval", "caption"))
+    tr.add_argument("--config", help="official YAML (pretrain.yaml, retrieval_coco.yaml, ...)")
+    tr.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override config keys (values parsed as YAML)")
+    tr.add_argument("--output-dir", help="checkpoint.pth and log.jsonl (config: output_dir)")
+    tr.add_argument("--resume", help="checkpoint to continue from exactly; 'auto': the "
+                    "output dir's checkpoint.pth if there is one")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    tr.add_argument("--device", help="cuda | cpu (default: cuda when available)")
+    tr.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    tr.add_argument("--backend", help="op backend for every op (default: best available)")
+    tr.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
+    tr.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: all)")
+    tr.add_argument("--num-workers", type=int, default=4)
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--tensorboard", action="store_true")
+    tr.set_defaults(fn=_train)
+    # `train` takes key=value overrides anywhere among its options (argparse alone would only
+    # take them right after the task)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [r for r in rest if "=" in r and not r.startswith("-")]
+        rest = [r for r in rest if r not in args.overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.fn(args)
 
 

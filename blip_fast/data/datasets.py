@@ -3,12 +3,19 @@
 Annotation files are read and validated whole at construction; a bad file, entry, key or type
 raises with the file, entry index and key in the message. Images are opened lazily in
 ``__getitem__``; a missing or undecodable image raises with its full path. Nothing is ever
-skipped silently: a skipped sample would shift the image/text numbering of evaluation.
+skipped silently: a skipped sample would shift the image/text numbering of evaluation. Only
+pre-training, on dirty web data, may opt in to ``skip_corrupt``: the item is then a
+``CorruptImage`` marker that ``blip_fast.data.loader.SkipCorrupt`` drops and records.
+
+``entry(index)`` -> (image path, the item's other fields) is what ``__getitem__`` returns
+without the image; the DALI loader feeds the path through its pipeline and the fields beside it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,8 +25,13 @@ from torch.utils.data import Dataset
 
 from blip_fast.text import pre_caption
 
-__all__ = ["MissingKeyError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
-           "load_annotations", "load_image"]
+try:  # libjpeg-turbo without PIL's per-image overhead; its output is bit-identical to PIL's
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
+__all__ = ["CorruptImage", "MissingKeyError", "PretrainDataset", "RetrievalEvalDataset",
+           "RetrievalTrainDataset", "decode_image", "load_annotations", "load_image"]
 
 PathLike = str | os.PathLike
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -28,12 +40,40 @@ Transform = Callable[[Image.Image], torch.Tensor]
 def load_image(path: PathLike) -> Image.Image:
     """Open ``path`` as RGB (decoded now, so a truncated file fails here, not later)."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {os.fspath(path)}") from None
+    except OSError as err:  # a directory, no permission, an I/O error
+        raise OSError(f"cannot read image {os.fspath(path)}: {err}") from err
+    return decode_image(data, os.fspath(path))
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Encoded image bytes as RGB; ``where`` names the source in errors.
+
+    JPEGs go through simplejpeg when it is installed (same libjpeg-turbo, same pixels as PIL,
+    tests/data/test_loader.py checks); anything it rejects (CMYK, truncated, not a JPEG) is left
+    to PIL, so PIL alone decides what decodes and what raises."""
+    if simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
+                                                          fastupsample=False))
+        except ValueError:
+            pass
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
     except OSError as err:  # PIL.UnidentifiedImageError and truncated data are OSErrors
-        raise OSError(f"cannot decode image {os.fspath(path)}: {err}") from err
+        raise OSError(f"cannot decode image {where}: {err}") from err
+
+
+@dataclass(frozen=True)
+class CorruptImage:
+    """Stands in for a pre-training item whose image is missing or undecodable."""
+    index: int
+    path: str
+    error: str
 
 
 class MissingKeyError(KeyError):
@@ -127,10 +167,14 @@ class RetrievalTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotation)
 
-    def __getitem__(self, index: int):
+    def entry(self, index: int) -> tuple[str, tuple[str, int]]:
         ann = self.annotation[index]
-        image = self.transform(load_image(self.image_root / ann["image"]))
-        return image, pre_caption(ann["caption"], self.max_words), self.img_ids[ann["image_id"]]
+        return (os.fspath(self.image_root / ann["image"]),
+                (pre_caption(ann["caption"], self.max_words), self.img_ids[ann["image_id"]]))
+
+    def __getitem__(self, index: int):
+        path, fields = self.entry(index)
+        return (self.transform(load_image(path)), *fields)
 
 
 class RetrievalEvalDataset(Dataset):
@@ -160,8 +204,12 @@ class RetrievalEvalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotation)
 
+    def entry(self, index: int) -> tuple[str, tuple[int]]:
+        return os.fspath(self.image_root / self.annotation[index]["image"]), (index,)
+
     def __getitem__(self, index: int):
-        return self.transform(load_image(self.image_root / self.annotation[index]["image"])), index
+        path, fields = self.entry(index)
+        return (self.transform(load_image(path)), *fields)
 
 
 class PretrainDataset(Dataset):
@@ -172,23 +220,37 @@ class PretrainDataset(Dataset):
     caption gives one of its captions drawn uniformly from torch's global RNG (seeded per
     ``DataLoader`` worker). ``image_root`` None means the ``"image"`` paths are used as written
     (official pre-training JSONs hold absolute paths); an absolute path also ignores ``image_root``.
+    ``skip_corrupt``: a missing or undecodable image gives a ``CorruptImage`` item instead of an
+    error (web data is dirty); collate with ``blip_fast.data.loader.SkipCorrupt`` to drop and
+    record them.
     """
 
     def __init__(self, ann_files: PathLike | Sequence[PathLike], image_root: PathLike | None = None,
-                 transform: Transform | None = None, max_words: int = 30):
+                 transform: Transform | None = None, max_words: int = 30,
+                 skip_corrupt: bool = False):
         self.annotation = load_annotations(ann_files, caption="str|list")
         self.image_root, self.transform, self.max_words = image_root, transform, max_words
+        self.skip_corrupt = skip_corrupt
 
     def __len__(self) -> int:
         return len(self.annotation)
 
-    def __getitem__(self, index: int):
+    def entry(self, index: int) -> tuple[str, tuple[str]]:
         ann = self.annotation[index]
         path = ann["image"] if self.image_root is None else os.path.join(self.image_root, ann["image"])
         caption = ann["caption"]
         if isinstance(caption, list):
             caption = caption[int(torch.randint(len(caption), ()).item())]
-        image = load_image(path)
+        return os.fspath(path), (pre_caption(caption, self.max_words),)
+
+    def __getitem__(self, index: int):
+        path, fields = self.entry(index)
+        try:
+            image = load_image(path)
+        except OSError as err:  # FileNotFoundError included
+            if not self.skip_corrupt:
+                raise
+            return CorruptImage(index, path, str(err))
         if self.transform is not None:
             image = self.transform(image)
-        return image, pre_caption(caption, self.max_words)
+        return (image, *fields)

@@ -9,8 +9,9 @@ similarity, every other entry -100), but:
   ``ops.gathered_cross_attention`` instead of recomputing them per pair;
 - pairs run in large batches (sorted by text length, then text, inside a chunk), each trimmed
   to its longest text (dropping padding changes a logit by < 4e-7, DESIGN §3); inside a batch
-  the text-only first self-attention runs once per distinct text, and the last layer only for
-  the [ENC] token the ITM head reads (``BlipRetrieval.itm_logits_gathered``).
+  the text-only part of the first layer (self-attention, cross-attention queries) runs once per
+  distinct text, and the last layer only for the [ENC] token the ITM head reads
+  (``BlipRetrieval.itm_logits_gathered``).
 Top-k candidates are selected with exactly the reference's calls, so ties at the k-th place
 resolve identically. Multi-process (torch.distributed initialised): images - with their pairs -
 are split across ranks, each rank adds its scores into zero matrices, one all-reduce (sum), and
@@ -23,7 +24,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 KV_BUDGET_BYTES = 1 << 30   # per-image cross K/V of all layers held at once (default 1 GiB)
-ITM_BATCH = 256             # pairs per ITM forward
+# Pairs per ITM forward, measured on blip_small_demo, k 32, 2-core AMD EPYC shared with other jobs:
+# smaller GEMMs stay in cache (1 thread, 50 images x 250 texts: 14.1 s at 64, 17.0 s at 256), but
+# under CPU contention many small parallel regions stall (2 threads, load ~5, 20 x 100: 17.7 s at
+# 64, 8.6 s at 128, 5.7 s at 256); 128 is the compromise.
+ITM_BATCH = 128
 
 
 def _dist():
@@ -95,7 +100,7 @@ def fast_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask
         t0 = time.perf_counter()
         sel = torch.arange(p0, p1, device=sims.device)
         # by (length, text): little padding per batch, and a text's pairs share its
-        # text-only first-layer self-attention (``itm_logits_gathered``)
+        # text-only first-layer work (``itm_logits_gathered``)
         sel = sel[torch.argsort(lengths[txt_idx[sel]] * n_txt + txt_idx[sel], stable=True)]
         for b in range(0, sel.numel(), itm_batch):
             s = sel[b:b + itm_batch]

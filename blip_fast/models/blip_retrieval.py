@@ -13,6 +13,21 @@ from blip_fast.models.vit import VisionTransformer
 ENC_TOKEN_ID = 30523
 
 
+def _gathered_cross_block(layer, x, kv, image_index, rows=None):
+    """The rest of a ``BertLayer`` after self-attention for P pairs: cross-attention over
+    the per-image K / V ``kv`` (from ``image_kv``) read by ``image_index`` (P,), output
+    projection, FFN. x (P, L, hidden) -> (P, L, hidden); with ``rows`` (P,), x holds distinct
+    texts and pair p's is row rows[p], so the (text-only) queries are projected once per text."""
+    sa = layer.crossattention.self
+    q = sa.split_heads(sa.query(x))
+    if rows is not None:
+        x, q = x[rows], q[rows]
+    ctx = ops.gathered_cross_attention(q, *kv, image_index,
+                                       backend=sa.backends.get("gathered_cross_attention"))
+    x = layer.crossattention.output(ctx.transpose(1, 2).reshape(x.shape), x)
+    return layer.output(layer.intermediate(x), x)
+
+
 class BlipITMMixin:
     """Inference API shared by the retrieval and pre-training models."""
 
@@ -51,34 +66,31 @@ class BlipITMMixin:
         """ITM logits (P, 2) of P pairs: text p (ids, mask (P, L), [CLS] first as tokenised)
         with image image_index[p] whose per-layer K / V are ``kv`` (from ``image_kv``).
         Inference only, exact up to float rounding. Work no pair needs twice is skipped:
-        the first layer's self-attention is text-only, so it runs once per distinct text of
-        the batch; the ITM head reads only the [ENC] token, so the last layer runs queries,
-        cross-attention and FFN for that token alone (keys / values of all tokens)."""
+        the first layer's self-attention and cross-attention queries are text-only, so they
+        run once per distinct text of the batch; the ITM head reads only the [ENC] token, so
+        the last layer runs queries, cross-attention and FFN for that token alone (keys /
+        values of all tokens)."""
         ids = ids.clone()
         ids[:, 0] = ENC_TOKEN_ID
         enc = self.text_encoder
         layers = enc.encoder.layer
-        cache = [{"cross_k": k, "cross_v": v, "image_index": image_index} for k, v in kv]
         L, m = ids.shape[1], mask.bool()
         uniq, inv = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0,
                                  return_inverse=True)
         x = enc.embeddings(uniq[:, :L])
-        x = layers[0].attention(x, x, uniq[:, L:].bool())[inv]  # once per distinct text
+        x = layers[0].attention(x, x, uniq[:, L:].bool())  # once per distinct text
+        x = _gathered_cross_block(layers[0], x, kv[0], image_index, rows=inv)
+        for layer, layer_kv in zip(layers[1:-1], kv[1:-1]):
+            x = _gathered_cross_block(layer, layer.attention(x, x, m), layer_kv, image_index)
         if len(layers) > 1:
-            first = layers[0]
-            x = first.crossattention(x, None, None, cache=cache[0])
-            x = first.output(first.intermediate(x), x)
-            for layer, c in zip(layers[1:-1], cache[1:-1]):  # as BertModel.forward
-                x = layer(x, m, None, None, "multimodal", cache=c)
             sa = layers[-1].attention.self
             q = sa.split_heads(sa.query(x[:, :1]))
             k, v = sa.kv(x)
             ctx = ops.attention(q, k, v, m, backend=sa.backends.get("attention"))
             x = layers[-1].attention.output(ctx.transpose(1, 2).reshape(x.shape[0], 1, -1),
                                             x[:, :1])
-        layer = layers[-1]
-        h = layer.crossattention(x[:, :1], None, None, cache=cache[-1])
-        return self.itm_head(layer.output(layer.intermediate(h), h)[:, 0])
+            x = _gathered_cross_block(layers[-1], x, kv[-1], image_index)
+        return self.itm_head(x[:, 0])
 
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
         """ITC through the op dispatch, reading the queues in place; ``idx`` (fine-tuning)

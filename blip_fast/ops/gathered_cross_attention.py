@@ -70,14 +70,19 @@ def gathered_cross_attention(q, k_cache, v_cache, image_index, backend=None):
 
     Arguments: q: (pairs, heads, q_len, head_dim); k_cache, v_cache: (images, heads, k_len,
     head_dim); image_index: (pairs,) int64 in [0, images). Returns (pairs, heads, q_len,
-    head_dim) in q's dtype. Inference only: only the reference backend records autograd.
+    head_dim) in q's dtype. Only the reference backend records autograd (an automatic choice
+    falls back to it when an input requires grad).
     """
     _check(q, k_cache, v_cache, image_index)
-    backend = _backend.resolve("gathered_cross_attention", q.device, backend)
+    requested, backend = backend, _backend.resolve("gathered_cross_attention", q.device, backend)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        if requested is None:
+            backend = "reference"  # automatic choice: only the reference records autograd
+        elif backend != "reference":
+            raise RuntimeError(f"gathered_cross_attention: backend {backend!r} is inference "
+                               f"only; run it under torch.no_grad() or use backend='reference' "
+                               f"for grads")
     if backend == "reference":
         return reference.gathered_cross_attention(q, k_cache, v_cache, image_index)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        raise RuntimeError(f"gathered_cross_attention: backend {backend!r} is inference only; "
-                           f"run it under torch.no_grad() or use backend='reference' for grads")
     op = getattr(torch.ops.blip_fast, _backend.KERNEL_OPS[backend]["gathered_cross_attention"])
     return op(q, k_cache, v_cache, image_index, q.shape[-1] ** -0.5)

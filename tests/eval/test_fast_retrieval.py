@@ -79,13 +79,43 @@ def test_ties_duplicate_captions(setup):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
 
 
+def test_trimmed_batches_on_mixed_lengths_equal_padded_reference(setup, monkeypatch):
+    """Texts of 3 to 35 tokens: each pair batch runs only as wide as its longest text (no
+    35-token padding), on the automatic backends (the C++ kernels on CPU when built), and
+    scores as the reference's padded loop."""
+    _, ds, _ = setup
+    torch.manual_seed(0)
+    model = create_model("retrieval", "blip_tiny").eval()
+    words = "a dog runs on the green grass near two small red houses by the sea".split()
+    texts = [" ".join(words[i % len(words)] for i in range(n))
+             for n in (1, 40, 2, 16, 4, 33, 8, 1, 23, 5, 11, 40)]
+    t_embed, ids, mask = encode_texts(model, tokenizer(), texts)
+    assert mask.sum(1).min() == 3 and mask.sum(1).max() == 35
+    feats, i_embed = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=4))
+    widths = []
+    gathered = type(model).itm_logits_gathered
+
+    def spy(self, ids, *args):
+        widths.append(ids.shape[1])
+        return gathered(self, ids, *args)
+
+    monkeypatch.setattr(type(model), "itm_logits_gathered", spy)
+    ref = reference_scores(model, feats, i_embed, t_embed, ids, mask, 5)
+    got = fast_scores(model, feats, i_embed, t_embed, ids, mask, 5, itm_batch=7)
+    assert min(widths) == 3 and max(widths) == 35
+    for r, g in zip(ref, got):
+        assert ((r == -100) == (g == -100)).all()
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+
+
 def test_gathered_hook_matches_multimodal(setup):
     model, ds, _ = setup
     feats, _, _, ids, mask = _encode(model, ds)
-    index = torch.tensor([3, 0, 3, 7, 1])
+    index = torch.tensor([3, 0, 3, 7, 1, 5])
+    texts = torch.tensor([0, 1, 2, 0, 3, 0])  # text 0 with three images: its queries shared
     with torch.no_grad():
-        want = model.itm_logits(ids[:5], mask[:5], feats[index])
-        got = model.itm_logits_gathered(ids[:5], mask[:5], model.image_kv(feats), index)
+        want = model.itm_logits(ids[texts], mask[texts], feats[index])
+        got = model.itm_logits_gathered(ids[texts], mask[texts], model.image_kv(feats), index)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

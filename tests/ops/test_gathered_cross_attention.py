@@ -50,8 +50,17 @@ def test_reference_records_autograd():
     assert out.requires_grad
 
 
-def test_default_backend_on_cpu_is_reference():
-    assert _backend.resolve("gathered_cross_attention", "cpu") == "reference"
+def test_default_backend_on_cpu_is_the_kernel_when_built():
+    built = _backend.available("gathered_cross_attention", "cpu", "cpu")
+    assert _backend.resolve("gathered_cross_attention", "cpu") == ("cpu" if built else "reference")
+
+
+def test_automatic_backend_with_grad_falls_back_to_reference():
+    q, k_cache, v_cache, index = make_inputs(4, 2, 7, 13, 40)
+    q.requires_grad_()
+    out = gathered_cross_attention(q, k_cache, v_cache, index)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
 
 
 def test_opcheck():
@@ -128,6 +137,14 @@ def test_cpu_kernel_fp16_and_strided():
     # fp16 inputs, fp32 compute, one rounding of the output: a few fp16 ulps of |out| < 1
     assert_close_verbose(out16.float(), copied(*(t.float() for t in half), index), rtol=2e-3,
                          atol=2e-3, name="cpu fp16")
+
+
+@needs_cpu_kernel
+def test_cpu_backend_requested_refuses_grad():
+    q, k_cache, v_cache, index = make_inputs(4, 2, 7, 13, 40)
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="inference only"):
+        gathered_cross_attention(q, k_cache, v_cache, index, backend="cpu")
 
 
 @needs_cpu_kernel

@@ -1,0 +1,132 @@
+"""Pre-training samples from webdataset tar shards (img2dataset layout: ``KEY.jpg`` beside
+``KEY.txt`` or ``KEY.json`` with a "caption"), as a map-style dataset.
+
+Opening the dataset reads each shard's tar headers (not its images) once, so samples can be
+addressed by index: the training sampler's sharding across ranks, per-epoch shuffle, per-sample
+seeding and exact resume work as for JSON annotations. Items are those of ``PretrainDataset``.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from typing import Sequence
+
+from torch.utils.data import Dataset
+
+from blip_fast.data.datasets import CorruptImage, decode_image
+from blip_fast.text import pre_caption
+
+__all__ = ["ShardDataset", "expand_shards", "write_shards"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard paths from a list, a glob or a brace range (``data/{00000..00099}.tar``)."""
+    if not isinstance(spec, str):
+        return [p for s in spec for p in expand_shards(s)]
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m:
+        width = len(m.group(1))
+        return [p for i in range(int(m.group(1)), int(m.group(2)) + 1)
+                for p in expand_shards(spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():])]
+    paths = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+    if not paths:
+        raise FileNotFoundError(f"no shards match {spec!r}")
+    return paths
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset key and extension: the key ends at the first dot of the file name."""
+    folder, base = os.path.split(name)
+    key, _, ext = base.partition(".")
+    return os.path.join(folder, key), ext.lower()
+
+
+class ShardDataset(Dataset):
+    """(transform(image), pre_caption(caption)) per sample of the shards; ``skip_corrupt`` as
+    in ``PretrainDataset``. A sample without an image or a caption member raises at opening
+    with the shard and key named (nothing is dropped silently)."""
+
+    def __init__(self, shards: str | Sequence[str], transform=None, max_words: int = 30,
+                 skip_corrupt: bool = False):
+        self.shards = expand_shards(shards)
+        self.transform, self.max_words, self.skip_corrupt = transform, max_words, skip_corrupt
+        self.samples: list[tuple[int, int, int, str]] = []  # shard, data offset, size, caption
+        for s, path in enumerate(self.shards):
+            self.samples += self._index(s, path)
+        self._files: dict[int, object] = {}
+
+    def _index(self, s: int, path: str) -> list[tuple[int, int, int, str]]:
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(path) as tar:
+                for info in tar:
+                    if info.isfile():
+                        key, ext = _split_name(info.name)
+                        members.setdefault(key, {})[ext] = info
+                texts = {k: tar.extractfile(m["txt"] if "txt" in m else m["json"]).read()
+                         for k, m in members.items() if "txt" in m or "json" in m}
+        except (OSError, tarfile.TarError) as err:
+            raise OSError(f"cannot read shard {path}: {err}") from err
+        out = []
+        for key, m in members.items():
+            image = next((m[e] for e in IMAGE_EXTS if e in m), None)
+            if image is None or key not in texts:
+                what = "an image (" + "/".join(IMAGE_EXTS) + ")" if image is None else "a .txt or .json caption"
+                raise ValueError(f"shard {path}: sample {key!r} has no {what}")
+            raw = texts[key].decode("utf-8")
+            caption = raw if "txt" in m else json.loads(raw).get("caption")
+            if not isinstance(caption, str):
+                raise ValueError(f"shard {path}: {key}.json has no string 'caption'")
+            out.append((s, image.offset_data, image.size, caption))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, s: int, offset: int, size: int) -> bytes:
+        f = self._files.get(s)
+        if f is None:  # opened lazily, so each DataLoader worker has its own handles
+            f = self._files[s] = open(self.shards[s], "rb")
+        f.seek(offset)
+        return f.read(size)
+
+    def __getitem__(self, index: int):
+        s, offset, size, caption = self.samples[index]
+        where = f"{self.shards[s]}@{offset}"
+        try:
+            image = decode_image(self._read(s, offset, size), where)
+        except OSError as err:
+            if not self.skip_corrupt:
+                raise
+            return CorruptImage(index, where, str(err))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, pre_caption(caption, self.max_words)
+
+    def __getstate__(self):  # file handles stay in the process that opened them
+        return {**self.__dict__, "_files": {}}
+
+
+def write_shards(samples, pattern: str, per_shard: int = 1000) -> list[str]:
+    """Write (key, image bytes, caption) samples as tar shards ``pattern % i`` (img2dataset
+    layout); returns the shard paths."""
+    paths, tar = [], None
+    for n, (key, data, caption) in enumerate(samples):
+        if n % per_shard == 0:
+            if tar is not None:
+                tar.close()
+            paths.append(pattern % len(paths))
+            tar = tarfile.open(paths[-1], "w")
+        for ext, payload in (("jpg", data), ("txt", caption.encode("utf-8"))):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    if tar is not None:
+        tar.close()
+    return paths

@@ -1,0 +1,82 @@
+"""Every task trains through ``build_trainer`` (the code behind ``blip-fast train``): losses
+finite and falling on a repeated batch is not asserted here (see the demo test); what is:
+the losses each task must produce, the queue writes, and pre-training over a missing image."""
+import json
+import shutil
+
+import torch
+
+from blip_fast.data.loader import read_corrupt_report
+from blip_fast.train.main import build_trainer
+
+
+def _log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(out_dir / "log.jsonl")]
+
+
+def test_pretrain_lists_and_replaces_a_missing_image(synthetic_train, tmp_path):
+    ann = json.loads(open(synthetic_train["pretrain"]).read())
+    ann[3]["image"] = "images/train/missing.jpg"
+    (tmp_path / "pretrain.json").write_text(json.dumps(ann))
+    cfg = {"model": "blip_tiny", "train_file": str(tmp_path / "pretrain.json"),
+           "image_root": str(synthetic_train["image_root"]), "batch_size": 6, "init_lr": 1e-4,
+           "warmup_lr": 1e-6, "warmup_steps": 2, "max_epoch": 1, "queue_size": 12}
+    trainer = build_trainer("pretrain", cfg, tmp_path / "out", num_workers=0)
+    trainer.train()
+    log = _log(tmp_path / "out")
+    assert len(log) == len(ann) // 6  # every batch full although one image is missing
+    assert {"itc", "itm", "lm", "loss"} <= log[0].keys()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert log[0]["lr"] == 1e-6 and log[-1]["lr"] == 1e-4  # warm-up
+    assert [r["path"].endswith("missing.jpg") for r in
+            read_corrupt_report(tmp_path / "out" / "corrupt_images.tsv")] == [True]
+    assert int(trainer.model.queue_ptr) == (len(log) * 6) % 12
+
+
+def test_caption_fine_tuning_masks_the_prompt(synthetic_train, tmp_path):
+    cfg = {"model": "blip_tiny", "train_file": str(synthetic_train["train"]),
+           "image_root": str(synthetic_train["image_root"]), "batch_size": 4, "init_lr": 1e-4,
+           "max_epoch": 1}
+    trainer = build_trainer("caption", cfg, tmp_path, num_workers=0, max_steps=2)
+    assert trainer.task.prompt_length == 4  # [DEC] a picture of
+    trainer.train()
+    log = _log(tmp_path)
+    assert len(log) == 2 and set(log[0]) >= {"lm", "loss"} and "itc" not in log[0]
+
+
+def test_train_cli_reads_official_yaml_keys(synthetic_train, tmp_path):
+    from blip_fast.cli import main
+    root = synthetic_train["root"]
+    shutil.copy(synthetic_train["train"], tmp_path / "flickr30k_train.json")
+    (tmp_path / "retrieval_flickr.yaml").write_text(
+        f"image_root: '{root}'\nann_root: '{tmp_path}'\ndataset: 'flickr'\n"
+        "vit: 'base'\nbatch_size_train: 4\ninit_lr: 1e-5\nimage_size: 384\nqueue_size: 57600\n"
+        "alpha: 0.4\nk_test: 128\nnegative_all_rank: False\nweight_decay: 0.05\nmin_lr: 0\n"
+        "max_epoch: 6\n")
+    main(["train", "retrieval", "--config", str(tmp_path / "retrieval_flickr.yaml"),
+          "model=blip_tiny", "image_size=64", "queue_size=16", "--output-dir",
+          str(tmp_path / "out"), "--max-steps", "1", "--num-workers", "0"])
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["global_step"] == 1 and ckpt["config"]["dataset"] == "flickr"
+    assert ckpt["schedule"]["kind"] == "cosine" and ckpt["schedule"]["max_epoch"] == 6
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+
+
+def test_pretrain_from_webdataset_shards(synthetic_train, tmp_path):
+    from blip_fast.data.shards import ShardDataset, write_shards
+    ann = json.loads(open(synthetic_train["pretrain"]).read())
+    root = synthetic_train["image_root"]
+    samples = [(f"{i:06d}", (root / a["image"]).read_bytes(), a["caption"]) for i, a in enumerate(ann)]
+    samples[5] = (samples[5][0], b"not a jpeg", samples[5][2])
+    paths = write_shards(samples, str(tmp_path / "shard-%05d.tar"), per_shard=10)
+    assert len(paths) == 3
+    ds = ShardDataset(str(tmp_path / "shard-{00000..00002}.tar"))
+    assert len(ds) == len(ann)
+    image, caption = ds[7]
+    assert caption == ann[7]["caption"] and image.size == (64, 64)
+    cfg = {"model": "blip_tiny", "train_shards": str(tmp_path / "shard-*.tar"), "batch_size": 6,
+           "init_lr": 1e-4, "max_epoch": 1, "queue_size": 12}
+    build_trainer("pretrain", cfg, tmp_path / "out", num_workers=0).train()
+    assert len(_log(tmp_path / "out")) == len(ann) // 6
+    assert [r["path"] for r in read_corrupt_report(tmp_path / "out" / "corrupt_images.tsv")] \
+        == [f"{paths[0]}@{ds.samples[5][1]}"]

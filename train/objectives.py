@@ -1,0 +1,54 @@
+"""The BLIP training objectives beyond ITC (DESIGN §2): ITM with hard negatives and LM.
+
+ITC is ``BlipITMMixin.itc_loss`` (the fused op, reading the queues in place)."""
+import torch
+import torch.nn.functional as F
+
+from blip_fast.models.blip_caption import BOS_TOKEN_ID, PAD_TOKEN_ID
+from blip_fast.models.med import lm_loss
+
+
+def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One column per row drawn with probability proportional to ``weights`` (R, N) >= 0, by
+    inverting the row's CDF at ``u`` (R,) uniform in [0, 1): the distribution of
+    ``torch.multinomial(weights, 1)``, but the randomness is an input, so the draw is the same
+    eager or compiled, and reproducible from the step's seed alone."""
+    cdf = weights.cumsum(1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return pick.clamp_(max=weights.shape[1] - 1)  # u * total rounding up to the total
+
+
+@torch.no_grad()
+def negative_weights(sim_i2t, sim_t2i, positive_i2t, positive_t2i, smoothing: float = 0.0):
+    """Hard-negative sampling weights: softmax of the similarities (+ ``smoothing``, 1e-4 in
+    official pre-training) with every positive pair set to 0."""
+    w_i2t = (F.softmax(sim_i2t.float(), dim=1) + smoothing).masked_fill_(positive_i2t, 0)
+    w_t2i = (F.softmax(sim_t2i.float(), dim=1) + smoothing).masked_fill_(positive_t2i, 0)
+    return w_i2t, w_t2i
+
+
+def itm_loss(model, ids, mask, image_embeds, neg_text_ids, neg_text_mask, neg_image_embeds):
+    """CE over 3B pairs: B positives (text b, image b), B (text b, its hard negative image),
+    B (hard negative text of image b, image b); ``itm_head`` on the [ENC] output, one pass."""
+    B = ids.shape[0]
+    logits = model.itm_logits(  # replaces the first token by [ENC]
+        torch.cat([ids, ids, neg_text_ids]), torch.cat([mask, mask, neg_text_mask]),
+        torch.cat([image_embeds, neg_image_embeds, image_embeds]))
+    labels = torch.cat([torch.ones(B, dtype=torch.long),
+                        torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def decoder_labels(ids, prompt_length: int = 0):
+    """(decoder input ids with [DEC] first, labels): padding and the first ``prompt_length``
+    positions ([DEC] + prompt tokens) are -100."""
+    dec = ids.clone()
+    dec[:, 0] = BOS_TOKEN_ID
+    labels = dec.masked_fill(dec == PAD_TOKEN_ID, -100)
+    labels[:, :prompt_length] = -100
+    return dec, labels
+
+
+def caption_loss(decoder, ids, mask, image_embeds, prompt_length: int, label_smoothing: float):
+    dec, labels = decoder_labels(ids, prompt_length)
+    return lm_loss(decoder(dec, mask, image_embeds).float(), labels, label_smoothing)

@@ -1,0 +1,103 @@
+"""Training forward passes, one ``nn.Module`` per task so DDP and torch.compile wrap them whole.
+
+A batch is a dict: ``image`` (B, 3, S, S), ``ids`` / ``mask`` (B, L) tokenised with [CLS] first,
+``idx`` (B,) image ids (retrieval fine-tuning), ``alpha`` (float, ITC distillation weight) and
+``neg_u`` (2, B) uniform numbers that draw the hard negatives. ``forward(batch)`` returns the
+losses (``loss`` = their sum) and ``queue``: this rank's momentum features (and idx) to enqueue
+once the backward pass no longer reads the queues.
+
+The contrastive task runs in three phases so a test can stand in for the collectives and
+simulate several ranks in one process: ``encode`` (this rank's features), ``exchange`` (the
+features every rank needs from the others), ``objectives``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast.train import objectives
+from blip_fast.train.distributed import all_gather_with_grad, concat_all_gather
+
+
+class ContrastiveTask(nn.Module):
+    """ITC + ITM (+ LM): pre-training (``BlipPretrain``, in-batch negatives, LM on) or
+    retrieval fine-tuning (``BlipRetrieval``, idx positives, negatives from every rank when
+    ``negative_all_rank``)."""
+
+    def __init__(self, model, negative_all_rank: bool = False, lm: bool = False):
+        super().__init__()
+        self.model = model
+        self.negative_all_rank = negative_all_rank
+        self.lm = lm
+
+    def encode(self, batch) -> dict:
+        m = self.model
+        image_embeds = m.image_embeds(batch["image"])
+        out = {"image_embeds": image_embeds, "ids": batch["ids"], "mask": batch["mask"],
+               "idx": batch.get("idx"),
+               "image_feat": m.image_features(image_embeds=image_embeds),
+               "text_feat": m.text_features(batch["ids"], batch["mask"])}
+        with torch.no_grad():
+            out["image_feat_m"] = F.normalize(m.vision_proj_m(m.visual_encoder_m(batch["image"])[:, 0]), dim=-1)
+            out["text_feat_m"] = F.normalize(m.text_proj_m(
+                m.text_encoder_m(batch["ids"], batch["mask"], mode="text")[:, 0]), dim=-1)
+        return out
+
+    def exchange(self, local: dict) -> dict:
+        """Negative candidates: this rank's batch, or every rank's (rank order) in fine-tuning
+        with ``negative_all_rank`` (image embeds gathered with their gradient)."""
+        if not self.negative_all_rank:
+            return local
+        world = {k: concat_all_gather(local[k].detach())
+                 for k in ("image_feat", "text_feat", "ids", "mask", "idx")}
+        world["image_embeds"] = all_gather_with_grad(local["image_embeds"])
+        return world
+
+    def objectives(self, local: dict, world: dict, batch) -> dict:
+        m, idx = self.model, local["idx"]
+        itc = m.itc_loss(local["image_feat"], local["text_feat"], local["image_feat_m"],
+                         local["text_feat_m"], batch["alpha"], idx)
+        with torch.no_grad():
+            temp = m.temp.detach()
+            if idx is None:  # pre-training: the ITC student logits of the batch columns
+                sim_i2t = local["image_feat"] @ local["text_feat_m"].T / temp
+                sim_t2i = local["text_feat"] @ local["image_feat_m"].T / temp
+                pos = torch.eye(sim_i2t.shape[0], dtype=torch.bool, device=sim_i2t.device)
+                w_i2t, w_t2i = objectives.negative_weights(sim_i2t, sim_t2i, pos, pos, 1e-4)
+            else:
+                sim_i2t = local["image_feat"] @ world["text_feat"].T / temp
+                sim_t2i = local["text_feat"] @ world["image_feat"].T / temp
+                pos = idx[:, None] == world["idx"][None, :]
+                w_i2t, w_t2i = objectives.negative_weights(sim_i2t, sim_t2i, pos, pos)
+            neg_image = objectives.sample_rows(w_t2i, batch["neg_u"][0])
+            neg_text = objectives.sample_rows(w_i2t, batch["neg_u"][1])
+        itm = objectives.itm_loss(m, local["ids"], local["mask"], local["image_embeds"],
+                                  world["ids"][neg_text], world["mask"][neg_text],
+                                  world["image_embeds"][neg_image])
+        losses = {"itc": itc, "itm": itm}
+        if self.lm:
+            losses["lm"] = objectives.caption_loss(m.text_decoder, local["ids"], local["mask"],
+                                                   local["image_embeds"], 0, m.cfg.label_smoothing)
+        losses["loss"] = sum(losses.values())
+        losses["queue"] = (local["image_feat_m"], local["text_feat_m"], idx)
+        return losses
+
+    def forward(self, batch) -> dict:
+        local = self.encode(batch)
+        return self.objectives(local, self.exchange(local), batch)
+
+
+class CaptionTask(nn.Module):
+    """Caption fine-tuning (``BlipCaption``): LM with label smoothing, prompt masked."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        # [DEC] + the prompt's tokens (official: len(tokenizer(prompt).input_ids) - 1)
+        self.prompt_length = model.prompt_ids(1, "cpu").shape[1]
+
+    def forward(self, batch) -> dict:
+        m = self.model
+        lm = objectives.caption_loss(m.text_decoder, batch["ids"], batch["mask"],
+                                     m.visual_encoder(batch["image"]), self.prompt_length,
+                                     m.cfg.label_smoothing)
+        return {"lm": lm, "loss": lm}
