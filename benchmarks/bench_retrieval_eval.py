@@ -10,9 +10,15 @@ recorded: on a shared CPU, other processes slow the reference's many small paral
 than the fast path's few large ones, so a ratio measured under load overstates the speed-up
 (``--threads 1`` is less exposed to that).
 
+``--image-size S`` builds the preset with ``vision.image_size = S`` (e.g. 384: 577 image tokens,
+as official, instead of 65): its rows are labelled "... <S>px" and go to a separate file,
+retrieval_eval_<S>-<device>.json, so the default run's file is kept.
+
     python benchmarks/bench_retrieval_eval.py [--quick] [--device cpu|cuda] [--threads N]
+        [--images N] [--k-test K] [--image-size S]
 """
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -25,6 +31,7 @@ from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
 from blip_fast.eval.fast import ITM_BATCH, fast_scores
 from blip_fast.eval.metrics import KEYS, retrieval_metrics
 from blip_fast.eval.retrieval import encode_images, encode_texts, reference_scores
+from blip_fast.models.factory import as_config
 
 
 def main():
@@ -34,6 +41,8 @@ def main():
     p.add_argument("--images", type=int)
     p.add_argument("--k-test", type=int)
     p.add_argument("--config", default="blip_small_demo")
+    p.add_argument("--image-size", type=int,
+                   help="override the config's vision.image_size (results to a separate file)")
     p.add_argument("--itm-batch", type=int, default=ITM_BATCH)
     p.add_argument("--repeats", type=int, default=1, help="alternated runs, best time kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -45,13 +54,19 @@ def main():
     k = args.k_test or (16 if args.quick else 32)
     dev = args.device
     torch.manual_seed(0)
-    model = create_model("retrieval", args.config).to(dev).eval()
+    cfg = as_config(args.config)
+    resized = args.image_size is not None and args.image_size != cfg.vision.image_size
+    if resized:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision,
+                                                                  image_size=args.image_size))
+    model = create_model("retrieval", cfg).to(dev).eval()
     size = model.cfg.vision.image_size
     paths = make_synthetic(tempfile.mkdtemp(prefix="bench_ret_"), n_train_images=1,
                            n_test_images=n_img, n_val_images=1, image_size=size, seed=0)
     ds = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(size))
     print(f"{_harness.device_name(dev)}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads; {args.config}: {len(ds.image)} images x {len(ds.text)} texts, k_test {k}")
+          f"threads; {args.config} at {size} px ({model.cfg.vision.num_tokens} image tokens): "
+          f"{len(ds.image)} images x {len(ds.text)} texts, k_test {k}")
     t0 = time.perf_counter()
     t_embed, ids, mask = encode_texts(model, tokenizer(), ds.text, device=dev)
     feats, i_embed = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=64),
@@ -92,8 +107,9 @@ def main():
                                                           for key in KEYS))
     assert ref_m == fast_m, (ref_m, fast_m)
     assert max_diff < 1e-4, max_diff
-    case = f"{len(ds.image)}x{len(ds.text)} k{k}"
-    common = {"case": case, "config": args.config, "images": len(ds.image),
+    case = f"{len(ds.image)}x{len(ds.text)} k{k}" + (f" {size}px" if resized else "")
+    common = {"case": case, "config": args.config, "image_size": size,
+              "image_tokens": model.cfg.vision.num_tokens, "images": len(ds.image),
               "texts": len(ds.text), "k_test": k, "pairs_scored": pairs, "encode_s": encode_s,
               "metrics": fast_m, "max_abs_score_diff": max_diff,
               "threads": torch.get_num_threads(),
@@ -103,7 +119,7 @@ def main():
             {**common, "provider": "fast", "median_ms": fast_s * 1e3, "pairs_per_s": pairs / fast_s,
              "itm_pairs": stats["itm_pairs"], "kv_s": stats["kv_s"], "itm_s": stats["itm_s"],
              "speedup": speedup}]
-    name = "retrieval_eval_quick" if args.quick else "retrieval_eval"
+    name = "retrieval_eval" + (f"_{size}" if resized else "") + ("_quick" if args.quick else "")
     print("wrote", _harness.write_results(name, dev, rows, plot=False))
 
 

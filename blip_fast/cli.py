@@ -5,30 +5,57 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
 def _demo(args):
-    from blip_fast import create_model, tokenizer
+    """Synthetic data -> pre-train a small model from scratch (ITC + ITM + LM, the official
+    objectives and loop) -> official retrieval evaluation -> a few generated captions."""
+    import dataclasses
+
+    from blip_fast import tokenizer
     from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
     from blip_fast.eval.retrieval import evaluate
+    from blip_fast.models.blip_caption import BlipCaption
+    from blip_fast.train.main import build_trainer
 
-    torch.manual_seed(args.seed)
     root = args.data or tempfile.mkdtemp(prefix="blip_fast_demo_")
     t0 = time.perf_counter()
     paths = make_synthetic(root, n_train_images=args.train_images, n_test_images=args.test_images,
                            image_size=args.image_size, seed=args.seed)
     print(f"synthetic data: {paths['root']} ({time.perf_counter() - t0:.1f} s)")
-    model = create_model("retrieval", args.config)
+    # Demo hyper-parameters for a model trained from scratch in minutes (official values are
+    # for fine-tuning pre-trained weights): higher LR with warm-up, a faster momentum teacher,
+    # no augmentation (the captions name left / right, which flips and crops would falsify).
+    y = {"model": args.config, "train_file": str(paths["train"]), "image_root": str(paths["root"]),
+         "batch_size": args.batch_size, "init_lr": args.lr, "warmup_lr": 1e-6,
+         "warmup_steps": max(1, args.steps // 20), "lr_decay_rate": 1.0, "max_epoch": 1000,
+         "momentum": 0.9, "train_augment": False, "queue_size": 8 * args.batch_size}
+    trainer = build_trainer("pretrain", y, Path(root) / "train", num_workers=args.workers,
+                            max_steps=args.steps, seed=args.seed, save_every=0)
+    model = trainer.model
+    print(f"model: {args.config}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters, random init; training {args.steps} steps of {args.batch_size} "
+          f"(ITC + ITM + LM) on {len(trainer.sampler.indices(0))} image-caption pairs")
+    t0 = time.perf_counter()
+    stats = trainer.train()
+    print(f"trained in {time.perf_counter() - t0:.0f} s; last step: "
+          + ", ".join(f"{k} {stats[k]:.3f}" for k in ("itc", "itm", "lm")))
+    model.eval()
     size = model.cfg.vision.image_size
     dataset = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(size))
-    print(f"model: {args.config} retrieval, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, random weights; test split: {len(dataset.image)} images, "
-          f"{len(dataset.text)} texts, k_test {args.k_test}")
+    print(f"test split: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {args.k_test}")
     result = evaluate(model, dataset, tokenizer(), k_test=args.k_test, mode=args.mode,
                       progress=sys.stderr.isatty())
     _print_result(result)
+    # The pre-training decoder captions without a prompt ([DEC] only), as it was trained.
+    captioner = BlipCaption(dataclasses.replace(model.cfg, prompt=""))
+    captioner.visual_encoder, captioner.text_decoder = model.visual_encoder, model.text_decoder
+    images = torch.stack([dataset[i][0] for i in range(args.captions)])
+    for i, caption in enumerate(captioner.eval().generate(images)):
+        print(f"caption {dataset.image[i]}: {caption!r} (truth: {dataset.text[dataset.img2txt[i][0]]!r})")
 
 
 def _print_result(result):
@@ -63,7 +90,6 @@ def _convert(args):
 
 def _eval_retrieval(args):
     import dataclasses
-    from pathlib import Path
 
     from blip_fast import tokenizer
     from blip_fast.checkpoint import load
@@ -124,11 +150,16 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="synthetic data -> small model -> retrieval eval")
     demo.add_argument("--data", help="folder for the synthetic data (default: a temp dir)")
-    demo.add_argument("--config", default="blip_small_demo")
-    demo.add_argument("--train-images", type=int, default=200)
+    demo.add_argument("--config", default="blip_demo")
+    demo.add_argument("--train-images", type=int, default=1000)
     demo.add_argument("--test-images", type=int, default=100)
-    demo.add_argument("--image-size", type=int, default=128)
-    demo.add_argument("--k-test", type=int, default=8)
+    demo.add_argument("--image-size", type=int, default=128, help="rendered JPEG size")
+    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=3e-4)
+    demo.add_argument("--workers", type=int, default=1, help="data loader processes")
+    demo.add_argument("--k-test", type=int, default=16)
+    demo.add_argument("--captions", type=int, default=3, help="test images to caption")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--mode", choices=("fast", "reference"), default="fast",
                       help="retrieval evaluation: batched (same scores) or the official loop")

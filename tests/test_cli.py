@@ -9,12 +9,15 @@ def _run(*args):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = _run("demo", "--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
-             "--train-images", "4", "--test-images", "10", "--k-test", "4")
+    small = ("--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
+             "--train-images", "8", "--test-images", "10", "--k-test", "4", "--steps", "3",
+             "--batch-size", "4", "--workers", "0", "--captions", "2")
+    r = _run("demo", *small)
     assert r.returncode == 0, r.stderr
     assert "txt_r1=" in r.stdout and "img_r10=" in r.stdout and "ITM pairs scored" in r.stdout
-    ref = _run("demo", "--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
-               "--train-images", "4", "--test-images", "10", "--k-test", "4", "--mode", "reference")
+    assert "training 3 steps of 4" in r.stdout
+    assert sum(line.startswith("caption images/test/") for line in r.stdout.splitlines()) == 2
+    ref = _run("demo", *small, "--mode", "reference")
     assert ref.returncode == 0, ref.stderr
     metrics = [line for line in r.stdout.splitlines() if line.startswith("txt_r1=")]
     assert metrics == [line for line in ref.stdout.splitlines() if line.startswith("txt_r1=")]
