@@ -10,7 +10,7 @@ import torch.distributed as dist
 from blip_fast.models.blip_base import concat_all_gather
 
 __all__ = ["DistInfo", "init_distributed", "all_gather_with_grad", "concat_all_gather",
-           "gather_objects"]
+           "gather_objects", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,14 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def shutdown():
+    """Leave the process group together: a rank that tears down while a peer is still busy
+    can leave that peer blocked in its own teardown (seen with gloo)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _world() -> int:

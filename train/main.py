@@ -21,7 +21,7 @@ from blip_fast.data import (PretrainDataset, RetrievalTrainDataset, test_transfo
 from blip_fast.data.shards import ShardDataset
 from blip_fast.models.configs import BlipConfig, load_yaml
 from blip_fast.train.data import Collate, SeededSamples, TrainSampler
-from blip_fast.train.distributed import init_distributed
+from blip_fast.train.distributed import init_distributed, shutdown
 from blip_fast.train.loop import LoopConfig, Trainer
 from blip_fast.train.optim import LRSchedule, build_optimizer
 from blip_fast.train.task import CaptionTask, ContrastiveTask
@@ -152,5 +152,4 @@ def main(args):
     if trainer.dist.is_main:
         print(f"trained {trainer.global_step} steps; last: "
               + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()

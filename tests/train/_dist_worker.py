@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from blip_fast.train.distributed import init_distributed
+from blip_fast.train.distributed import init_distributed, shutdown
 from blip_fast.train.loop import Trainer
 from blip_fast.train.optim import LRSchedule, build_optimizer
 from blip_fast.train.task import ContrastiveTask
@@ -25,7 +25,7 @@ def main(out):
         trainer.global_step += 1
     if info.is_main:
         torch.save(model.state_dict(), out)
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
