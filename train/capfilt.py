@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from blip_fast.data.datasets import CorruptImage, load_annotations, load_image
 from blip_fast.data.loader import Uint8TestTransform, normalize_uint8, record_corrupt
 from blip_fast.text import pre_caption
+from blip_fast.train.checkpoint import atomic_write
 
 __all__ = ["capfilt", "itm_match_prob"]
 
@@ -42,10 +43,7 @@ MAX_WORDS = 30  # the filter sees texts as pre-training does (pre_caption, 30 wo
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Readers (and a resumed run) see the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8")))
 
 
 class _Images(Dataset):

@@ -9,6 +9,7 @@ the last good checkpoint in place. It loads with ``torch.load(weights_only=True)
 import os
 import random
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -29,12 +30,15 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path: str | os.PathLike):
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]):
+    """``write(f)`` into a temporary file beside ``path``, flushed to disk, then renamed over
+    ``path``: readers (and a resumed run) see the old file or the whole new one, never a torn
+    one; a failure leaves the old file and no temporary one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +49,10 @@ def save_atomic(obj, path: str | os.PathLike):
         os.fsync(dir_fd)  # the rename itself reaches the disk
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj, path: str | os.PathLike):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_training(path, *, model, optimizer, schedule, scaler, epoch: int, batch: int,
