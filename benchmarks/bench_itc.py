@@ -110,7 +110,7 @@ def main():
     batches = QUICK_BATCHES if args.quick else BATCHES
     print(f"{_harness.device_name(device)}; torch {torch.__version__}; backends {backends}")
 
-    rows, last_s = [], {}
+    rows, last_s, prev_b = [], {}, None
     for B in batches:
         inputs = make_case(B, device, dtype)
         case = f"fwd+bwd B={B} Q={Q} D={D}"

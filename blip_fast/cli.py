@@ -135,6 +135,8 @@ def _eval_retrieval(args):
 
 def _capfilt(args):
     from blip_fast.train.capfilt import run
+    if args.shards and args.image_root:
+        sys.exit("capfilt: --image-root is for --ann input; shards hold their images")
     summary = run(args)
     if summary is not None:
         print(json.dumps(summary, indent=2))
@@ -186,13 +188,19 @@ def main(argv=None):
     ev.add_argument("--save-scores", action="store_true",
                     help="also save both score matrices (OUT with .scores.pt)")
     ev.set_defaults(fn=_eval_retrieval)
-    cf = sub.add_parser("capfilt", help="caption + filter web data into a bootstrapped JSON")
+    cf = sub.add_parser("capfilt", help="caption + filter web data (JSON or webdataset shards) "
+                        "into bootstrapped JSON or shards (alone or under torchrun)")
     cf.add_argument("--captioner", required=True, help="caption checkpoint (decoder)")
     cf.add_argument("--filter", required=True, help="retrieval checkpoint (ITM head)")
-    cf.add_argument("--ann", required=True, nargs="+", help="pre-training JSON(s)")
-    cf.add_argument("--image-root", help="prefix of relative image paths")
+    src = cf.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ann", nargs="+", help="pre-training JSON(s) -> OUT/bootstrapped.json")
+    src.add_argument("--shards", nargs="+", help="webdataset shards (list, glob or "
+                     "'web/{00000..00099}.tar') -> OUT/bootstrapped-NNNNNN.tar")
+    cf.add_argument("--image-root", help="prefix of relative image paths (with --ann)")
     cf.add_argument("--out", required=True, help="output folder (resumes what is there)")
     cf.add_argument("--threshold", type=float, default=0.5, help="keep texts with P(match) above")
+    cf.add_argument("--per-shard", type=int, default=1000,
+                    help="samples per output shard (with --shards)")
     cf.add_argument("--seed", type=int, default=0)
     cf.add_argument("--chunk-size", type=int, default=1024)
     cf.add_argument("--batch-size", type=int, default=64)

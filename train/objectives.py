@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast.models.blip_caption import BOS_TOKEN_ID, PAD_TOKEN_ID
-from blip_fast.models.med import lm_loss
 
 
 def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -51,4 +50,4 @@ def decoder_labels(ids, prompt_length: int = 0):
 
 def caption_loss(decoder, ids, mask, image_embeds, prompt_length: int, label_smoothing: float):
     dec, labels = decoder_labels(ids, prompt_length)
-    return lm_loss(decoder(dec, mask, image_embeds).float(), labels, label_smoothing)
+    return decoder.loss(dec, mask, image_embeds, labels, label_smoothing)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -65,7 +66,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except OSError as err:  # PIL.UnidentifiedImageError and truncated data are OSErrors
-        raise OSError(f"cannot decode image {where}: {err}") from err
+        # PIL names the BytesIO by address: dropped, so reports are reproducible
+        reason = re.sub(r" object at 0x[0-9a-fA-F]+>", " object>", str(err))
+        raise OSError(f"cannot decode image {where}: {reason}") from err
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Pre-training samples from webdataset tar shards (img2dataset layout: ``KEY.jpg`` beside
 ``KEY.txt`` or ``KEY.json`` with a "caption"), as a map-style dataset.
+A JSON caption may also be a list of texts (CapFilt's bootstrapped shards): each read then draws
+one of them, as ``PretrainDataset`` does for a list caption.
 
 Opening the dataset reads each shard's tar headers (not its images) once, so samples can be
 addressed by index: the training sampler's sharding across ranks, per-epoch shuffle, per-sample
@@ -15,6 +17,7 @@ import re
 import tarfile
 from typing import Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 from blip_fast.data.datasets import CorruptImage, decode_image
@@ -49,19 +52,22 @@ def _split_name(name: str) -> tuple[str, str]:
 
 class ShardDataset(Dataset):
     """(transform(image), pre_caption(caption)) per sample of the shards; ``skip_corrupt`` as
-    in ``PretrainDataset``. A sample without an image or a caption member raises at opening
-    with the shard and key named (nothing is dropped silently)."""
+    in ``PretrainDataset``; a list caption gives one of its texts drawn uniformly from torch's
+    global RNG (as ``PretrainDataset``). A sample without an image or a caption member raises
+    at opening with the shard and key named (nothing is dropped silently). ``raw(i)`` gives a
+    sample as stored (CapFilt reads the shards through it)."""
 
     def __init__(self, shards: str | Sequence[str], transform=None, max_words: int = 30,
                  skip_corrupt: bool = False):
         self.shards = expand_shards(shards)
         self.transform, self.max_words, self.skip_corrupt = transform, max_words, skip_corrupt
-        self.samples: list[tuple[int, int, int, str]] = []  # shard, data offset, size, caption
+        # shard, image data offset, size, caption (str | list[str]), key, image extension
+        self.samples: list[tuple[int, int, int, str | list[str], str, str]] = []
         for s, path in enumerate(self.shards):
             self.samples += self._index(s, path)
         self._files: dict[int, object] = {}
 
-    def _index(self, s: int, path: str) -> list[tuple[int, int, int, str]]:
+    def _index(self, s: int, path: str) -> list[tuple[int, int, int, str | list[str], str, str]]:
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
             with tarfile.open(path) as tar:
@@ -75,15 +81,17 @@ class ShardDataset(Dataset):
             raise OSError(f"cannot read shard {path}: {err}") from err
         out = []
         for key, m in members.items():
-            image = next((m[e] for e in IMAGE_EXTS if e in m), None)
-            if image is None or key not in texts:
-                what = "an image (" + "/".join(IMAGE_EXTS) + ")" if image is None else "a .txt or .json caption"
+            ext = next((e for e in IMAGE_EXTS if e in m), None)
+            if ext is None or key not in texts:
+                what = "an image (" + "/".join(IMAGE_EXTS) + ")" if ext is None else "a .txt or .json caption"
                 raise ValueError(f"shard {path}: sample {key!r} has no {what}")
             raw = texts[key].decode("utf-8")
             caption = raw if "txt" in m else json.loads(raw).get("caption")
-            if not isinstance(caption, str):
-                raise ValueError(f"shard {path}: {key}.json has no string 'caption'")
-            out.append((s, image.offset_data, image.size, caption))
+            if not (isinstance(caption, str) or (isinstance(caption, list) and caption
+                                                 and all(isinstance(c, str) for c in caption))):
+                raise ValueError(f"shard {path}: {key}.json has no 'caption' string or "
+                                 "list of strings")
+            out.append((s, m[ext].offset_data, m[ext].size, caption, key, ext))
         return out
 
     def __len__(self) -> int:
@@ -96,8 +104,16 @@ class ShardDataset(Dataset):
         f.seek(offset)
         return f.read(size)
 
+    def raw(self, index: int) -> tuple[str, str, str, bytes, str | list[str]]:
+        """Sample ``index`` as stored: (shard path, key, image extension, encoded image bytes,
+        caption str or list), nothing decoded."""
+        s, offset, size, caption, key, ext = self.samples[index]
+        return self.shards[s], key, ext, self._read(s, offset, size), caption
+
     def __getitem__(self, index: int):
-        s, offset, size, caption = self.samples[index]
+        s, offset, size, caption = self.samples[index][:4]
+        if isinstance(caption, list):  # drawn before decoding, as PretrainDataset.entry does
+            caption = caption[int(torch.randint(len(caption), ()).item())]
         where = f"{self.shards[s]}@{offset}"
         try:
             image = decode_image(self._read(s, offset, size), where)
@@ -114,16 +130,20 @@ class ShardDataset(Dataset):
 
 
 def write_shards(samples, pattern: str, per_shard: int = 1000) -> list[str]:
-    """Write (key, image bytes, caption) samples as tar shards ``pattern % i`` (img2dataset
-    layout); returns the shard paths."""
+    """Write (key, image bytes, caption) or (key, image bytes, caption, image extension)
+    samples as tar shards ``pattern % i`` (img2dataset layout; extension "jpg" when not given):
+    a str caption as ``KEY.txt``, a list of texts as ``KEY.json`` {"caption": [...]}. Returns
+    the shard paths."""
     paths, tar = [], None
-    for n, (key, data, caption) in enumerate(samples):
+    for n, (key, data, caption, *image_ext) in enumerate(samples):
         if n % per_shard == 0:
             if tar is not None:
                 tar.close()
             paths.append(pattern % len(paths))
             tar = tarfile.open(paths[-1], "w")
-        for ext, payload in (("jpg", data), ("txt", caption.encode("utf-8"))):
+        text = (("txt", caption.encode("utf-8")) if isinstance(caption, str) else
+                ("json", json.dumps({"caption": list(caption)}).encode("utf-8")))
+        for ext, payload in ((image_ext[0] if image_ext else "jpg", data), text):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))

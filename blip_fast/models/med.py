@@ -236,6 +236,14 @@ class BertLMHeadModel(nn.Module):
         hidden = self.bert(input_ids, attention_mask, image_embeds, image_mask, "decoder", cache)
         return self.cls.predictions(hidden)
 
+    def loss(self, input_ids, attention_mask, image_embeds, labels, label_smoothing: float = 0.1):
+        """``lm_loss(forward(...), labels)`` without the last position's logits: the shift is
+        applied to the hidden states, so no (B, L, vocab) slice and its zero-filled gradient."""
+        hidden = self.bert(input_ids, attention_mask, image_embeds, None, "decoder")
+        logits = self.cls.predictions(hidden[:, :-1]).float()
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                               label_smoothing=label_smoothing)
+
 
 def tie_encoder_decoder(encoder: BertModel, decoder: BertModel):
     """Share everything but self-attention (paper Table 3): embeddings, cross-attention and FFN

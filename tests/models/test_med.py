@@ -73,6 +73,24 @@ def test_lm_loss_shift_smoothing_and_ignore():
     assert per.shape == (2,)
 
 
+def test_decoder_loss_equals_lm_loss_of_logits():
+    """``loss`` shifts the hidden states instead of the logits: same value and gradients."""
+    torch.manual_seed(0)
+    dec = create_model("caption", "blip_tiny", backend="reference").text_decoder
+    dec.train(False)
+    ids, mask = _text(3, 9)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    img = torch.randn(3, 17, 64)
+    want = lm_loss(dec(ids, mask, img), labels, 0.1)
+    want_grad = torch.autograd.grad(want, dec.bert.embeddings.word_embeddings.weight)[0]
+    got = dec.loss(ids, mask, img, labels, 0.1)
+    got_grad = torch.autograd.grad(got, dec.bert.embeddings.word_embeddings.weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert want_grad.abs().max() > 0
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("backends", [{"attention": "sdpa", "cross_attention": "sdpa"},
                                       {"attention": "sdpa", "cross_attention": "cpu"}])
 def test_attention_backend_switch_keeps_itm_logits(backends):

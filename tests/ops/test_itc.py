@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from _utils import TOL, assert_close_verbose
 
-from blip_fast.ops import _backend, itc_loss, reference
+from blip_fast.ops import _backend, itc_loss
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
