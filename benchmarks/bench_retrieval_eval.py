@@ -8,7 +8,9 @@ identical metrics, and the result goes to benchmarks/results/retrieval_eval-<dev
 (``--quick``: retrieval_eval_quick-<device>.json). The 1-minute load average before and after is
 recorded: on a shared CPU, other processes slow the reference's many small parallel regions more
 than the fast path's few large ones, so a ratio measured under load overstates the speed-up
-(``--threads 1`` is less exposed to that).
+(``--threads 1`` is less exposed to that). Both paths' matmul FLOPs are also counted on the
+first ``--flop-images`` images: their ratio is the speed-up the fast path can reach by doing
+less arithmetic alone (beyond it only a higher FLOP/s helps).
 
 ``--image-size S`` builds the preset with ``vision.image_size = S`` (e.g. 384: 577 image tokens,
 as official, instead of 65): its rows are labelled "... <S>px" and go to a separate file,
@@ -34,6 +36,25 @@ from blip_fast.eval.retrieval import encode_images, encode_texts, reference_scor
 from blip_fast.models.factory import as_config
 
 
+def matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_img):
+    """Matmul FLOPs (torch's FlopCounterMode) of both rerankers on the first ``n_img`` images
+    and their 5 x n_img texts, through a reference-backend copy of ``model``: the math the
+    kernels compute, countable (the counter does not see inside the C++ / Triton ops). Their
+    ratio bounds the speed-up of the fast path unless it reaches a higher FLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counted = create_model("retrieval", model.cfg, backend="reference").to(feats.device).eval()
+    counted.load_state_dict(model.state_dict())
+    n_txt = min(5 * n_img, t_embed.shape[0])
+    args = (feats[:n_img], i_embed[:n_img], t_embed[:n_txt], ids[:n_txt], mask[:n_txt], k)
+    out = {"images": n_img, "texts": n_txt}
+    for name, fn in (("reference", reference_scores), ("fast", fast_scores)):
+        with FlopCounterMode(display=False) as counter:
+            fn(counted, *args)
+        out[name] = counter.get_total_flops()
+    out["ratio"] = out["reference"] / out["fast"]
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -46,6 +67,9 @@ def main():
     p.add_argument("--itm-batch", type=int, default=ITM_BATCH)
     p.add_argument("--repeats", type=int, default=1, help="alternated runs, best time kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--flop-images", type=int,
+                   help="images (and their texts) whose matmul FLOPs are counted per path "
+                        "(default: 2 x k_test, so both candidate lists keep their length)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,6 +125,11 @@ def main():
         fast_s = min(fast_s, sec)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(ref_scores, fast_sc))
     speedup = ref_s / fast_s
+    flops = matmul_flops(model, feats, i_embed, t_embed, ids, mask, k,
+                         min(args.flop_images or 2 * k, len(ds.image)))
+    print(f"matmul GFLOP on the first {flops['images']} images and their texts: reference "
+          f"{flops['reference'] / 1e9:.1f}, fast {flops['fast'] / 1e9:.1f}: a {flops['ratio']:.2f}x "
+          f"bound on the speed-up where both run at the same FLOP/s")
     print(f"fast: {stats['itm_pairs']} unique ITM pairs (of {pairs}), K/V {stats['kv_s']:.2f} s,"
           f" ITM {stats['itm_s']:.2f} s; max |score diff| {max_diff:.2e}")
     print(f"speed-up {speedup:.2f}x; metrics " + " ".join(f"{key}={fast_m[key]:.2f}"
@@ -118,7 +147,7 @@ def main():
              "pairs_per_s": pairs / ref_s, "itm_pairs": pairs},
             {**common, "provider": "fast", "median_ms": fast_s * 1e3, "pairs_per_s": pairs / fast_s,
              "itm_pairs": stats["itm_pairs"], "kv_s": stats["kv_s"], "itm_s": stats["itm_s"],
-             "speedup": speedup}]
+             "speedup": speedup, "matmul_flops": flops}]
     name = "retrieval_eval" + (f"_{size}" if resized else "") + ("_quick" if args.quick else "")
     print("wrote", _harness.write_results(name, dev, rows, plot=False))
 
