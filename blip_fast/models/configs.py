@@ -74,6 +74,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    initializer_range: float = 0.02  # std of the random init (official BERT's; weights loaded over it)
 
 
 @dataclass

@@ -201,7 +201,8 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
         max_position_embeddings=int(t.get("max_position_embeddings", 512)),
         layer_norm_eps=float(t.get("layer_norm_eps", 1e-12)),
         hidden_dropout=float(t.get("hidden_dropout_prob", 0.0)),
-        attention_dropout=float(t.get("attention_probs_dropout_prob", 0.0)))
+        attention_dropout=float(t.get("attention_probs_dropout_prob", 0.0)),
+        initializer_range=float(t.get("initializer_range", 0.02)))
     # HF's text_config.label_smoothing defaults to 0.0 whatever the weights were trained with;
     # the official 0.1 stays unless our own section says otherwise.
     kw = dict(embed_dim=int(config.get("image_text_hidden_size", 256)), **bf)
@@ -247,7 +248,7 @@ def blip_to_hf_config(cfg: BlipConfig, task: str) -> dict:
             "layer_norm_eps": t.layer_norm_eps, "hidden_act": "gelu",
             "hidden_dropout_prob": t.hidden_dropout,
             "attention_probs_dropout_prob": t.attention_dropout,
-            "initializer_range": 0.02, "projection_dim": 768,
+            "initializer_range": t.initializer_range, "projection_dim": 768,
             "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0, "eos_token_id": 2,
             "is_decoder": True, "use_cache": True, "tie_word_embeddings": True,
             "label_smoothing": cfg.label_smoothing,

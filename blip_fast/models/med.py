@@ -8,6 +8,8 @@ first). Cross-attention exists in every layer and runs only in the last two mode
 official ``med.py`` (``encoder.layer.N.crossattention.self.query``...). Attention runs through
 ``blip_fast.ops``; ``backends`` maps op name -> requested backend (None = automatic).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,7 +178,7 @@ class BertModel(nn.Module):
         backends = backends or {}
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg, encoder_width, backends)
-        self.apply(_init_weights)
+        self.apply(functools.partial(_init_weights, std=cfg.initializer_range))
 
     def forward(self, input_ids, attention_mask, image_embeds=None, image_mask=None,
                 mode="text", cache=None):
@@ -229,7 +231,7 @@ class BertLMHeadModel(nn.Module):
         super().__init__()
         self.bert = BertModel(cfg, encoder_width, backends)
         self.cls = BertOnlyMLMHead(cfg)
-        self.cls.apply(_init_weights)
+        self.cls.apply(functools.partial(_init_weights, std=cfg.initializer_range))
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, attention_mask, image_embeds, image_mask=None, cache=None):
@@ -265,9 +267,9 @@ def lm_loss(logits, labels, label_smoothing: float = 0.1, reduction: str = "mean
     return loss.view(labels.shape[0], -1).sum(1) if reduction == "none" else loss
 
 
-def _init_weights(m):
+def _init_weights(m, std: float):
     if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(m.weight, std=std)
     if isinstance(m, nn.Linear) and m.bias is not None:
         nn.init.zeros_(m.bias)
     if isinstance(m, nn.LayerNorm):

@@ -73,6 +73,22 @@ def test_lm_loss_shift_smoothing_and_ignore():
     assert per.shape == (2,)
 
 
+def test_initializer_range_sets_text_init_std():
+    """TextConfig.initializer_range (BertConfig's name) is the std of every text Linear /
+    Embedding weight at random init, encoder and decoder (incl. its LM head transform)."""
+    import dataclasses
+    cfg = BlipConfig.preset("blip_tiny")
+    for std in (0.02, 0.1):
+        torch.manual_seed(0)
+        text = dataclasses.replace(cfg.text, initializer_range=std)
+        m = create_model("caption", dataclasses.replace(cfg, text=text))
+        weights = [mod.weight for mod in m.text_decoder.modules()
+                   if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))]
+        assert len(weights) > 10
+        for w in weights:
+            assert abs(float(w.std()) / std - 1) < 0.15, (std, tuple(w.shape), float(w.std()))
+
+
 def test_decoder_loss_equals_lm_loss_of_logits():
     """``loss`` shifts the hidden states instead of the logits: same value and gradients."""
     torch.manual_seed(0)
