@@ -106,11 +106,9 @@ def test_output_format_and_counts(setup, full_run):
     assert blip_fast.data.PretrainDataset(out / "bootstrapped.json", setup[1])[0][1]
 
 
-def test_resume_after_interrupt_is_identical(setup, full_run, monkeypatch):
-    full, _ = full_run
-    out = setup[0] / "resumed"
-    write = capfilt_mod.write_json_atomic
-    written = []
+def _interrupt_then_resume(monkeypatch, out, run):
+    """``run()`` killed once chunk 0 is written, then run again: -> the batches redone."""
+    write, written = capfilt_mod.write_json_atomic, []
 
     def killed_after_first_chunk(path, obj):
         if path.parent.name == "chunks":
@@ -121,14 +119,20 @@ def test_resume_after_interrupt_is_identical(setup, full_run, monkeypatch):
 
     monkeypatch.setattr(capfilt_mod, "write_json_atomic", killed_after_first_chunk)
     with pytest.raises(KeyboardInterrupt):
-        _run(setup, out)
+        run()
     assert sorted(p.name for p in (out / "chunks").iterdir()) == ["000000.json"]
     monkeypatch.setattr(capfilt_mod, "write_json_atomic", write)
     redone, process_batch = [], capfilt_mod._process_batch
     monkeypatch.setattr(capfilt_mod, "_process_batch",
                         lambda *a: redone.append(a[4]) or process_batch(*a))
-    _run(setup, out)
+    run()
     assert min(i for batch in redone for i in batch) >= CHUNK  # chunk 0 was not redone
+
+
+def test_resume_after_interrupt_is_identical(setup, full_run, monkeypatch):
+    full, _ = full_run
+    out = setup[0] / "resumed"
+    _interrupt_then_resume(monkeypatch, out, lambda: _run(setup, out))
     for name in ("bootstrapped.json", "summary.json", "corrupt.tsv"):
         assert (out / name).read_bytes() == (full / name).read_bytes(), name
     for chunk in (full / "chunks").iterdir():
@@ -243,25 +247,7 @@ def test_shard_decisions_equal_direct_itm_and_output_loads(setup, shard_spec, sh
 
 def test_shard_resume_after_interrupt_is_identical(setup, shard_spec, shard_run, monkeypatch):
     out = setup[0] / "shards_resumed"
-    write, written = capfilt_mod.write_json_atomic, []
-
-    def killed_after_first_chunk(path, obj):
-        if path.parent.name == "chunks":
-            if written:
-                raise KeyboardInterrupt
-            written.append(path.name)
-        write(path, obj)
-
-    monkeypatch.setattr(capfilt_mod, "write_json_atomic", killed_after_first_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        _cli(setup, shard_spec, out)
-    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["000000.json"]
-    monkeypatch.setattr(capfilt_mod, "write_json_atomic", write)
-    redone, process_batch = [], capfilt_mod._process_batch
-    monkeypatch.setattr(capfilt_mod, "_process_batch",
-                        lambda *a: redone.append(a[4]) or process_batch(*a))
-    _cli(setup, shard_spec, out)
-    assert min(i for batch in redone for i in batch) >= CHUNK  # chunk 0 was not redone
+    _interrupt_then_resume(monkeypatch, out, lambda: _cli(setup, shard_spec, out))
     assert _outputs(out) == _outputs(shard_run[0])
 
 
