@@ -1,7 +1,9 @@
 """Retrieval evaluation: the official reranking loop (reference) vs blip-fast's fast mode.
 
-Same model (preset ``blip_small_demo``: ViT depth 4 width 256 at 128 px, 4 text layers, random
-weights), same synthetic data (200 images x 1000 texts, k_test 32; ``--quick``: 40 x 200, k 16).
+Same model (random weights), same synthetic data: on CPU preset ``blip_small_demo`` (ViT depth 4
+width 256 at 128 px, 4 text layers), 200 images x 1000 texts, k_test 32; on CUDA the GPU target,
+``blip_base_vit_b16_384`` (ViT-B/384, BERT-base text), 1000 x 5000, k_test 128, plus the fast
+path in bf16 (``--bf16``), whose metrics must stay within 0.2 of fp32; ``--quick``: 40 x 200, k 16.
 Texts and images are encoded once and shared; both rerankers run on the same encodings, are
 timed end to end (``--repeats`` alternated runs, best kept: the VM may be shared), must give
 identical metrics, and the result goes to benchmarks/results/retrieval_eval-<device>.json
@@ -32,7 +34,8 @@ from blip_fast import create_model, tokenizer
 from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
 from blip_fast.eval.fast import ITM_BATCH, fast_scores
 from blip_fast.eval.metrics import KEYS, retrieval_metrics
-from blip_fast.eval.retrieval import encode_images, encode_texts, reference_scores
+from blip_fast.eval.retrieval import (encode_images, encode_texts, precision_context,
+                                      reference_scores)
 from blip_fast.models.factory import as_config
 
 
@@ -61,12 +64,16 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int)
     p.add_argument("--k-test", type=int)
-    p.add_argument("--config", default="blip_small_demo")
+    p.add_argument("--config", help="preset (default: blip_small_demo on CPU; on CUDA the GPU "
+                   "target's blip_base_vit_b16_384, 1000 images x 5000 texts, k_test 128)")
     p.add_argument("--image-size", type=int,
                    help="override the config's vision.image_size (results to a separate file)")
     p.add_argument("--itm-batch", type=int, default=ITM_BATCH)
     p.add_argument("--repeats", type=int, default=1, help="alternated runs, best time kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the fast path in bf16 (encoders too) and compare its metrics "
+                        "with fp32 (default: on CUDA)")
     p.add_argument("--flop-images", type=int,
                    help="images (and their texts) whose matmul FLOPs are counted per path "
                         "(default: 2 x k_test, so both candidate lists keep their length)")
@@ -74,9 +81,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    n_img = args.images or (40 if args.quick else 200)
-    k = args.k_test or (16 if args.quick else 32)
     dev = args.device
+    gpu = dev.startswith("cuda")
+    args.config = args.config or ("blip_base_vit_b16_384" if gpu else "blip_small_demo")
+    n_img = args.images or (40 if args.quick else 1000 if gpu else 200)
+    k = args.k_test or (16 if args.quick else 128 if gpu else 32)
     torch.manual_seed(0)
     cfg = as_config(args.config)
     resized = args.image_size is not None and args.image_size != cfg.vision.image_size
@@ -136,6 +145,17 @@ def main():
                                                           for key in KEYS))
     assert ref_m == fast_m, (ref_m, fast_m)
     assert max_diff < 1e-4, max_diff
+    bf16 = {}
+    if args.bf16 if args.bf16 is not None else gpu:
+        with precision_context("bf16", dev):
+            t_b, ids_b, mask_b = encode_texts(model, tokenizer(), ds.text, device=dev)
+            feats_b, i_b = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=64),
+                                         device=dev)
+            sec, bf16_m, _ = run("fast bf16", lambda: fast_scores(
+                model, feats_b, i_b, t_b, ids_b, mask_b, k, itm_batch=args.itm_batch))
+        diff = max(abs(bf16_m[key] - fast_m[key]) for key in KEYS)
+        print(f"bf16: metrics differ from fp32 by at most {diff:.2f} (target <= 0.2)")
+        bf16 = {"bf16_rerank_s": sec, "bf16_metrics": bf16_m, "bf16_max_metric_diff": diff}
     case = f"{len(ds.image)}x{len(ds.text)} k{k}" + (f" {size}px" if resized else "")
     common = {"case": case, "config": args.config, "image_size": size,
               "image_tokens": model.cfg.vision.num_tokens, "images": len(ds.image),
@@ -147,7 +167,7 @@ def main():
              "pairs_per_s": pairs / ref_s, "itm_pairs": pairs},
             {**common, "provider": "fast", "median_ms": fast_s * 1e3, "pairs_per_s": pairs / fast_s,
              "itm_pairs": stats["itm_pairs"], "kv_s": stats["kv_s"], "itm_s": stats["itm_s"],
-             "speedup": speedup, "matmul_flops": flops}]
+             "speedup": speedup, "matmul_flops": flops, **bf16}]
     name = "retrieval_eval" + (f"_{size}" if resized else "") + ("_quick" if args.quick else "")
     print("wrote", _harness.write_results(name, dev, rows, plot=False))
 

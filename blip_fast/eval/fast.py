@@ -71,7 +71,7 @@ def fast_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask
     n_img). ``stats`` (optional dict) receives ``itm_pairs`` (unique pairs through the ITM
     encoder, all ranks), ``kv_s`` and ``itm_s`` (this rank's seconds)."""
     rank, world = _dist()
-    sims = image_embed @ text_embed.t()
+    sims = (image_embed @ text_embed.t()).float()  # scores in fp32 under bf16 autocast too
     n_img, n_txt = sims.shape
     i2t, t2i = candidates(sims, k_test)
     union = i2t | t2i.t()

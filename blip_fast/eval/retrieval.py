@@ -47,8 +47,8 @@ def encode_images(model, loader, device="cpu", progress=False):
 def reference_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask,
                      k_test: int, progress=False):
     """The official re-ranking loop, one query and its k candidates at a time.
-    Returns score_i2t (n_img, n_txt) and score_t2i (n_txt, n_img)."""
-    sims = image_embed @ text_embed.t()
+    Returns score_i2t (n_img, n_txt) and score_t2i (n_txt, n_img), fp32 at any precision."""
+    sims = (image_embed @ text_embed.t()).float()
     n_img, n_txt = sims.shape
     score_i2t = sims.new_full((n_img, n_txt), -100.0)
     k = min(k_test, n_txt)

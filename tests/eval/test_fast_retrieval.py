@@ -64,6 +64,23 @@ def test_evaluate_modes_identical_metrics(setup, k):
         assert fast["timing"][phase] >= 0
 
 
+def test_bf16_fast_matches_reference_candidates_and_scores(setup):
+    """Under bf16 autocast both modes select the same candidates (the same fp32 similarity
+    matrix) and their ITM scores agree to bf16 rounding; scores come back in fp32."""
+    model, ds, _ = setup
+    ref = evaluate(model, ds, tokenizer(), k_test=5, mode="reference", precision="bf16",
+                   return_scores=True)
+    fast = evaluate(model, ds, tokenizer(), k_test=5, precision="bf16", return_scores=True)
+    fp32 = evaluate(model, ds, tokenizer(), k_test=5, return_scores=True)
+    assert fast["precision"] == "bf16"
+    for key in ("scores_i2t", "scores_t2i"):
+        r, f = ref[key], fast[key]
+        assert r.dtype == f.dtype == torch.float32
+        assert torch.equal(r == -100, f == -100)
+        torch.testing.assert_close(f, r, rtol=2e-2, atol=2e-2)
+        assert (f - fp32[key]).abs().max() > 0  # bf16 did run
+
+
 def test_ties_duplicate_captions(setup):
     model, ds, _ = setup
     feats, i_embed, t_embed, ids, mask = _encode(model, ds)
