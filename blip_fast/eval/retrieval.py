@@ -45,20 +45,23 @@ def encode_images(model, loader, device="cpu", progress=False):
 
 @torch.no_grad()
 def reference_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask,
-                     k_test: int, progress=False):
+                     k_test: int, progress=False, queries: tuple[int, int] | None = None):
     """The official re-ranking loop, one query and its k candidates at a time.
-    Returns score_i2t (n_img, n_txt) and score_t2i (n_txt, n_img), fp32 at any precision."""
+    Returns score_i2t (n_img, n_txt) and score_t2i (n_txt, n_img), fp32 at any precision.
+    ``queries`` (i, t): run only the first i image and t text queries (their rows are the full
+    loop's; the other rows stay -100), for timing a share of a long loop."""
     sims = (image_embed @ text_embed.t()).float()
     n_img, n_txt = sims.shape
+    q_img, q_txt = queries or (n_img, n_txt)
     score_i2t = sims.new_full((n_img, n_txt), -100.0)
     k = min(k_test, n_txt)
-    for i in tqdm(range(n_img), desc="i2t rerank", disable=not progress):
+    for i in tqdm(range(min(q_img, n_img)), desc="i2t rerank", disable=not progress):
         topk_sim, topk_idx = sims[i].topk(k)
         logits = model.itm_logits(text_ids[topk_idx], text_mask[topk_idx], image_feats[i:i + 1])
         score_i2t[i, topk_idx] = logits[:, 1] + topk_sim
     score_t2i = sims.new_full((n_txt, n_img), -100.0)
     k = min(k_test, n_img)
-    for j in tqdm(range(n_txt), desc="t2i rerank", disable=not progress):
+    for j in tqdm(range(min(q_txt, n_txt)), desc="t2i rerank", disable=not progress):
         topk_sim, topk_idx = sims[:, j].topk(k)
         logits = model.itm_logits(text_ids[j:j + 1].expand(k, -1),
                                   text_mask[j:j + 1].expand(k, -1), image_feats[topk_idx])

@@ -49,6 +49,18 @@ def test_fast_scores_equal_reference(setup, k):
     assert stats["itm_pairs"] == int(((ref[0] != -100) | (ref[1] != -100).T).sum())
 
 
+def test_reference_subset_of_queries_gives_their_rows(setup):
+    """``queries`` (the benchmark times a share of the loop): the rows it runs are the full
+    loop's, the others stay -100."""
+    model, ds, _ = setup
+    enc = _encode(model, ds)
+    full = reference_scores(model, *enc, 5)
+    part = reference_scores(model, *enc, 5, queries=(3, 7))
+    for f, p, q in zip(full, part, (3, 7)):
+        torch.testing.assert_close(p[:q], f[:q], rtol=0, atol=0)
+        assert (p[q:] == -100).all() and (f[q:] != -100).any()
+
+
 @pytest.mark.parametrize("k", [3, 1000])  # 1000 > 8 images and > 40 texts: clamped
 def test_evaluate_modes_identical_metrics(setup, k):
     model, ds, _ = setup
