@@ -89,14 +89,17 @@ BLIP_FAST_INLINE void load_mask(const CrossAttentionParams& p, int64_t b, int64_
   std::fill(dst + bk, dst + kBlockK, -std::numeric_limits<acc_t>::infinity());
 }
 
-// Per-thread tiles of the forward.
+// Per-thread tiles of the forward. Scores are held transposed, st[key, query]: the queries are
+// the vector lanes, so keys are the broadcast operand of both products and fp32 / fp64 key and
+// value tiles are read where they lie, never copied or transposed per tile.
 template <typename acc_t>
 struct FwdScratch {
   int64_t dp;  // head_dim rounded up to kWidth
-  std::vector<acc_t> q, kt, v, s, o, m, l, mask_add;
+  std::vector<acc_t> qt, st, k, v, o, m, l, correction, mask_add;
   explicit FwdScratch(int64_t head_dim)
-      : dp(round_up(head_dim, kWidth)), q(kBlockQ * dp), kt(dp * kBlockK), v(kBlockK * dp),
-        s(kBlockQ * kBlockK), o(kBlockQ * dp), m(kBlockQ), l(kBlockQ), mask_add(kBlockK) {}
+      : dp(round_up(head_dim, kWidth)), qt(dp * kBlockQ), st(kBlockK * kBlockQ), k(kBlockK * dp),
+        v(kBlockK * dp), o(kBlockQ * dp), m(kBlockQ), l(kBlockQ), correction(kBlockQ),
+        mask_add(kBlockK) {}
 };
 
 // One (batch, head, query tile) of the forward.
@@ -104,49 +107,79 @@ template <typename scalar_t>
 BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t item,
                                       FwdScratch<acc_type<scalar_t>>& w) {
   using acc_t = acc_type<scalar_t>;
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;  // no conversion needed
   const int64_t q_tiles = (p.q_len + kBlockQ - 1) / kBlockQ;
   const int64_t bh = item / q_tiles, b = bh / p.heads, h = bh % p.heads;
   const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b];  // K / V row (gathered)
   const int64_t i0 = (item % q_tiles) * kBlockQ, bq = std::min(kBlockQ, p.q_len - i0);
-  const int64_t bq_pad = round_up(bq, kMR), D = p.head_dim, dp = w.dp;
+  const int64_t bq_pad = round_up(bq, kMR), lanes = round_up(bq, kWidth);
+  const int64_t D = p.head_dim, dp = w.dp;
   const acc_t scale = static_cast<acc_t>(p.scale);
+  const auto* k_head = static_cast<const scalar_t*>(p.k.data) + kb * p.k.batch_stride +
+                       h * p.k.head_stride;
+  const auto* v_head = static_cast<const scalar_t*>(p.v.data) + kb * p.v.batch_stride +
+                       h * p.v.head_stride;
 
   std::fill(w.o.begin(), w.o.end(), acc_t(0));
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<acc_t>::infinity());
   std::fill(w.l.begin(), w.l.end(), acc_t(0));
-  load_rows<scalar_t>(p.q, b, h, i0, bq, D, w.q.data(), dp);
+  std::fill(w.qt.begin(), w.qt.begin() + D * lanes, acc_t(0));  // padding lanes score 0
+  const auto* q_src = static_cast<const scalar_t*>(p.q.data) + b * p.q.batch_stride +
+                      h * p.q.head_stride;
+  for (int64_t i = 0; i < bq; ++i)
+    for (int64_t d = 0; d < D; ++d)
+      w.qt[d * lanes + i] = static_cast<acc_t>(q_src[(i0 + i) * p.q.row_stride + d]);
 
   for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
-    const int64_t bk = std::min(kBlockK, p.k_len - j0);
-    load_keys_t<scalar_t>(p.k, kb, h, j0, bk, D, w.kt.data());
-    load_rows<scalar_t>(p.v, kb, h, j0, bk, D, w.v.data(), dp);
-    load_mask(p, b, j0, bk, w.mask_add.data());
-    vec::gemm<false>(bq_pad, kBlockK, D, w.q.data(), dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
-
-    // Online softmax: s becomes exp(score − running max); what earlier tiles summed is
-    // rescaled when the running max grows.
-    for (int64_t i = 0; i < bq; ++i) {
-      acc_t* s = w.s.data() + i * kBlockK;
-      Vec<acc_t> max_v = vec::broadcast(w.m[i]);
-      for (int64_t j = 0; j < kBlockK; j += kWidth) {
-        const Vec<acc_t> x = vec::load(s + j) * scale + vec::load(w.mask_add.data() + j);
-        vec::store(s + j, x);
-        max_v = x > max_v ? x : max_v;
-      }
-      const acc_t row_max = vec::reduce_max<acc_t>(max_v);
-      Vec<acc_t> sum_v{};
-      for (int64_t j = 0; j < kBlockK; j += kWidth) {
-        const Vec<acc_t> prob = vec::exp(vec::load(s + j) - row_max);
-        vec::store(s + j, prob);
-        sum_v += prob;
-      }
-      const acc_t correction = std::exp(w.m[i] - row_max);  // 0 on the first tile
-      w.l[i] = w.l[i] * correction + vec::reduce_sum<acc_t>(sum_v);
-      w.m[i] = row_max;
-      acc_t* o = w.o.data() + i * dp;
-      for (int64_t d = 0; d < dp; d += kWidth) vec::store(o + d, vec::load(o + d) * correction);
+    const int64_t bk = std::min(kBlockK, p.k_len - j0), bk_pad = round_up(bk, kMR);
+    // K rows in place, unless they need converting or a tile's last rows would read past Lk
+    const acc_t* k_rows = w.k.data();
+    int64_t ldk = dp;
+    if constexpr (kInPlace) {
+      if (bk == bk_pad) k_rows = k_head + j0 * p.k.row_stride, ldk = p.k.row_stride;
     }
-    vec::gemm<true>(bq_pad, dp, bk, w.s.data(), kBlockK, w.v.data(), dp, w.o.data(), dp);
+    if (k_rows == w.k.data()) {
+      load_rows<scalar_t>(p.k, kb, h, j0, bk, D, w.k.data(), dp);
+      std::fill(w.k.begin() + bk * dp, w.k.begin() + bk_pad * dp, acc_t(0));
+    }
+    load_mask(p, b, j0, bk, w.mask_add.data());
+    vec::gemm<false>(bk_pad, lanes, D, k_rows, ldk, w.qt.data(), lanes, w.st.data(), lanes);
+
+    // Online softmax per query lane: st becomes exp(score − running max); what earlier tiles
+    // summed is rescaled when the running max grows.
+    for (int64_t c = 0; c < lanes; c += kWidth) {
+      const Vec<acc_t> m_old = vec::load(w.m.data() + c);
+      Vec<acc_t> m_new = m_old;
+      for (int64_t j = 0; j < bk; ++j) {
+        acc_t* s = w.st.data() + j * lanes + c;
+        const Vec<acc_t> x = vec::load(s) * scale + w.mask_add[j];
+        vec::store(s, x);
+        m_new = x > m_new ? x : m_new;
+      }
+      Vec<acc_t> sum{};
+      for (int64_t j = 0; j < bk; ++j) {
+        acc_t* s = w.st.data() + j * lanes + c;
+        const Vec<acc_t> prob = vec::exp(vec::load(s) - m_new);
+        vec::store(s, prob);
+        sum += prob;
+      }
+      const Vec<acc_t> correction = vec::exp(m_old - m_new);  // 0 on the first tile
+      vec::store(w.l.data() + c, vec::load(w.l.data() + c) * correction + sum);
+      vec::store(w.m.data() + c, m_new);
+      vec::store(w.correction.data() + c, correction);
+    }
+    for (int64_t i = 0; i < bq; ++i) {
+      acc_t* o = w.o.data() + i * dp;
+      for (int64_t d = 0; d < dp; d += kWidth) vec::store(o + d, vec::load(o + d) * w.correction[i]);
+    }
+    // O += P V with P(i, j) = st[j, i]; V rows in place when they hold whole vectors
+    const acc_t* v_rows = w.v.data();
+    int64_t ldv = dp;
+    if constexpr (kInPlace) {
+      if (D == dp) v_rows = v_head + j0 * p.v.row_stride, ldv = p.v.row_stride;
+    }
+    if (v_rows == w.v.data()) load_rows<scalar_t>(p.v, kb, h, j0, bk, D, w.v.data(), dp);
+    vec::gemm<true>(bq_pad, dp, bk, w.st.data(), 1, v_rows, ldv, w.o.data(), dp, lanes);
   }
 
   auto* out = static_cast<scalar_t*>(p.out) + ((b * p.heads + h) * p.q_len + i0) * D;

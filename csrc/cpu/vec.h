@@ -102,12 +102,14 @@ BLIP_FAST_INLINE Vec<double> exp(Vec<double> x) {
 // Micro-kernel block: kMR rows × kWidth columns of C stay in registers.
 constexpr int64_t kMR = 4;
 
-// C[M, N] (+)= A[M, K] · B[K, N], all row-major; M % kMR == 0 and N % kWidth == 0 (callers
-// pad). Row r of C reads only row r of A, column c only column c of B, so padding rows and
-// columns of the operands only reach padding of C.
+// C[M, N] (+)= A[M, K] · B[K, N], B and C row-major, A(r, k) = A[r · lda + k · a_k_stride]
+// (row-major by default; A's elements are broadcast one at a time, so a transposed A costs
+// nothing); M % kMR == 0 and N % kWidth == 0 (callers pad). Row r of C reads only row r of A,
+// column c only column c of B, so padding rows and columns of the operands only reach padding
+// of C.
 template <bool kAccumulate, typename T>
 BLIP_FAST_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                           int64_t ldb, T* C, int64_t ldc) {
+                           int64_t ldb, T* C, int64_t ldc, int64_t a_k_stride = 1) {
   for (int64_t i0 = 0; i0 < M; i0 += kMR) {
     for (int64_t j0 = 0; j0 < N; j0 += kWidth) {
       Vec<T> acc[kMR];
@@ -115,7 +117,7 @@ BLIP_FAST_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t 
       const T* a = A + i0 * lda;
       for (int64_t k = 0; k < K; ++k) {
         const Vec<T> b = load(B + k * ldb + j0);
-        for (int64_t r = 0; r < kMR; ++r) acc[r] += a[r * lda + k] * b;
+        for (int64_t r = 0; r < kMR; ++r) acc[r] += a[r * lda + k * a_k_stride] * b;
       }
       for (int64_t r = 0; r < kMR; ++r) store(C + (i0 + r) * ldc + j0, acc[r]);
     }
