@@ -1,6 +1,7 @@
 """torch.distributed set-up for torchrun (single or multi-node) and the collectives the
 objectives need. Without torchrun's environment everything runs as a world of one."""
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -46,8 +47,13 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
 
 def shutdown():
     """Leave the process group together: a rank that tears down while a peer is still busy
-    can leave that peer blocked in its own teardown (seen with gloo)."""
+    can leave that peer blocked in its own teardown (seen with gloo). Drop the DDP wrapper
+    (``Trainer.close``) first: a Reducer freed at interpreter exit destroys the group with the
+    GIL held while a gloo thread may still need it to free a finished all_gather (a deadlock
+    seen in CI); freed before the barrier, the group outlives it and the barrier, which waits
+    without the GIL, lets those threads finish."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # wrappers already dropped must not be freed after the group
         dist.barrier()
         dist.destroy_process_group()
 

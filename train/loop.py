@@ -70,6 +70,10 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoint.pth"
         self.writer = None
 
+    def close(self):
+        """Drop the DDP / compiled wrapper (before ``distributed.shutdown``, which says why)."""
+        self.step_module = None
+
     # -- state ---------------------------------------------------------------------------
     def save(self):
         checkpoint.save_training(

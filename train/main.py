@@ -152,4 +152,5 @@ def main(args):
     if trainer.dist.is_main:
         print(f"trained {trainer.global_step} steps; last: "
               + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    trainer.close()
     shutdown()

@@ -25,6 +25,7 @@ def main(out):
         trainer.global_step += 1
     if info.is_main:
         torch.save(model.state_dict(), out)
+    trainer.close()
     shutdown()
 
 
