@@ -4,10 +4,12 @@
 // its operand tiles (plus the [Lq, D] query-side rows of one head in the backward), never
 // [B, H, Lq, Lk].
 //
-// Every tile is copied into per-thread scratch in the compute type (fp32, or fp64 for fp64
-// inputs), which converts fp16 / bf16, absorbs the input strides and pads rows to a multiple of
-// kMR and columns to one of kWidth, so all products go through one micro-kernel (vec.h).
-// Key columns past Lk get score −inf, so their probabilities are exactly 0.
+// All products go through one micro-kernel (vec.h), on tiles in the compute type (fp32, or
+// fp64 for fp64 inputs) padded to its block sizes. The forward holds scores transposed (keys
+// x queries, the queries as vector lanes), so fp32 / fp64 key and value rows are read where
+// they lie; fp16 / bf16 tiles and a tile's ragged last rows are copied into per-thread scratch.
+// The backward copies every tile; its key columns past Lk get score −inf, so their
+// probabilities are exactly 0.
 #include "cpu/cross_attention.h"
 
 #include <omp.h>
