@@ -69,7 +69,7 @@ def gather_fns(q, k_cache, v_cache, index, device):
             return F.scaled_dot_product_attention(q, k_cache[index], v_cache[index])
 
     fns = {"copy+sdpa": copy_sdpa}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "cpu", "cuda", "triton"):
         if _backend.available("gathered_cross_attention", backend, device):
             def fn(backend=backend):
                 with torch.no_grad():

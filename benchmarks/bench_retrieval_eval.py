@@ -119,11 +119,11 @@ def main():
 
     def run(name, fn, n_pairs=pairs):
         fast_scores(model, feats[:2], i_embed[:2], t_embed[:8], ids[:8], mask[:8], 2)  # warm
-        if dev == "cuda":
+        if gpu:
             torch.cuda.synchronize()
         t = time.perf_counter()
         s_i2t, s_t2i = fn()
-        if dev == "cuda":
+        if gpu:
             torch.cuda.synchronize()
         sec = time.perf_counter() - t
         metrics = retrieval_metrics(s_i2t, s_t2i, ds.txt2img, ds.img2txt)

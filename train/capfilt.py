@@ -66,6 +66,11 @@ def write_json_atomic(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8")))
 
 
+def _texts(caption: str | list[str]) -> list[str]:
+    """A web caption field as the list of its texts (each one is scored)."""
+    return [caption] if isinstance(caption, str) else list(caption)
+
+
 class _JsonSource:
     """Entries of pre-training JSONs: ``names[i]`` is entry i's "image" as written."""
 
@@ -75,8 +80,7 @@ class _JsonSource:
         self.names = [e["image"] for e in self.annotation]
 
     def captions(self, index: int) -> list[str]:
-        caption = self.annotation[index]["caption"]
-        return [caption] if isinstance(caption, str) else list(caption)
+        return _texts(self.annotation[index]["caption"])
 
     def image(self, index: int):
         name = self.names[index]
@@ -91,8 +95,7 @@ class _ShardSource:
         self.names = [f"{self.dataset.shards[s[0]]}:{s[4]}" for s in self.dataset.samples]
 
     def captions(self, index: int) -> list[str]:
-        caption = self.dataset.samples[index][3]
-        return [caption] if isinstance(caption, str) else list(caption)
+        return _texts(self.dataset.samples[index][3])
 
     def image(self, index: int):
         return decode_image(self.dataset.raw(index)[3], self.names[index])

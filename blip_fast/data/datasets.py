@@ -71,6 +71,14 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise OSError(f"cannot decode image {where}: {reason}") from err
 
 
+def draw_caption(caption: str | list[str]) -> str:
+    """A pre-training caption: the text, or one of a list drawn uniformly from torch's global
+    RNG (seeded per ``DataLoader`` worker / per sample by the training loop)."""
+    if isinstance(caption, str):
+        return caption
+    return caption[int(torch.randint(len(caption), ()).item())]
+
+
 @dataclass(frozen=True)
 class CorruptImage:
     """Stands in for a pre-training item whose image is missing or undecodable."""
@@ -241,10 +249,7 @@ class PretrainDataset(Dataset):
     def entry(self, index: int) -> tuple[str, tuple[str]]:
         ann = self.annotation[index]
         path = ann["image"] if self.image_root is None else os.path.join(self.image_root, ann["image"])
-        caption = ann["caption"]
-        if isinstance(caption, list):
-            caption = caption[int(torch.randint(len(caption), ()).item())]
-        return os.fspath(path), (pre_caption(caption, self.max_words),)
+        return os.fspath(path), (pre_caption(draw_caption(ann["caption"]), self.max_words),)
 
     def __getitem__(self, index: int):
         path, fields = self.entry(index)

@@ -17,10 +17,9 @@ import re
 import tarfile
 from typing import Sequence
 
-import torch
 from torch.utils.data import Dataset
 
-from blip_fast.data.datasets import CorruptImage, decode_image
+from blip_fast.data.datasets import CorruptImage, decode_image, draw_caption
 from blip_fast.text import pre_caption
 
 __all__ = ["ShardDataset", "expand_shards", "write_shards"]
@@ -112,8 +111,7 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int):
         s, offset, size, caption = self.samples[index][:4]
-        if isinstance(caption, list):  # drawn before decoding, as PretrainDataset.entry does
-            caption = caption[int(torch.randint(len(caption), ()).item())]
+        caption = draw_caption(caption)  # before decoding, as PretrainDataset.entry does
         where = f"{self.shards[s]}@{offset}"
         try:
             image = decode_image(self._read(s, offset, size), where)

@@ -242,9 +242,7 @@ class BertLMHeadModel(nn.Module):
         """``lm_loss(forward(...), labels)`` without the last position's logits: the shift is
         applied to the hidden states, so no (B, L, vocab) slice and its zero-filled gradient."""
         hidden = self.bert(input_ids, attention_mask, image_embeds, None, "decoder")
-        logits = self.cls.predictions(hidden[:, :-1]).float()
-        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                               label_smoothing=label_smoothing)
+        return lm_loss(self.cls.predictions(hidden[:, :-1]).float(), labels, label_smoothing)
 
 
 def tie_encoder_decoder(encoder: BertModel, decoder: BertModel):
@@ -258,13 +256,16 @@ def tie_encoder_decoder(encoder: BertModel, decoder: BertModel):
         dec.output = enc.output
 
 
-def lm_loss(logits, labels, label_smoothing: float = 0.1, reduction: str = "mean"):
-    """Next-token cross-entropy as official ``BertLMHeadModel``: logits (B, L, V) predict
-    labels shifted by one (B, L); label -100 is ignored. ``reduction='none'`` sums per sample."""
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-    target = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shifted, target, reduction=reduction, label_smoothing=label_smoothing)
-    return loss.view(labels.shape[0], -1).sum(1) if reduction == "none" else loss
+def lm_loss(logits, labels, label_smoothing: float = 0.1):
+    """Next-token cross-entropy as official ``BertLMHeadModel``: logits (B, L, V), or
+    (B, L - 1, V) without the last position (it predicts nothing), predict labels (B, L)
+    shifted by one; label -100 is ignored (mean over the rest)."""
+    B, L = labels.shape
+    if logits.dim() != 3 or logits.shape[0] != B or logits.shape[1] not in (L, L - 1):
+        raise ValueError(f"lm_loss: logits {tuple(logits.shape)} must be (B, L, V) or "
+                         f"(B, L - 1, V) for labels {tuple(labels.shape)} = (B, L)")
+    return F.cross_entropy(logits[:, :L - 1].flatten(0, 1), labels[:, 1:].flatten(),
+                           label_smoothing=label_smoothing)
 
 
 def _init_weights(m, std: float):

@@ -16,12 +16,12 @@ log = logging.getLogger("blip_fast")
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
     "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
-    # C++ beats sdpa on CPU: 88 vs 116 ms fwd, 421 vs 466 ms fwd+bwd at 64x12x35x577 fp32
-    # (benchmarks/results/attention-cpu.json, 2-core VM).
+    # C++ beats sdpa on CPU: 36.7 vs 51.7 ms fwd, 188 vs 228 ms fwd+bwd at 64x12x35x577 fp32
+    # (benchmarks/results/attention-cpu.json, 2-core VM, quiet).
     "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
     # ITM reranking over cached image K / V (DESIGN §6.3); the reference copies K / V per pair.
-    # C++ beats it on CPU: 20 vs 52 ms at 256 pairs x 4 heads x 22 queries over 65 tokens,
-    # 112 vs 469 ms at 64 x 12 x 35 over 577 (fp32, best of 30, 2-core VM under load).
+    # C++ beats it on CPU: 35.2 vs 231 ms (copy + sdpa 159 ms) at 64 pairs x 12 heads x 35
+    # queries over 577 tokens (fp32, benchmarks/results/attention-cpu.json, 2-core VM).
     "gathered_cross_attention": {"cuda": ("triton", "cuda", "reference"),
                                  "cpu": ("cpu", "reference")},
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},

@@ -69,8 +69,9 @@ def test_lm_loss_shift_smoothing_and_ignore():
     nll = -lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
     want = ((0.9 * nll - 0.1 * lp.mean(-1))[keep]).mean()
     torch.testing.assert_close(got, want)
-    per = lm_loss(logits, labels, 0.1, reduction="none")
-    assert per.shape == (2,)
+    torch.testing.assert_close(lm_loss(logits[:, :-1], labels, 0.1), want)
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 11\) must be"):
+        lm_loss(logits[:, :3], labels)
 
 
 def test_initializer_range_sets_text_init_std():
