@@ -94,7 +94,12 @@ class BlipITMMixin:
 
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
         """ITC through the op dispatch, reading the queues in place; ``idx`` (fine-tuning)
-        makes same-image pairs positive against the batch and ``idx_queue``."""
+        makes same-image pairs positive against the batch and ``idx_queue``. Under autocast
+        the features arrive in bf16 / fp16 while the queues stay fp32: the features are cast up
+        (a (B, B + queue) product, cheap), so the loss is computed in fp32 either way."""
+        q = self.image_queue.dtype
+        image_feat, text_feat, image_feat_m, text_feat_m = (
+            x.to(q) for x in (image_feat, text_feat, image_feat_m, text_feat_m))
         return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
                             self.text_queue, self.temp, alpha, idx,
                             None if idx is None else self.idx_queue,

@@ -80,3 +80,23 @@ def test_pretrain_from_webdataset_shards(synthetic_train, tmp_path):
     assert len(_log(tmp_path / "out")) == len(ann) // 6
     assert [r["path"] for r in read_corrupt_report(tmp_path / "out" / "corrupt_images.tsv")] \
         == [f"{paths[0]}@{ds.samples[5][1]}"]
+
+
+def test_pretrain_and_retrieval_steps_run_under_bf16_autocast(synthetic_train, tmp_path):
+    """bf16 autocast is the GPU default: features come out of the projections in bf16 while
+    the queues stay fp32, and the ITC op needs one dtype (it raised here before). Same batch,
+    same weights: the bf16 step's ITC loss is the fp32 one within bf16 rounding."""
+    for task, extra in (("pretrain", {}), ("retrieval", {"alpha": 0.4})):
+        losses = {}
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            cfg = {"model": "blip_tiny", "train_file": str(synthetic_train["train"]),
+                   "image_root": str(synthetic_train["image_root"]), "batch_size": 4,
+                   "init_lr": 1e-4, "max_epoch": 1, "queue_size": 8, **extra}
+            trainer = build_trainer(task, cfg, tmp_path / task / precision, num_workers=0,
+                                    max_steps=1, precision=precision)
+            losses[precision] = trainer.train()
+            assert trainer.model.image_queue.dtype == torch.float32
+        for key in ("itc", "itm"):
+            assert torch.isfinite(torch.tensor(losses["bf16"][key])), (task, key)
+        assert abs(losses["bf16"]["itc"] - losses["fp32"]["itc"]) < 2e-2 * losses["fp32"]["itc"]
