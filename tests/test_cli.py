@@ -11,11 +11,11 @@ def _run(*args):
 def test_demo_runs_end_to_end(tmp_path):
     small = ("--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
              "--train-images", "8", "--test-images", "10", "--k-test", "4", "--steps", "3",
-             "--batch-size", "4", "--workers", "0", "--captions", "2")
+             "--batch-size", "4", "--workers", "0", "--captions", "2", "--itc-warmup-steps", "1")
     r = _run("demo", *small)
     assert r.returncode == 0, r.stderr
     assert "txt_r1=" in r.stdout and "img_r10=" in r.stdout and "ITM pairs scored" in r.stdout
-    assert "training 3 steps of 4" in r.stdout
+    assert "training 3 steps of 4 (1 ITC only, then ITC + ITM + LM)" in r.stdout
     assert sum(line.startswith("caption images/test/") for line in r.stdout.splitlines()) == 2
     ref = _run("demo", *small, "--mode", "reference")
     assert ref.returncode == 0, ref.stderr

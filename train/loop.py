@@ -31,6 +31,7 @@ class LoopConfig:
     seed: int = 0
     max_steps: int = 0             # stop after this many steps in all (0: run every epoch)
     tensorboard: bool = False
+    itc_warmup_steps: int = 0      # contrastive tasks: the first N steps train ITC alone
 
 
 def negative_uniforms(seed: int, rank: int, step: int, batch_size: int) -> torch.Tensor:
@@ -63,7 +64,9 @@ class Trainer:
             # per step at the official size).
             step_module = torch.nn.parallel.DistributedDataParallel(
                 task, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False,
+                # ITC-only warm-up steps leave the ITM head and decoder without gradients
+                find_unused_parameters=cfg.itc_warmup_steps > 0)
         self.step_module = torch.compile(step_module) if cfg.compile else step_module
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ class Trainer:
             batch["neg_u"] = negative_uniforms(self.cfg.seed, self.dist.rank, self.global_step,
                                                batch["image"].shape[0]).to(dev)
             batch["alpha"] = stats["alpha"] = self._alpha()
+            batch["itc_only"] = self.global_step < self.cfg.itc_warmup_steps
             self.model.clamp_temp()
             stats["temp"] = float(self.model.temp.detach())
             self.model.momentum_update()

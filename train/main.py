@@ -6,7 +6,9 @@ parsed as YAML). Keys beyond the official ones: ``model`` (a preset such as blip
 instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead of
 ``ann_root`` + ``dataset``), ``image_root`` for pre-training JSONs with relative paths and
 ``train_shards`` (webdataset tar shards: a list, glob or ``{000..099}`` range) for pre-training,
-``min_scale`` (random-resized-crop scale floor) and ``train_augment: false`` (no augmentation).
+``min_scale`` (random-resized-crop scale floor), ``train_augment: false`` (no augmentation) and
+``itc_warmup_steps`` (pre-training / retrieval: the first N steps train ITC alone, for models
+trained from scratch whose ITM hard negatives and captions mean nothing before ITC aligns).
 Run alone, or under torchrun for several processes / nodes.
 """
 import dataclasses
@@ -124,10 +126,11 @@ def build_trainer(task: str, y: dict, out_dir, *, device=None, compile=False, pr
         step_module = (CaptionTask(model) if task == "caption" else
                        ContrastiveTask(model, negative_all_rank=cfg.negative_all_rank))
     optimizer = build_optimizer(model, init_lr, float(y.get("weight_decay", 0.05)))
+    itc_warmup = int(y.get("itc_warmup_steps", 0)) if task != "caption" else 0
     precision = precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
     loop_cfg = LoopConfig(max_epoch=max_epoch, alpha=cfg.alpha, precision=precision,
                           compile=compile, save_every=save_every, seed=seed, max_steps=max_steps,
-                          tensorboard=tensorboard)
+                          tensorboard=tensorboard, itc_warmup_steps=itc_warmup)
     trainer = Trainer(step_module, loader, sampler, optimizer, schedule, loop_cfg, dist_info,
                       out_dir, run_config={"task": task, **y})
     if resume:

@@ -2,7 +2,8 @@
 
 A batch is a dict: ``image`` (B, 3, S, S), ``ids`` / ``mask`` (B, L) tokenised with [CLS] first,
 ``idx`` (B,) image ids (retrieval fine-tuning), ``alpha`` (float, ITC distillation weight) and
-``neg_u`` (2, B) uniform numbers that draw the hard negatives. ``forward(batch)`` returns the
+``neg_u`` (2, B) uniform numbers that draw the hard negatives, ``itc_only`` (bool, optional:
+an ITC warm-up step, ITM and LM skipped). ``forward(batch)`` returns the
 losses (``loss`` = their sum) and ``queue``: this rank's momentum features (and idx) to enqueue
 once the backward pass no longer reads the queues.
 
@@ -56,6 +57,9 @@ class ContrastiveTask(nn.Module):
         m, idx = self.model, local["idx"]
         itc = m.itc_loss(local["image_feat"], local["text_feat"], local["image_feat_m"],
                          local["text_feat_m"], batch["alpha"], idx)
+        queue = (local["image_feat_m"], local["text_feat_m"], idx)
+        if batch.get("itc_only"):
+            return {"itc": itc, "loss": itc, "queue": queue}
         with torch.no_grad():
             temp = m.temp.detach()
             if idx is None:  # pre-training: the ITC student logits of the batch columns
@@ -78,7 +82,7 @@ class ContrastiveTask(nn.Module):
             losses["lm"] = objectives.caption_loss(m.text_decoder, local["ids"], local["mask"],
                                                    local["image_embeds"], 0, m.cfg.label_smoothing)
         losses["loss"] = sum(losses.values())
-        losses["queue"] = (local["image_feat_m"], local["text_feat_m"], idx)
+        losses["queue"] = queue
         return losses
 
     def forward(self, batch) -> dict:

@@ -55,6 +55,17 @@ class MomentumMixin:
                 p_m.mul_(m).add_(p.detach(), alpha=1 - m)
 
 
+def itm_head(cfg: BlipConfig) -> nn.Linear:
+    """The 2-way ITM classifier on the [ENC] output. ``cfg.zero_init_itm_head`` (training from
+    scratch): it starts at zero, so its logit, added to every reranked score, cannot shuffle the
+    ITC ranking before ITM has learned anything."""
+    head = nn.Linear(cfg.text.hidden_size, 2)
+    if cfg.zero_init_itm_head:
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return head
+
+
 def init_queues(module: nn.Module, cfg: BlipConfig, with_idx: bool, ptr_name: str):
     """Register the L2-normalised random feature queues (D, Q), the idx queue (1, Q) = -100 and
     the write pointer under its official name (``ptr_queue`` / ``queue_ptr``)."""

@@ -3,7 +3,8 @@ queue, plus the image-grounded decoder sharing all but self-attention with the t
 import torch
 from torch import nn
 
-from blip_fast.models.blip_base import MomentumMixin, backend_map, enqueue, init_queues
+from blip_fast.models.blip_base import (MomentumMixin, backend_map, enqueue, init_queues,
+                                       itm_head)
 from blip_fast.models.blip_retrieval import BlipITMMixin
 from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertLMHeadModel, BertModel, tie_encoder_decoder
@@ -29,7 +30,7 @@ class BlipPretrain(BlipITMMixin, MomentumMixin, nn.Module):
             self.text_encoder.embeddings.word_embeddings.weight
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
-        self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
+        self.itm_head = itm_head(cfg)
         self._make_momentum()
 
     def enqueue(self, image_feat_m, text_feat_m):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_fast import ops
-from blip_fast.models.blip_base import (MomentumMixin, backend_map, enqueue, init_queues)
+from blip_fast.models.blip_base import MomentumMixin, backend_map, enqueue, init_queues, itm_head
 from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertModel
 from blip_fast.models.vit import VisionTransformer
@@ -124,7 +124,7 @@ class BlipRetrieval(BlipITMMixin, MomentumMixin, nn.Module):
         self.text_encoder = BertModel(cfg.text, cfg.vision.width, self.backends)
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
-        self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
+        self.itm_head = itm_head(cfg)
         self._make_momentum()
 
     def enqueue(self, image_feat_m, text_feat_m, idx=None):

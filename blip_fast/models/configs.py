@@ -75,6 +75,10 @@ class TextConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02  # std of the random init (official BERT's; weights loaded over it)
+    # Training from scratch only (weights loaded over it): zero query / key weights in every
+    # attention make each token attend uniformly at init, so [CLS] starts as the mean of its
+    # tokens instead of a near-constant vector (the demo's contrastive start needs this).
+    zero_init_attention_qk: bool = False
 
 
 @dataclass
@@ -88,6 +92,7 @@ class BlipConfig:
     temp: float = 0.07             # learnable, clamped to [0.001, 0.5]
     negative_all_rank: bool = False
     label_smoothing: float = 0.1   # LM loss
+    zero_init_itm_head: bool = False  # training from scratch (models.blip_base.itm_head)
     prompt: str = "a picture of "  # caption model
     extra: dict = field(default_factory=dict)  # other official YAML keys (k_test, init_lr, ...)
 

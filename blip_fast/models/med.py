@@ -179,6 +179,11 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg, encoder_width, backends)
         self.apply(functools.partial(_init_weights, std=cfg.initializer_range))
+        if cfg.zero_init_attention_qk:
+            for m in self.modules():
+                if isinstance(m, BertSelfAttention):
+                    nn.init.zeros_(m.query.weight)
+                    nn.init.zeros_(m.key.weight)
 
     def forward(self, input_ids, attention_mask, image_embeds=None, image_mask=None,
                 mode="text", cache=None):

@@ -90,6 +90,37 @@ def test_initializer_range_sets_text_init_std():
             assert abs(float(w.std()) / std - 1) < 0.15, (std, tuple(w.shape), float(w.std()))
 
 
+def test_scratch_init_flags_uniform_attention_and_silent_itm_head():
+    """``text.zero_init_attention_qk``: every text attention's query / key weights start at zero
+    (encoder and decoder, self and cross), so at init each token attends uniformly to the
+    unmasked tokens: [CLS]'s self-attention context is the mean of their values.
+    ``zero_init_itm_head``: the ITM logits start at exactly zero. Both off by default."""
+    import dataclasses
+    cfg = BlipConfig.preset("blip_tiny")
+    text = dataclasses.replace(cfg.text, zero_init_attention_qk=True)
+    torch.manual_seed(0)
+    model = create_model("pretrain", dataclasses.replace(cfg, text=text, zero_init_itm_head=True),
+                         backend="reference").eval()
+    for bert in (model.text_encoder, model.text_decoder.bert):
+        for layer in bert.encoder.layer:
+            for attn in (layer.attention.self, layer.crossattention.self):
+                assert not attn.query.weight.any() and not attn.key.weight.any()
+                assert attn.value.weight.std() > 0
+    assert not model.itm_head.weight.any() and not model.itm_head.bias.any()
+    ids, mask = _text(2, 9)
+    mask[1, 6:] = 0
+    attn = model.text_encoder.encoder.layer[0].attention.self
+    x = model.text_encoder.embeddings(ids, 0)
+    with torch.no_grad():
+        got = attn(x, x, mask.bool())[:, 0]
+        keep = mask.float()[..., None]
+        want = (attn.value(x) * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(got, want)
+    default = create_model("pretrain", cfg)
+    assert default.text_encoder.encoder.layer[0].attention.self.query.weight.any()
+    assert default.itm_head.weight.any()
+
+
 def test_decoder_loss_equals_lm_loss_of_logits():
     """``loss`` shifts the hidden states instead of the logits: same value and gradients."""
     torch.manual_seed(0)

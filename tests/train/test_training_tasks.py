@@ -100,3 +100,28 @@ def test_pretrain_and_retrieval_steps_run_under_bf16_autocast(synthetic_train, t
         for key in ("itc", "itm"):
             assert torch.isfinite(torch.tensor(losses["bf16"][key])), (task, key)
         assert abs(losses["bf16"]["itc"] - losses["fp32"]["itc"]) < 2e-2 * losses["fp32"]["itc"]
+
+
+def test_itc_warmup_steps_train_itc_alone_then_everything(synthetic_train, tmp_path):
+    """``itc_warmup_steps: 2``: steps 1-2 log ITC only and leave the ITM head and the decoder's
+    own weights untouched (no gradient, so AdamW skips them, weight decay included); step 3
+    trains all three objectives."""
+    cfg = {"model": "blip_tiny", "train_file": str(synthetic_train["pretrain"]),
+           "image_root": str(synthetic_train["image_root"]), "batch_size": 4, "init_lr": 1e-3,
+           "max_epoch": 1, "queue_size": 8, "itc_warmup_steps": 2}
+    trainer = build_trainer("pretrain", cfg, tmp_path, num_workers=0, max_steps=2)
+    m = trainer.model
+    watched = {"itm_head": m.itm_head.weight,
+               "decoder self-attention": m.text_decoder.bert.encoder.layer[0].attention.self.query.weight,
+               "vision_proj": m.vision_proj.weight}
+    before = {k: w.detach().clone() for k, w in watched.items()}
+    trainer.train()
+    assert torch.equal(watched["itm_head"], before["itm_head"])
+    assert torch.equal(watched["decoder self-attention"], before["decoder self-attention"])
+    assert not torch.equal(watched["vision_proj"], before["vision_proj"])
+    trainer.cfg.max_steps = 3
+    trainer.train()
+    log = _log(tmp_path)
+    assert [sorted(set(r) & {"itc", "itm", "lm"}) for r in log] == [["itc"], ["itc"], ["itc", "itm", "lm"]]
+    assert not torch.equal(watched["itm_head"], before["itm_head"])
+    assert not torch.equal(watched["decoder self-attention"], before["decoder self-attention"])
