@@ -9,6 +9,7 @@ from blip_fast.models.configs import BlipConfig
 from blip_fast.train.loop import LoopConfig
 
 WORLD, STEPS, BATCH, SEED, LR = 2, 4, 4, 3, 2e-4
+ITC_WARMUP = 1  # step 0 trains ITC alone: DDP must cope with the ITM head's missing gradient
 
 
 def make_model():
@@ -37,4 +38,4 @@ def batch(rank: int, step: int) -> dict:
 
 
 def loop_config() -> LoopConfig:
-    return LoopConfig(max_epoch=1, alpha=0.4, alpha_ramp=False, seed=SEED)
+    return LoopConfig(max_epoch=1, alpha=0.4, alpha_ramp=False, seed=SEED, itc_warmup_steps=ITC_WARMUP)

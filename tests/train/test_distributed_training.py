@@ -1,6 +1,7 @@
 """A 2-process gloo run under torchrun equals a single-process simulation of the same two ranks
 (issue 6): same per-rank batches, gradients averaged, queues written with the gathered
-momentum features in rank order, ITM hard negatives drawn from both ranks."""
+momentum features in rank order, ITM hard negatives drawn from both ranks; the first step
+trains ITC alone (``itc_warmup_steps``)."""
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def simulate() -> dict:
         for r, b in enumerate(batches):
             b["alpha"] = 0.4
             b["neg_u"] = negative_uniforms(_ranks.SEED, r, step, _ranks.BATCH)
+            b["itc_only"] = step < _ranks.ITC_WARMUP
         model.clamp_temp()
         model.momentum_update()
         local = [task.encode(b) for b in batches]
