@@ -98,6 +98,9 @@ def build_trainer(task: str, y: dict, out_dir, *, device=None, compile=False, pr
     from blip_fast import tokenizer
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    itc_warmup = int(y.get("itc_warmup_steps", 0))
+    if itc_warmup and task == "caption":
+        raise ValueError("caption config: 'itc_warmup_steps' needs ITC (pretrain / retrieval only)")
     dist_info = init_distributed(device)
     torch.manual_seed(seed + dist_info.rank)  # official: seed + rank
     cfg = model_config(y)
@@ -126,7 +129,6 @@ def build_trainer(task: str, y: dict, out_dir, *, device=None, compile=False, pr
         step_module = (CaptionTask(model) if task == "caption" else
                        ContrastiveTask(model, negative_all_rank=cfg.negative_all_rank))
     optimizer = build_optimizer(model, init_lr, float(y.get("weight_decay", 0.05)))
-    itc_warmup = int(y.get("itc_warmup_steps", 0)) if task != "caption" else 0
     precision = precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
     loop_cfg = LoopConfig(max_epoch=max_epoch, alpha=cfg.alpha, precision=precision,
                           compile=compile, save_every=save_every, seed=seed, max_steps=max_steps,

@@ -4,6 +4,7 @@ the losses each task must produce, the queue writes, and pre-training over a mis
 import json
 import shutil
 
+import pytest
 import torch
 
 from blip_fast.data.loader import read_corrupt_report
@@ -125,3 +126,5 @@ def test_itc_warmup_steps_train_itc_alone_then_everything(synthetic_train, tmp_p
     assert [sorted(set(r) & {"itc", "itm", "lm"}) for r in log] == [["itc"], ["itc"], ["itc", "itm", "lm"]]
     assert not torch.equal(watched["itm_head"], before["itm_head"])
     assert not torch.equal(watched["decoder self-attention"], before["decoder self-attention"])
+    with pytest.raises(ValueError, match="caption config: 'itc_warmup_steps'"):
+        build_trainer("caption", cfg, tmp_path / "caption", num_workers=0)
