@@ -9,8 +9,8 @@ import torch
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.05):
     """AdamW over every trainable parameter, one group, as official BLIP (momentum copies are
     not trainable and stay out). The fused kernel: one pass per tensor instead of a dozen
-    elementwise ops (the 30524-word embedding is updated densely every step); 2.9 vs 20 ms per
-    step for blip_demo's 5M parameters on 2 CPU cores."""
+    elementwise ops (the 30524-word embedding is updated densely every step); 3.0 vs 18.7 ms per
+    step for blip_demo's 4.9M parameters on 2 CPU cores (benchmarks/bench_optimizer.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
