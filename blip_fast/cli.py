@@ -78,8 +78,8 @@ def _info(args):
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "extension_C": blip_fast.HAS_C,
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "backends": {op: {d: [b for b in ("reference", "sdpa", "cpu", "cuda", "triton",
-                                              "xformers", "flash_attn")
+            "backends": {op: {d: [b for b in ("reference", "sdpa", "onednn", "cpu", "cuda",
+                                              "triton", "xformers", "flash_attn")
                                   if _backend.available(op, b, d)] for d in devices}
                          for op in _backend.PREFERENCE},
             "default": {op: {d: _backend.resolve(op, d) for d in devices}

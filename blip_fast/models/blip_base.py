@@ -8,7 +8,7 @@ from torch import nn
 
 from blip_fast.models.configs import BlipConfig
 
-OPS = ("attention", "cross_attention", "gathered_cross_attention", "itc")
+OPS = ("attention", "cross_attention", "gathered_cross_attention", "itc", "linear")
 
 
 def backend_map(backend: str | dict | None) -> dict:

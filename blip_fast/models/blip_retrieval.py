@@ -13,21 +13,6 @@ from blip_fast.models.vit import VisionTransformer
 ENC_TOKEN_ID = 30523
 
 
-def _gathered_cross_block(layer, x, kv, image_index, rows=None):
-    """The rest of a ``BertLayer`` after self-attention for P pairs: cross-attention over
-    the per-image K / V ``kv`` (from ``image_kv``) read by ``image_index`` (P,), output
-    projection, FFN. x (P, L, hidden) -> (P, L, hidden); with ``rows`` (P,), x holds distinct
-    texts and pair p's is row rows[p], so the (text-only) queries are projected once per text."""
-    sa = layer.crossattention.self
-    q = sa.split_heads(sa.query(x))
-    if rows is not None:
-        x, q = x[rows], q[rows]
-    ctx = ops.gathered_cross_attention(q, *kv, image_index,
-                                       backend=sa.backends.get("gathered_cross_attention"))
-    x = layer.crossattention.output(ctx.transpose(1, 2).reshape(x.shape), x)
-    return layer.output(layer.intermediate(x), x)
-
-
 class BlipITMMixin:
     """Inference API shared by the retrieval and pre-training models."""
 
@@ -56,20 +41,72 @@ class BlipITMMixin:
         out = self.text_encoder(ids, mask, image_embeds, mode="multimodal")
         return self.itm_head(out[:, 0])
 
+    def gathered_itm(self) -> "GatheredITM":
+        """The batched ITM reranker over this model's current weights (``GatheredITM``)."""
+        return GatheredITM(self)
+
+    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
+        """ITC through the op dispatch, reading the queues in place; ``idx`` (fine-tuning)
+        makes same-image pairs positive against the batch and ``idx_queue``. Under autocast
+        the features arrive in bf16 / fp16 while the queues stay fp32: the features are cast up
+        (a (B, B + queue) product, cheap), so the loss is computed in fp32 either way."""
+        q = self.image_queue.dtype
+        image_feat, text_feat, image_feat_m, text_feat_m = (
+            x.to(q) for x in (image_feat, text_feat, image_feat_m, text_feat_m))
+        return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                            self.text_queue, self.temp, alpha, idx,
+                            None if idx is None else self.idx_queue,
+                            backend=self.backends.get("itc"))
+
+    def clamp_temp(self):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+
+def _gathered_cross_block(layer, x, kv, image_index, rows=None):
+    """The rest of a ``BertLayer`` after self-attention for P pairs: cross-attention over
+    the per-image K / V ``kv`` (from ``image_kv``) read by ``image_index`` (P,), output
+    projection, FFN. x (P, L, hidden) -> (P, L, hidden); with ``rows`` (P,), x holds distinct
+    texts and pair p's is row rows[p], so the (text-only) queries are projected once per text."""
+    sa = layer.crossattention.self
+    q = sa.split_heads(sa.query(x))
+    if rows is not None:
+        x, q = x[rows], q[rows]
+    ctx = ops.gathered_cross_attention(q, *kv, image_index,
+                                       backend=sa.backends.get("gathered_cross_attention"))
+    x = layer.crossattention.output(ctx.transpose(1, 2).reshape(x.shape), x)
+    return layer.output(layer.intermediate(x), x)
+
+
+class GatheredITM(nn.Module):
+    """ITM logits of (text, image) pairs read against per-image cross-attention K / V: the
+    batched reranker of the fast retrieval evaluation (DESIGN §6.3), inference only.
+
+    Holds ``model``'s text encoder and ITM head with their linear layers prepacked for the
+    ``linear`` backend of ``model.backends`` (``ops.prepack_linears``: oneDNN's GEMM on CPU,
+    the modules themselves elsewhere); every other tensor is shared with ``model``. The packed
+    weights are a snapshot: build a new one after the weights change."""
+
+    def __init__(self, model):
+        super().__init__()
+        backend = model.backends.get("linear")
+        self.text_encoder = ops.prepack_linears(model.text_encoder, backend)
+        self.itm_head = ops.prepack_linears(model.itm_head, backend)
+
     def image_kv(self, image_embeds):
         """Cross-attention keys / values of every text layer for image tokens (N, Li, W):
         a list with one (k, v) per layer, each (N, H, Li, D); computed once per image."""
         return [layer.crossattention.self.kv(image_embeds)
                 for layer in self.text_encoder.encoder.layer]
 
-    def itm_logits_gathered(self, ids, mask, kv, image_index):
+    def forward(self, ids, mask, kv, image_index):
         """ITM logits (P, 2) of P pairs: text p (ids, mask (P, L), [CLS] first as tokenised)
         with image image_index[p] whose per-layer K / V are ``kv`` (from ``image_kv``).
-        Inference only, exact up to float rounding. Work no pair needs twice is skipped:
-        the first layer's self-attention and cross-attention queries are text-only, so they
-        run once per distinct text of the batch; the ITM head reads only the [ENC] token, so
-        the last layer runs queries, cross-attention and FFN for that token alone (keys /
-        values of all tokens)."""
+        Exact up to float rounding. Work no pair needs twice is skipped: the first layer's
+        self-attention and cross-attention queries are text-only, so they run once per
+        distinct text of the batch; the ITM head reads only the [ENC] token, so the last layer
+        runs queries, cross-attention and FFN for that token alone (keys / values of all
+        tokens)."""
         ids = ids.clone()
         ids[:, 0] = ENC_TOKEN_ID
         enc = self.text_encoder
@@ -91,23 +128,6 @@ class BlipITMMixin:
                                             x[:, :1])
             x = _gathered_cross_block(layers[-1], x, kv[-1], image_index)
         return self.itm_head(x[:, 0])
-
-    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
-        """ITC through the op dispatch, reading the queues in place; ``idx`` (fine-tuning)
-        makes same-image pairs positive against the batch and ``idx_queue``. Under autocast
-        the features arrive in bf16 / fp16 while the queues stay fp32: the features are cast up
-        (a (B, B + queue) product, cheap), so the loss is computed in fp32 either way."""
-        q = self.image_queue.dtype
-        image_feat, text_feat, image_feat_m, text_feat_m = (
-            x.to(q) for x in (image_feat, text_feat, image_feat_m, text_feat_m))
-        return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                            self.text_queue, self.temp, alpha, idx,
-                            None if idx is None else self.idx_queue,
-                            backend=self.backends.get("itc"))
-
-    def clamp_temp(self):
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
 
 
 class BlipRetrieval(BlipITMMixin, MomentumMixin, nn.Module):

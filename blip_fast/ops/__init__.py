@@ -6,6 +6,7 @@ from blip_fast.ops.attention import attention
 from blip_fast.ops.cross_attention import cross_attention
 from blip_fast.ops.gathered_cross_attention import gathered_cross_attention
 from blip_fast.ops.itc import itc_loss
+from blip_fast.ops.linear import PackedLinear, prepack_linears
 
-__all__ = ["attention", "cross_attention", "gathered_cross_attention", "itc_loss", "reference",
-           "available", "resolve"]
+__all__ = ["attention", "cross_attention", "gathered_cross_attention", "itc_loss",
+           "prepack_linears", "PackedLinear", "reference", "available", "resolve"]

@@ -25,6 +25,10 @@ PREFERENCE = {
     "gathered_cross_attention": {"cuda": ("triton", "cuda", "reference"),
                                  "cpu": ("cpu", "reference")},
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
+    # Inference GEMMs (ops/linear.py): oneDNN's AVX-512 fp32 GEMM, 2.3x MKL's (AVX2 on AMD)
+    # at the ITM reranker's shapes (benchmarks/results/linear-cpu.json, AMD EPYC, 1 thread).
+    # CUDA keeps cuBLAS (reference).
+    "linear": {"cpu": ("onednn", "reference")},
 }
 
 
@@ -57,6 +61,8 @@ def available(op: str, backend: str, device_type: str) -> bool:
         return True
     if backend == "sdpa":
         return op in ("attention", "cross_attention")
+    if backend == "onednn":
+        return op == "linear" and device_type == "cpu" and torch.backends.mkldnn.is_available()
     if backend == "triton":
         return device_type == "cuda" and _triton_ok() and op in KERNEL_OPS.get("triton", {})
     if backend in ("cpu", "cuda"):

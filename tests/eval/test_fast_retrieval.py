@@ -13,6 +13,8 @@ from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
 from blip_fast.eval.fast import candidates, fast_scores
 from blip_fast.eval.metrics import KEYS
 from blip_fast.eval.retrieval import encode_images, encode_texts, evaluate, reference_scores
+from blip_fast.models.blip_retrieval import GatheredITM
+from blip_fast.ops import PackedLinear
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +124,13 @@ def test_trimmed_batches_on_mixed_lengths_equal_padded_reference(setup, monkeypa
     assert mask.sum(1).min() == 3 and mask.sum(1).max() == 35
     feats, i_embed = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=4))
     widths = []
-    gathered = type(model).itm_logits_gathered
+    gathered = GatheredITM.forward
 
     def spy(self, ids, *args):
         widths.append(ids.shape[1])
         return gathered(self, ids, *args)
 
-    monkeypatch.setattr(type(model), "itm_logits_gathered", spy)
+    monkeypatch.setattr(GatheredITM, "forward", spy)
     ref = reference_scores(model, feats, i_embed, t_embed, ids, mask, 5)
     got = fast_scores(model, feats, i_embed, t_embed, ids, mask, 5, itm_batch=7)
     assert min(widths) == 3 and max(widths) == 35
@@ -137,15 +139,24 @@ def test_trimmed_batches_on_mixed_lengths_equal_padded_reference(setup, monkeypa
         torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
 
 
-def test_gathered_hook_matches_multimodal(setup):
-    model, ds, _ = setup
+@pytest.mark.parametrize("linear", ["reference", "onednn"])
+def test_gathered_itm_matches_multimodal(setup, linear):
+    _, ds, _ = setup
+    torch.manual_seed(0)
+    model = create_model("retrieval", "blip_tiny", backend={"linear": linear}).eval()
     feats, _, _, ids, mask = _encode(model, ds)
     index = torch.tensor([3, 0, 3, 7, 1, 5])
     texts = torch.tensor([0, 1, 2, 0, 3, 0])  # text 0 with three images: its queries shared
+    itm = model.gathered_itm()
+    packed = [m for m in itm.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == (0 if linear == "reference" else 10 * 2 + 1)  # 10 per layer + head
     with torch.no_grad():
         want = model.itm_logits(ids[texts], mask[texts], feats[index])
-        got = model.itm_logits_gathered(ids[texts], mask[texts], model.image_kv(feats), index)
+        got = itm(ids[texts], mask[texts], itm.image_kv(feats), index)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the model itself is untouched: same modules, same parameter objects
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert {id(p) for p in itm.parameters()} <= {id(p) for p in model.parameters()}
 
 
 def _worker(rank, world, port, root, out):

@@ -1,0 +1,79 @@
+"""Inference linear layers on oneDNN's prepacked fp32 GEMM (CPU).
+
+Why: torch's x86 CPU wheels run fp32 ``F.linear`` through MKL's SGEMM, which takes its AVX2
+code path on AMD CPUs: ~100 GFLOP/s on one core of this project's AMD EPYC (Zen 5, AVX-512)
+VMs, at every shape, while oneDNN, shipped inside the same wheel, runs AVX-512 there at
+~230 GFLOP/s (``benchmarks/bench_linear.py``, results/linear-cpu.json). On a CPU where MKL
+already runs AVX-512 (Intel) the two are expected to be close; the benchmark says.
+
+``prepack_linears(module)`` returns an inference copy of ``module`` whose ``nn.Linear`` layers
+are ``PackedLinear``: the weight reordered once into oneDNN's blocked layout, then each call is
+one GEMM with the bias fused in (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's
+CPU freezing path emits). Every other parameter and buffer is shared with ``module``, not
+copied. The packed weights are a snapshot: build the copy again after the weights change.
+
+Backends (``_backend.PREFERENCE["linear"]``): ``onednn`` on CPU where torch has mkldnn, else
+``reference`` (``prepack_linears`` returns ``module`` itself: ``F.linear``, what models run).
+"""
+import copy
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_fast.ops import _backend
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` with its fp32 weight prepacked for oneDNN, inference only.
+
+    forward(x (..., in_features)) -> (..., out_features). fp32 inputs without autograd run the
+    packed GEMM; anything else (autocast, other dtypes, inputs or weights that need grads)
+    runs ``F.linear`` on the original weight, so results never depend on the path taken
+    beyond float rounding."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+            raise ValueError(f"PackedLinear: needs an fp32 CPU weight, got "
+                             f"{linear.weight.dtype} on {linear.weight.device}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # shared, for the F.linear path
+        # (out_features, in_features) in oneDNN's blocked layout; an opaque mkldnn tensor
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+
+    def forward(self, x):
+        grads = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.dtype != torch.float32 or grads or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+
+
+def _packable(m: nn.Module) -> bool:
+    # fp32 only: bf16 / fp16 F.linear already runs oneDNN on CPU
+    return type(m) is nn.Linear and m.weight.dtype == torch.float32
+
+
+def prepack_linears(module: nn.Module, backend: str | None = None) -> nn.Module:
+    """Inference copy of ``module`` with every fp32 ``nn.Linear`` (or ``module`` itself, if
+    one) replaced by a ``PackedLinear`` (backend ``onednn``), or ``module`` itself (backend
+    ``reference``). ``backend``: None = ``BLIP_FAST_BACKEND``, else the best available for
+    the module's device."""
+    tensors = list(itertools.chain(module.parameters(), module.buffers()))
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if _backend.resolve("linear", device, backend) == "reference":
+        return module
+    if _packable(module):
+        return PackedLinear(module)
+    shared = {id(t): t for t in tensors}  # deepcopy copies the modules, not their tensors
+    packed = copy.deepcopy(module, memo=shared)
+    for parent in list(packed.modules()):
+        for name, child in parent.named_children():
+            if _packable(child):
+                setattr(parent, name, PackedLinear(child))
+    return packed.eval()

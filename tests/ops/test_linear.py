@@ -1,0 +1,111 @@
+"""blip_fast.ops.linear: PackedLinear (oneDNN prepacked GEMM) vs the nn.Linear it replaces, the
+paths that fall back to F.linear, and prepack_linears' copy semantics."""
+import pytest
+import torch
+from _utils import TOL, assert_close_verbose
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from blip_fast.ops import PackedLinear, _backend, prepack_linears
+
+ONEDNN = _backend.available("linear", "onednn", "cpu")
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without mkldnn")
+# (input shape, out_features): the ITM reranker's (pairs x tokens, 256 -> 1024), odd sizes
+# below one oneDNN block, a single row, and 3-D / 4-D inputs as the model passes them.
+CASES = [((2944, 256), 1024), ((37, 129), 67), ((1, 64), 3), ((5, 23, 64), 128),
+         ((2, 3, 7, 40), 40)]
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the ATen / mkldnn ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_packed_matches_linear(case, bias):
+    shape, out_features = case
+    torch.manual_seed(0)
+    linear = nn.Linear(shape[-1], out_features, bias=bias)  # U(±1/√in): outputs of order 1
+    x = torch.randn(shape)
+    packed = PackedLinear(linear)
+    with torch.no_grad(), OpsSeen() as seen:
+        got = packed(x)
+    assert any("mkldnn._linear_pointwise" in n for n in seen.names), seen.names
+    with torch.no_grad():
+        want = linear(x)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert_close_verbose(got, want, **TOL[torch.float32], name="packed linear")
+    # and no less accurate than MKL's fp32 GEMM against the fp64 product
+    exact = nn.functional.linear(x.double(), linear.weight.double(),
+                                 None if linear.bias is None else linear.bias.double())
+    err, mkl_err = ((t.double() - exact).abs().max().item() for t in (got, want))
+    assert err <= 2 * mkl_err + 1e-7, (err, mkl_err)
+
+
+@needs_onednn
+def test_packed_reads_non_contiguous_input():
+    linear = nn.Linear(48, 32)
+    x = torch.randn(48, 10).t()  # (10, 48), column-major
+    with torch.no_grad():
+        assert_close_verbose(PackedLinear(linear)(x), linear(x), **TOL[torch.float32])
+
+
+@needs_onednn
+def test_falls_back_to_linear_for_grads_autocast_and_other_dtypes():
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    packed = PackedLinear(linear)
+    x = torch.randn(6, 40, requires_grad=True)
+    packed(x).square().sum().backward()  # grads flow through F.linear on the shared weight
+    gx, gw = x.grad.clone(), linear.weight.grad.clone()
+    x.grad = linear.weight.grad = None
+    linear(x).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(gw, linear.weight.grad, rtol=0, atol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(packed(x), linear(x)) and packed(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        x64 = x.double()
+        with pytest.raises(RuntimeError):  # F.linear's own dtype error, not a silent cast
+            packed(x64)
+
+
+def test_packed_linear_rejects_non_fp32_weights():
+    with pytest.raises(ValueError, match="fp32 CPU weight"):
+        PackedLinear(nn.Linear(4, 4).bfloat16())
+
+
+@needs_onednn
+def test_prepack_copies_modules_shares_tensors_leaves_original():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64),
+                          nn.Sequential(nn.Linear(64, 16)), nn.Linear(16, 8).bfloat16())
+    packed = prepack_linears(model)
+    kinds = [type(m).__name__ for m in packed.modules()]
+    assert kinds.count("PackedLinear") == 2 and kinds.count("Linear") == 1  # bf16 one kept
+    assert all(type(m) is not PackedLinear for m in model.modules())
+    ids = {id(p) for p in model.parameters()}
+    assert {id(p) for p in packed.parameters()} <= ids
+    assert packed[2].weight is model[2].weight  # LayerNorm shared, not copied
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        assert_close_verbose(packed[:4](x), model[:4](x), **TOL[torch.float32])
+    assert isinstance(prepack_linears(nn.Linear(3, 5)), PackedLinear)
+
+
+def test_reference_backend_returns_the_module_and_default_is_onednn():
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert prepack_linears(model, backend="reference") is model
+    assert _backend.resolve("linear", "cpu") == ("onednn" if ONEDNN else "reference")
+    assert _backend.resolve("linear", "cuda") == "reference"
+    with pytest.raises(RuntimeError, match="cannot run op 'linear'"):
+        _backend.resolve("linear", "cuda", "onednn")
