@@ -40,10 +40,15 @@ def time_ms(fn, device: str, min_run_time: float = 1.0) -> dict:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
+    try:  # model name, then family / model and the widest SIMD: MKL's code path depends on them
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        simd = "AVX-512" if "avx512f" in info["flags"].split() else "AVX2" \
+            if "avx2" in info["flags"].split() else "no AVX2"
+        model = f"{info['model name']} (family {info['cpu family']} model {info['model']}, {simd})"
+    except (OSError, KeyError):
         model = platform.processor() or platform.machine()
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 

@@ -19,7 +19,10 @@ less arithmetic alone (beyond it only a higher FLOP/s helps).
 
 ``--image-size S`` builds the preset with ``vision.image_size = S`` (e.g. 384: 577 image tokens,
 as official, instead of 65): its rows are labelled "... <S>px" and go to a separate file,
-retrieval_eval_<S>-<device>.json, so the default run's file is kept.
+retrieval_eval_<S>-<device>.json, so the default run's file is kept; ``--threads N`` adds
+``_<N>t`` to the file name the same way.
+On CPU the fast path is also timed with plain ``F.linear`` GEMMs (``--linear-baseline``), which
+splits its speed-up into the loop's (less work) and the prepacked oneDNN GEMMs' (faster work).
 
     python benchmarks/bench_retrieval_eval.py [--quick] [--device cpu|cuda] [--threads N]
         [--images N] [--k-test K] [--image-size S]
@@ -41,6 +44,7 @@ from blip_fast.eval.metrics import KEYS, retrieval_metrics
 from blip_fast.eval.retrieval import (encode_images, encode_texts, precision_context,
                                       reference_scores)
 from blip_fast.models.factory import as_config
+from blip_fast.ops import _backend
 
 
 def matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_img):
@@ -78,6 +82,10 @@ def main():
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the fast path in bf16 (encoders too) and compare its metrics "
                         "with fp32 (default: on CUDA)")
+    p.add_argument("--linear-baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the fast path with plain F.linear GEMMs (linear backend "
+                        "'reference'), splitting its speed-up into the loop's and the packed "
+                        "GEMMs' (default: on where the linear backend is not 'reference')")
     p.add_argument("--flop-images", type=int,
                    help="images (and their texts) whose matmul FLOPs are counted per path "
                         "(default: 2 x k_test on CPU, so both candidate lists keep their "
@@ -127,7 +135,7 @@ def main():
             torch.cuda.synchronize()
         sec = time.perf_counter() - t
         metrics = retrieval_metrics(s_i2t, s_t2i, ds.txt2img, ds.img2txt)
-        print(f"{name:9s}: rerank {sec:8.2f} s, {n_pairs / sec:9.0f} pairs/s ({n_pairs} of "
+        print(f"{name:13s}: rerank {sec:8.2f} s, {n_pairs / sec:9.0f} pairs/s ({n_pairs} of "
               f"the official {pairs} pairs)")
         return sec, metrics, (s_i2t, s_t2i)
 
@@ -164,6 +172,20 @@ def main():
                                                           for key in KEYS))
     assert ref_pairs < pairs or ref_m == fast_m, (ref_m, fast_m)  # whole matrices only
     assert max_diff < 1e-4, max_diff
+    backends = {op: _backend.resolve(op, dev) for op in _backend.PREFERENCE}
+    print("backends: " + ", ".join(f"{op} {b}" for op, b in backends.items()))
+    plain = {}
+    if args.linear_baseline if args.linear_baseline is not None else \
+            backends["linear"] != "reference":
+        plain_model = create_model("retrieval", cfg, backend={"linear": "reference"})
+        plain_model.load_state_dict(model.state_dict())
+        sec, plain_m, _ = run("fast F.linear", lambda: fast_scores(
+            plain_model.to(dev).eval(), feats, i_embed, t_embed, ids, mask, k,
+            itm_batch=args.itm_batch))
+        assert plain_m == fast_m, (plain_m, fast_m)
+        print(f"split: the fast loop with F.linear GEMMs {ref_s / sec:.2f}x, its "
+              f"{backends['linear']} GEMMs {sec / fast_s:.2f}x more")
+        plain = {"fast_linear_reference_s": sec, "linear_speedup": sec / fast_s}
     bf16 = {}
     if args.bf16 if args.bf16 is not None else gpu:
         with precision_context("bf16", dev):
@@ -180,14 +202,15 @@ def main():
               "image_tokens": model.cfg.vision.num_tokens, "images": len(ds.image),
               "texts": len(ds.text), "k_test": k, "pairs_scored": pairs, "encode_s": encode_s,
               "metrics": fast_m, "max_abs_score_diff": max_diff,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "backends": backends,
               "load_avg_1min": [load_before, os.getloadavg()[0]]}
     rows = [{**common, "provider": "reference", "median_ms": ref_s * 1e3,
              "pairs_per_s": pairs / ref_s, "itm_pairs": pairs, "pairs_timed": ref_pairs},
             {**common, "provider": "fast", "median_ms": fast_s * 1e3, "pairs_per_s": pairs / fast_s,
              "itm_pairs": stats["itm_pairs"], "kv_s": stats["kv_s"], "itm_s": stats["itm_s"],
-             "speedup": speedup, "matmul_flops": flops, **bf16}]
-    name = "retrieval_eval" + (f"_{size}" if resized else "") + ("_quick" if args.quick else "")
+             "speedup": speedup, "matmul_flops": flops, **plain, **bf16}]
+    name = ("retrieval_eval" + (f"_{size}" if resized else "") + ("_quick" if args.quick else "")
+            + (f"_{args.threads}t" if args.threads else ""))
     print("wrote", _harness.write_results(name, dev, rows, plot=False))
 
 

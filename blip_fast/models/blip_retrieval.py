@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_fast import ops
+from blip_fast.ops import reference
 from blip_fast.models.blip_base import MomentumMixin, backend_map, enqueue, init_queues, itm_head
 from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertModel
@@ -78,6 +79,25 @@ def _gathered_cross_block(layer, x, kv, image_index, rows=None):
     return layer.output(layer.intermediate(x), x)
 
 
+def _enc_self_attention(sa, x, mask):
+    """Self-attention context of the [ENC] token (query 0) alone: (P, 1, hidden) for x
+    (P, L, hidden), mask (P, L) bool. Its scores against the keys x Wkᵀ + bk are x · (Wk q)
+    plus one constant per head (which softmax ignores), and its context p · (x Wvᵀ + bv) is
+    (p · x) Wvᵀ + bv since the probabilities sum to 1: the keys and values of all L tokens
+    (2 L hidden² per pair) are never formed; 2 hidden² + 2 H L hidden instead."""
+    P, L, W = x.shape
+    H, D = sa.heads, sa.head_dim
+    q = sa.query(x[:, 0]).view(P, H, D)
+    u = torch.einsum("phd,hdw->phw", q, sa.key.weight.view(H, D, W))  # Wk q per head
+    scores = torch.bmm(u, x.transpose(1, 2)) * D ** -0.5  # (P, H, L)
+    scores = scores + reference.additive_mask(mask, False, 1, L, x.dtype, x.device)[:, 0]
+    ctx = torch.einsum("phw,hdw->phd", torch.bmm(scores.softmax(-1), x),
+                       sa.value.weight.view(H, D, W))
+    if sa.value.bias is not None:
+        ctx = ctx + sa.value.bias.view(H, D)
+    return ctx.reshape(P, 1, H * D)
+
+
 class GatheredITM(nn.Module):
     """ITM logits of (text, image) pairs read against per-image cross-attention K / V: the
     batched reranker of the fast retrieval evaluation (DESIGN §6.3), inference only.
@@ -92,6 +112,9 @@ class GatheredITM(nn.Module):
         backend = model.backends.get("linear")
         self.text_encoder = ops.prepack_linears(model.text_encoder, backend)
         self.itm_head = ops.prepack_linears(model.itm_head, backend)
+        for layer in self.text_encoder.encoder.layer:
+            if isinstance(layer.intermediate.dense, ops.PackedLinear):  # GELU inside the GEMM
+                layer.intermediate = layer.intermediate.dense.with_activation("gelu")
 
     def image_kv(self, image_embeds):
         """Cross-attention keys / values of every text layer for image tokens (N, Li, W):
@@ -105,8 +128,7 @@ class GatheredITM(nn.Module):
         Exact up to float rounding. Work no pair needs twice is skipped: the first layer's
         self-attention and cross-attention queries are text-only, so they run once per
         distinct text of the batch; the ITM head reads only the [ENC] token, so the last layer
-        runs queries, cross-attention and FFN for that token alone (keys / values of all
-        tokens)."""
+        runs for that token alone (``_enc_self_attention``)."""
         ids = ids.clone()
         ids[:, 0] = ENC_TOKEN_ID
         enc = self.text_encoder
@@ -120,12 +142,8 @@ class GatheredITM(nn.Module):
         for layer, layer_kv in zip(layers[1:-1], kv[1:-1]):
             x = _gathered_cross_block(layer, layer.attention(x, x, m), layer_kv, image_index)
         if len(layers) > 1:
-            sa = layers[-1].attention.self
-            q = sa.split_heads(sa.query(x[:, :1]))
-            k, v = sa.kv(x)
-            ctx = ops.attention(q, k, v, m, backend=sa.backends.get("attention"))
-            x = layers[-1].attention.output(ctx.transpose(1, 2).reshape(x.shape[0], 1, -1),
-                                            x[:, :1])
+            attn = layers[-1].attention
+            x = attn.output(_enc_self_attention(attn.self, x, m), x[:, :1])
             x = _gathered_cross_block(layers[-1], x, kv[-1], image_index)
         return self.itm_head(x[:, 0])
 

@@ -15,7 +15,10 @@ log = logging.getLogger("blip_fast")
 
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
-    "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
+    # C++ (the cross-attention kernel; causal / dropout go to sdpa) beats sdpa on CPU, fwd and
+    # fwd+bwd ms, 1 thread: 1.3 / 8.2 vs 3.5 / 12.6 at 128x4x23x23 (ITM reranker), 28 / 108 vs
+    # 54 / 197 at 32x12x197x197 (ViT-B/224) (benchmarks/bench_attention.py, AMD EPYC Zen 5).
+    "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
     # C++ beats sdpa on CPU: 36.7 vs 51.7 ms fwd, 188 vs 228 ms fwd+bwd at 64x12x35x577 fp32
     # (benchmarks/results/attention-cpu.json, 2-core VM, quiet).
     "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},

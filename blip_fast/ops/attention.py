@@ -10,7 +10,10 @@ kernels of ``blip_fast.kernels.cross_attention`` with their CAUSAL flag):
         -> (dq, dk, dv)
 Causal is bottom-right aligned (query i sees keys j <= Lk - Lq + i), so Lq < Lk decoding over a
 KV cache works; masked keys get -10000 added, as official BERT (``reference.additive_mask``).
-The xformers / flash_attn backends are plain Python calls (``blip_fast.ops._external``).
+The xformers / flash_attn backends are plain Python calls (``blip_fast.ops._external``). The
+``cpu`` backend is the C++ cross-attention kernel (``blip_fast::cross_attention_fwd``, forward
+and backward): it has a padding mask but no causal mask or dropout, which go to sdpa when the
+backend was chosen automatically.
 """
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,7 @@ _FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, b
 _BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
         "Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)")
 _OPS = {"triton": "attention_fwd_triton"}
+_CPU_OP = "cross_attention_fwd"  # (q, k, v, key_padding_mask, scale) -> (out, lse)
 
 _register_family("_triton", "attention", _FWD, _BWD, reference.attention_fwd,
                  reference.attention_bwd)
@@ -32,7 +36,7 @@ if _backend._triton_ok():
 
     lib.impl("attention_fwd_triton", _k.attention_fwd, "CUDA")
     lib.impl("attention_bwd_triton", _k.attention_bwd, "CUDA")
-for _name, _op in _OPS.items():
+for _name, _op in {**_OPS, "cpu": _CPU_OP}.items():
     _backend.KERNEL_OPS.setdefault(_name, {})["attention"] = _op
 
 
@@ -50,15 +54,20 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, backe
     (reference / sdpa only). Returns (batch, heads, q_len, head_dim).
     """
     requested, backend = backend, _backend.resolve("attention", q.device, backend)
-    if backend in _OPS and dropout_p > 0.0 and requested is None:
-        backend = "sdpa"  # automatic choice: the fused kernels have no dropout (training only)
+    unsupported = ("causal" if causal and backend == "cpu" else
+                   f"dropout_p={dropout_p}" if dropout_p > 0.0 and backend in (*_OPS, "cpu")
+                   else None)
+    if unsupported and requested is None:
+        backend = "sdpa"  # automatic choice: the fused kernels lack it (decoder / training)
+    elif unsupported:
+        raise ValueError(f"attention: backend {backend!r} does not support {unsupported}; use "
+                         f"backend='sdpa' or 'reference'")
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, dropout_p)
+    mask = None if key_padding_mask is None else key_padding_mask.bool()
+    if backend == "cpu":
+        return getattr(torch.ops.blip_fast, _CPU_OP)(q, k, v, mask, q.shape[-1] ** -0.5)[0]
     if backend in _OPS:
-        if dropout_p > 0.0:
-            raise ValueError(f"attention: backend {backend!r} does not support dropout_p > 0 "
-                             f"(got dropout_p={dropout_p}); use backend='sdpa' or 'reference'")
-        mask = None if key_padding_mask is None else key_padding_mask.bool()
         op = getattr(torch.ops.blip_fast, _OPS[backend])
         return op(q, k, v, mask, q.shape[-1] ** -0.5, bool(causal))[0]
     if backend in _external.BACKENDS:

@@ -26,32 +26,55 @@ from blip_fast.ops import _backend
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with its fp32 weight prepacked for oneDNN, inference only.
+    """``nn.Linear`` with its fp32 weight prepacked for oneDNN, inference only; with
+    ``activation="gelu"`` the (erf) GELU after it runs inside the GEMM (oneDNN post-op).
 
     forward(x (..., in_features)) -> (..., out_features). fp32 inputs without autograd run the
     packed GEMM; anything else (autocast, other dtypes, inputs or weights that need grads)
-    runs ``F.linear`` on the original weight, so results never depend on the path taken
-    beyond float rounding."""
+    runs ``F.linear`` (then ``F.gelu``) on the original weight, so results never depend on the
+    path taken beyond float rounding."""
 
-    def __init__(self, linear: nn.Linear):
+    ACTIVATIONS = (None, "gelu")
+
+    def __init__(self, linear: nn.Linear, activation: str | None = None, packed=None):
         super().__init__()
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
             raise ValueError(f"PackedLinear: needs an fp32 CPU weight, got "
                              f"{linear.weight.dtype} on {linear.weight.device}")
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"PackedLinear: activation must be one of {self.ACTIVATIONS}, "
+                             f"got {activation!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # shared, for the F.linear path
+        self.linear, self.activation = linear, activation  # shared, for the F.linear path
         # (out_features, in_features) in oneDNN's blocked layout; an opaque mkldnn tensor
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+                       if packed is None else packed)
+
+    @property
+    def weight(self):  # (out_features, in_features), the original
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    def with_activation(self, activation: str | None) -> "PackedLinear":
+        """The same packed weight with ``activation`` applied after it (no second pack)."""
+        return PackedLinear(self.linear, activation, self.packed)
 
     def forward(self, x):
-        grads = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        w, b = self.linear.weight, self.linear.bias
+        grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
         if x.dtype != torch.float32 or grads or torch.is_autocast_enabled("cpu"):
-            return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+            y = F.linear(x, w, b)
+            return y if self.activation is None else F.gelu(y)
+        post = ("gelu", [], "none") if self.activation == "gelu" else ("none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None if b is None else
+                                                  b.detach(), *post)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+                + (f", activation={self.activation}" if self.activation else ""))
 
 
 def _packable(m: nn.Module) -> bool:

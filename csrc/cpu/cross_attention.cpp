@@ -273,6 +273,25 @@ BLIP_FAST_TARGET_CLONES void bwd_head(const CrossAttentionBwdParams& p, int64_t 
   store_rows(w.dq.data(), dp, Lq, D, static_cast<scalar_t*>(p.dq) + bh * Lq * D);
 }
 
+// Asks for the K / V rows of forward item `item` ahead of use. Gathered (ITM reranking),
+// consecutive pairs attend over different images whose K / V are rarely in cache: 128 pairs
+// x 4 heads x 23 queries over 65 tokens took 4.0-4.4 ms with 200 images' caches vs 2.5-2.8
+// with 8; prefetching 2 items ahead: 3.6-3.7 ms (1 ahead: 3.7-4.2, 3: 3.8; AMD EPYC, 1 thread,
+// best of 7, a noisy VM).
+template <typename scalar_t>
+BLIP_FAST_INLINE void prefetch_kv(const CrossAttentionFwdParams& p, int64_t item) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
+  const int64_t bh = item / ((p.q_len + kBlockQ - 1) / kBlockQ), b = bh / p.heads;
+  const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b], h = bh % p.heads;
+  for (const Operand* x : {&p.k, &p.v}) {
+    const auto* head = static_cast<const scalar_t*>(x->data) + kb * x->batch_stride +
+                       h * x->head_stride;
+    for (int64_t j = 0; j < p.k_len; ++j)
+      for (int64_t d = 0; d < p.head_dim; d += kLine)
+        __builtin_prefetch(head + j * x->row_stride + d, 0, 3);
+  }
+}
+
 template <typename scalar_t>
 void fwd(const CrossAttentionFwdParams& p) {
   const int64_t items = p.batch * p.heads * ((p.q_len + kBlockQ - 1) / kBlockQ);
@@ -280,7 +299,10 @@ void fwd(const CrossAttentionFwdParams& p) {
   {
     FwdScratch<acc_type<scalar_t>> scratch(p.head_dim);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) fwd_tile<scalar_t>(p, item, scratch);
+    for (int64_t item = 0; item < items; ++item) {
+      if (p.kv_index != nullptr && item + 2 < items) prefetch_kv<scalar_t>(p, item + 2);
+      fwd_tile<scalar_t>(p, item, scratch);
+    }
   }
 }
 

@@ -99,8 +99,37 @@ BLIP_FAST_INLINE Vec<double> exp(Vec<double> x) {
   return x;
 }
 
-// Micro-kernel block: kMR rows × kWidth columns of C stay in registers.
+// Micro-kernel block: kMR rows × (nv · kWidth) columns of C stay in registers.
 constexpr int64_t kMR = 4;
+
+// Column vectors per block, nv. Each accumulator takes one FMA per k step, so a block needs
+// about latency × FMA ports (4 × 2 on current x86) independent accumulators to keep the FMA
+// units busy: kMR × 1 left them half idle (gathered cross-attention at 23 queries × 65 keys,
+// AMD EPYC Zen 5: 92 GFLOP/s, see benchmarks/bench_attention.py). AVX-512's 32 registers hold
+// kMR × 4 accumulators; under AVX2 a Vec is two of its 16 registers, so it keeps kMR × 1.
+BLIP_FAST_INLINE int64_t max_block_vectors() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 ? 4 : 1;
+}
+
+template <int64_t kNV, bool kAccumulate, typename T>
+BLIP_FAST_INLINE void gemm_block(int64_t K, const T* a, int64_t lda, int64_t a_k_stride,
+                                 const T* B, int64_t ldb, T* C, int64_t ldc) {
+  Vec<T> acc[kMR][kNV];
+  for (int64_t r = 0; r < kMR; ++r)
+    for (int64_t v = 0; v < kNV; ++v)
+      acc[r][v] = kAccumulate ? load(C + r * ldc + v * kWidth) : Vec<T>{};
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T> b[kNV];
+    for (int64_t v = 0; v < kNV; ++v) b[v] = load(B + k * ldb + v * kWidth);
+    for (int64_t r = 0; r < kMR; ++r) {
+      const T x = a[r * lda + k * a_k_stride];
+      for (int64_t v = 0; v < kNV; ++v) acc[r][v] += x * b[v];
+    }
+  }
+  for (int64_t r = 0; r < kMR; ++r)
+    for (int64_t v = 0; v < kNV; ++v) store(C + r * ldc + v * kWidth, acc[r][v]);
+}
 
 // C[M, N] (+)= A[M, K] · B[K, N], B and C row-major, A(r, k) = A[r · lda + k · a_k_stride]
 // (row-major by default; A's elements are broadcast one at a time, so a transposed A costs
@@ -110,17 +139,17 @@ constexpr int64_t kMR = 4;
 template <bool kAccumulate, typename T>
 BLIP_FAST_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                            int64_t ldb, T* C, int64_t ldc, int64_t a_k_stride = 1) {
+  const int64_t nv = max_block_vectors();
   for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-    for (int64_t j0 = 0; j0 < N; j0 += kWidth) {
-      Vec<T> acc[kMR];
-      for (int64_t r = 0; r < kMR; ++r) acc[r] = kAccumulate ? load(C + (i0 + r) * ldc + j0) : Vec<T>{};
-      const T* a = A + i0 * lda;
-      for (int64_t k = 0; k < K; ++k) {
-        const Vec<T> b = load(B + k * ldb + j0);
-        for (int64_t r = 0; r < kMR; ++r) acc[r] += a[r * lda + k * a_k_stride] * b;
-      }
-      for (int64_t r = 0; r < kMR; ++r) store(C + (i0 + r) * ldc + j0, acc[r]);
-    }
+    const T* a = A + i0 * lda;
+    T* c = C + i0 * ldc;
+    int64_t j0 = 0;
+    for (; nv >= 4 && j0 + 4 * kWidth <= N; j0 += 4 * kWidth)
+      gemm_block<4, kAccumulate>(K, a, lda, a_k_stride, B + j0, ldb, c + j0, ldc);
+    for (; nv >= 2 && j0 + 2 * kWidth <= N; j0 += 2 * kWidth)
+      gemm_block<2, kAccumulate>(K, a, lda, a_k_stride, B + j0, ldb, c + j0, ldc);
+    for (; j0 < N; j0 += kWidth)
+      gemm_block<1, kAccumulate>(K, a, lda, a_k_stride, B + j0, ldb, c + j0, ldc);
   }
 }
 

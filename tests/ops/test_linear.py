@@ -2,6 +2,7 @@
 paths that fall back to F.linear, and prepack_linears' copy semantics."""
 import pytest
 import torch
+import torch.nn.functional as F
 from _utils import TOL, assert_close_verbose
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,6 +53,28 @@ def test_packed_matches_linear(case, bias):
 
 
 @needs_onednn
+@pytest.mark.parametrize("case", CASES[:2])
+def test_gelu_runs_inside_the_gemm(case):
+    shape, out_features = case
+    torch.manual_seed(1)
+    linear = nn.Linear(shape[-1], out_features)
+    x = torch.randn(shape)
+    plain = PackedLinear(linear)
+    fused = plain.with_activation("gelu")
+    assert fused.packed is plain.packed  # one packed weight
+    with torch.no_grad(), OpsSeen() as seen:
+        got = fused(x)
+    assert not any("gelu" in n for n in seen.names), seen.names  # no separate GELU kernel
+    with torch.no_grad():
+        want = F.gelu(linear(x))
+    assert_close_verbose(got, want, **TOL[torch.float32], name="packed linear + gelu")
+    x.requires_grad_()
+    torch.testing.assert_close(fused(x), F.gelu(linear(x)), rtol=0, atol=0)  # F.linear path
+    with pytest.raises(ValueError, match="activation must be one of"):
+        plain.with_activation("relu")
+
+
+@needs_onednn
 def test_packed_reads_non_contiguous_input():
     linear = nn.Linear(48, 32)
     x = torch.randn(48, 10).t()  # (10, 48), column-major
@@ -90,8 +113,9 @@ def test_prepack_copies_modules_shares_tensors_leaves_original():
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64),
                           nn.Sequential(nn.Linear(64, 16)), nn.Linear(16, 8).bfloat16())
     packed = prepack_linears(model)
-    kinds = [type(m).__name__ for m in packed.modules()]
-    assert kinds.count("PackedLinear") == 2 and kinds.count("Linear") == 1  # bf16 one kept
+    assert [type(m) for m in packed] == [PackedLinear, nn.GELU, nn.LayerNorm, nn.Sequential,
+                                         nn.Linear]  # the bf16 layer is kept
+    assert type(packed[3][0]) is PackedLinear
     assert all(type(m) is not PackedLinear for m in model.modules())
     ids = {id(p) for p in model.parameters()}
     assert {id(p) for p in packed.parameters()} <= ids
