@@ -1,5 +1,6 @@
 """Cross-attention (text queries over image tokens): every available backend vs the reference,
-forward and forward + backward, on BLIP's retrieval-eval and training shapes; then the gathered
+forward and forward + backward, on BLIP's retrieval-eval and training shapes; self-attention
+(the ``attention`` op: padded text, ViT tokens) the same way; then the gathered
 cross-attention of ITM reranking (pairs read cached image K / V by index) vs copying K / V per
 pair + sdpa, inference only.
 
@@ -15,7 +16,7 @@ import torch
 
 import torch.nn.functional as F
 
-from blip_fast.ops import _backend, cross_attention, gathered_cross_attention
+from blip_fast.ops import _backend, attention, cross_attention, gathered_cross_attention
 
 BACKENDS = ("reference", "sdpa", "cpu", "cuda", "triton", "xformers", "flash_attn")
 HEADS, Q_LEN, HEAD_DIM = 12, 35, 64  # BERT-base heads, BLIP's retrieval text length, 768 / 12
@@ -26,6 +27,10 @@ SHAPES = {
     "cuda": [(512, 577), (512, 197)],
 }
 QUICK_SHAPES = [(4, 577), (4, 197)]
+# (batch, tokens) for self-attention: reranker text batches (35 padded tokens, ~5 of them
+# padding) and ViT-B/224's 197 tokens.
+SELF_SHAPES = {"cpu": [(128, 35), (32, 197)], "cuda": [(512, 35), (256, 197)]}
+QUICK_SELF_SHAPES = [(4, 35)]
 # (pairs, images, image tokens) for the gathered op: a reranking batch of 512 pairs whose
 # candidates come from 64 images (each image's K / V cached once).
 GATHER_SHAPES = {"cpu": [(64, 16, 577)], "cuda": [(512, 64, 577), (512, 64, 197)]}
@@ -39,16 +44,23 @@ def make_case(batch, k_len, device, dtype):
     return q, k, v, mask
 
 
-def forward_fn(backend, q, k, v, mask):
-    return lambda: cross_attention(q, k, v, mask, backend=backend)
+def make_self_case(batch, length, device, dtype):
+    q, k, v = (torch.randn(batch, HEADS, length, HEAD_DIM, device=device, dtype=dtype)
+               for _ in "qkv")
+    lengths = torch.randint(length - 10, length + 1, (batch,), device=device)
+    return q, k, v, torch.arange(length, device=device)[None, :] < lengths[:, None]
 
 
-def forward_backward_fn(backend, q, k, v, mask):
+def forward_fn(op, backend, q, k, v, mask):
+    return lambda: op(q, k, v, mask, backend=backend)
+
+
+def forward_backward_fn(op, backend, q, k, v, mask):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     dout = torch.randn_like(q)
 
     def step():
-        out = cross_attention(*leaves, mask, backend=backend)
+        out = op(*leaves, mask, backend=backend)
         return torch.autograd.grad(out, leaves, dout)
 
     return step
@@ -105,23 +117,28 @@ def main():
     print(f"{_harness.device_name(device)}; torch {torch.__version__}; backends {backends}")
 
     rows = []
-    for batch, k_len in shapes:
-        inputs = make_case(batch, k_len, device, dtype)
-        flops_fwd = 4 * batch * HEADS * Q_LEN * k_len * HEAD_DIM
+    self_shapes = QUICK_SELF_SHAPES if args.quick else SELF_SHAPES[device]
+    cases = [("", cross_attention, backends, make_case(batch, k_len, device, dtype), batch,
+              Q_LEN, k_len) for batch, k_len in shapes]
+    self_backends = [b for b in BACKENDS if _backend.available("attention", b, device)]
+    cases += [("self ", attention, self_backends, make_self_case(batch, length, device, dtype),
+               batch, length, length) for batch, length in self_shapes]
+    for label, op, op_backends, inputs, batch, q_len, k_len in cases:
+        flops_fwd = 4 * batch * HEADS * q_len * k_len * HEAD_DIM
         for mode, make_fn, flops in (("fwd", forward_fn, flops_fwd),
                                      ("fwd+bwd", forward_backward_fn, 3.5 * flops_fwd)):
-            case = f"{mode} {batch}x{HEADS}x{Q_LEN}x{k_len}"
-            fns = {backend: make_fn(backend, *inputs) for backend in backends}
+            case = f"{label}{mode} {batch}x{HEADS}x{q_len}x{k_len}"
+            fns = {backend: make_fn(op, backend, *inputs) for backend in op_backends}
             best = time_providers(fns, device, args)
             ref_ms = best["reference"]["median_ms"]
             for backend, timing in best.items():
-                row = {"case": case, "mode": mode, "provider": backend, "batch": batch,
-                       "heads": HEADS, "q_len": Q_LEN, "k_len": k_len, "head_dim": HEAD_DIM,
+                row = {"case": case, "mode": label + mode, "provider": backend, "batch": batch,
+                       "heads": HEADS, "q_len": q_len, "k_len": k_len, "head_dim": HEAD_DIM,
                        "dtype": str(dtype).removeprefix("torch."), **timing,
                        "gflops": flops / timing["median_ms"] / 1e6,
                        "speedup_vs_reference": ref_ms / timing["median_ms"]}
                 rows.append(row)
-                print(f"{case:28s} {backend:10s} {timing['median_ms']:9.2f} ms "
+                print(f"{case:33s} {backend:10s} {timing['median_ms']:9.2f} ms "
                       f"(p20 {timing['p20_ms']:.2f}, p80 {timing['p80_ms']:.2f})  "
                       f"{row['gflops']:7.1f} GFLOP/s  x{row['speedup_vs_reference']:.2f} vs reference")
     for pairs, images, k_len in QUICK_GATHER_SHAPES if args.quick else GATHER_SHAPES[device]:

@@ -13,7 +13,7 @@ similarity, every other entry -100), but:
   distinct text, and the last layer only for the [ENC] token the ITM head reads
   (``blip_fast.models.blip_retrieval.GatheredITM``);
 - the text encoder's linear layers run prepacked oneDNN GEMMs on CPU (``ops.prepack_linears``:
-  2.3x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path).
+  2.1-2.4x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path).
 Top-k candidates are selected with exactly the reference's calls, so ties at the k-th place
 resolve identically. Multi-process (torch.distributed initialised): images - with their pairs -
 are split across ranks, each rank adds its scores into zero matrices, one all-reduce (sum), and
@@ -29,7 +29,9 @@ KV_BUDGET_BYTES = 1 << 30   # per-image cross K/V of all layers held at once (de
 # Pairs per ITM forward, measured on blip_small_demo, k 32, 2-core AMD EPYC shared with other jobs:
 # smaller GEMMs stay in cache (1 thread, 50 images x 250 texts: 14.1 s at 64, 17.0 s at 256), but
 # under CPU contention many small parallel regions stall (2 threads, load ~5, 20 x 100: 17.7 s at
-# 64, 8.6 s at 128, 5.7 s at 256); 128 is the compromise.
+# 64, 8.6 s at 128, 5.7 s at 256); 128 is the compromise. Re-checked with the oneDNN GEMMs
+# (2 threads, quiet, 200 x 1000, k 32, two runs each): 16.0-17.3 s at 128, 16.5-16.6 s at 192,
+# 16.7-17.4 s at 256, within the VM's noise.
 ITM_BATCH = 128
 
 

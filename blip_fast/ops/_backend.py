@@ -16,19 +16,19 @@ log = logging.getLogger("blip_fast")
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
     # C++ (the cross-attention kernel; causal / dropout go to sdpa) beats sdpa on CPU, fwd and
-    # fwd+bwd ms, 1 thread: 1.3 / 8.2 vs 3.5 / 12.6 at 128x4x23x23 (ITM reranker), 28 / 108 vs
-    # 54 / 197 at 32x12x197x197 (ViT-B/224) (benchmarks/bench_attention.py, AMD EPYC Zen 5).
+    # fwd+bwd: 4.9 / 17 ms vs 15 / 43 at 128x12x35x35 (reranker text), 16 / 68 vs 39 / 133 at
+    # 32x12x197x197 (ViT-B/224) (benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
     "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
-    # C++ beats sdpa on CPU: 36.7 vs 51.7 ms fwd, 188 vs 228 ms fwd+bwd at 64x12x35x577 fp32
-    # (benchmarks/results/attention-cpu.json, 2-core VM, quiet).
+    # C++ beats sdpa on CPU: 26.8 vs 51.8 ms fwd, 158 vs 213 ms fwd+bwd at 64x12x35x577 fp32
+    # (benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
     "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
     # ITM reranking over cached image K / V (DESIGN §6.3); the reference copies K / V per pair.
-    # C++ beats it on CPU: 35.2 vs 231 ms (copy + sdpa 159 ms) at 64 pairs x 12 heads x 35
-    # queries over 577 tokens (fp32, benchmarks/results/attention-cpu.json, 2-core VM).
+    # C++ beats it on CPU: 24.2 vs 208 ms (copy + sdpa 137 ms) at 64 pairs x 12 heads x 35
+    # queries over 577 tokens (fp32, benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
     "gathered_cross_attention": {"cuda": ("triton", "cuda", "reference"),
                                  "cpu": ("cpu", "reference")},
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
-    # Inference GEMMs (ops/linear.py): oneDNN's AVX-512 fp32 GEMM, 2.3x MKL's (AVX2 on AMD)
+    # Inference GEMMs (ops/linear.py): oneDNN's AVX-512 fp32 GEMM, 2.1-2.4x MKL's (AVX2 on AMD)
     # at the ITM reranker's shapes (benchmarks/results/linear-cpu.json, AMD EPYC, 1 thread).
     # CUDA keeps cuBLAS (reference).
     "linear": {"cpu": ("onednn", "reference")},

@@ -1,10 +1,11 @@
 """Inference linear layers on oneDNN's prepacked fp32 GEMM (CPU).
 
 Why: torch's x86 CPU wheels run fp32 ``F.linear`` through MKL's SGEMM, which takes its AVX2
-code path on AMD CPUs: ~100 GFLOP/s on one core of this project's AMD EPYC (Zen 5, AVX-512)
-VMs, at every shape, while oneDNN, shipped inside the same wheel, runs AVX-512 there at
-~230 GFLOP/s (``benchmarks/bench_linear.py``, results/linear-cpu.json). On a CPU where MKL
-already runs AVX-512 (Intel) the two are expected to be close; the benchmark says.
+code path on AMD CPUs: 80-100 GFLOP/s on one core of this project's AMD EPYC (family 26, Zen 5,
+AVX-512) VMs, at every shape (a 2048^3 product too), while oneDNN, shipped inside the same
+wheel, runs AVX-512 there at 175-235 GFLOP/s (``benchmarks/bench_linear.py``,
+results/linear-cpu.json). On a CPU where MKL already runs AVX-512 (Intel) the two are expected
+to be close; the benchmark says.
 
 ``prepack_linears(module)`` returns an inference copy of ``module`` whose ``nn.Linear`` layers
 are ``PackedLinear``: the weight reordered once into oneDNN's blocked layout, then each call is
