@@ -1,16 +1,17 @@
 """Retrieval evaluation: the official reranking loop (reference) vs blip-fast's fast mode.
 
 The reference is the official loop in plain eager PyTorch (the model with every op on its
-``reference`` backend, as official BLIP computes); ``reference+kernels`` runs the same loop on
-the model's automatic backends (blip-fast's attention kernels), so the fast path's ratio to it
-counts only what the fast loop does differently. Same weights (random), same synthetic data: on CPU preset ``blip_small_demo`` (ViT depth 4
+``reference`` backend, as official BLIP computes); ``reference+kernels`` (``--kernel-reference``,
+default on CPU) runs the same loop on the model's automatic backends (blip-fast's attention
+kernels), so the fast path's ratio to it counts only what the fast loop does differently.
+Same weights (random), same synthetic data: on CPU preset ``blip_small_demo`` (ViT depth 4
 width 256 at 128 px, 4 text layers), 200 images x 1000 texts, k_test 32; on CUDA the GPU target,
 ``blip_base_vit_b16_384`` (ViT-B/384, BERT-base text), 1000 x 5000, k_test 128, plus the fast
 path in bf16 (``--bf16``), whose metrics must stay within 0.2 of fp32; ``--quick``: 40 x 200, k 16.
 On CUDA the fp32 reference loop would take minutes: 5% of its queries (``--reference-fraction``)
 are run and timed, the time is scaled to all pairs (every query scores k pairs), and the rows
 it computed are compared with the fast path's.
-Texts and images are encoded once and shared; both rerankers run on the same encodings, are
+Texts and images are encoded once and shared; all rerankers run on the same encodings, are
 timed end to end (``--repeats`` alternated runs, best kept: the VM may be shared), must give
 identical metrics, and the result goes to benchmarks/results/retrieval_eval-<device>.json
 (``--quick``: retrieval_eval_quick-<device>.json). The 1-minute load average before and after is

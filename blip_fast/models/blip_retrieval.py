@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_fast import ops
-from blip_fast.ops import reference
 from blip_fast.models.blip_base import MomentumMixin, backend_map, enqueue, init_queues, itm_head
 from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertModel
 from blip_fast.models.vit import VisionTransformer
+from blip_fast.ops import reference
 
 ENC_TOKEN_ID = 30523
 

@@ -54,9 +54,11 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, backe
     (reference / sdpa only). Returns (batch, heads, q_len, head_dim).
     """
     requested, backend = backend, _backend.resolve("attention", q.device, backend)
-    unsupported = ("causal" if causal and backend == "cpu" else
-                   f"dropout_p={dropout_p}" if dropout_p > 0.0 and backend in (*_OPS, "cpu")
-                   else None)
+    unsupported = None  # what the chosen fused kernel lacks
+    if dropout_p > 0.0 and backend in (*_OPS, "cpu"):
+        unsupported = f"dropout_p={dropout_p}"
+    elif causal and backend == "cpu":
+        unsupported = "causal"
     if unsupported and requested is None:
         backend = "sdpa"  # automatic choice: the fused kernels lack it (decoder / training)
     elif unsupported:

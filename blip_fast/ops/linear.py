@@ -1,7 +1,7 @@
 """Inference linear layers on oneDNN's prepacked fp32 GEMM (CPU).
 
 Why: torch's x86 CPU wheels run fp32 ``F.linear`` through MKL's SGEMM, which takes its AVX2
-code path on AMD CPUs: 80-100 GFLOP/s on one core of this project's AMD EPYC (family 26, Zen 5,
+code path on AMD CPUs: 80-110 GFLOP/s on one core of this project's AMD EPYC (family 26, Zen 5,
 AVX-512) VMs, at every shape (a 2048^3 product too), while oneDNN, shipped inside the same
 wheel, runs AVX-512 there at 175-235 GFLOP/s (``benchmarks/bench_linear.py``,
 results/linear-cpu.json). On a CPU where MKL already runs AVX-512 (Intel) the two are expected
@@ -64,6 +64,9 @@ class PackedLinear(nn.Module):
         return PackedLinear(self.linear, activation, self.packed)
 
     def forward(self, x):
+        if x.shape[-1] != self.in_features:  # oneDNN's own error names neither shape
+            raise ValueError(f"PackedLinear: input of shape {tuple(x.shape)} has {x.shape[-1]} "
+                             f"features, expected (..., {self.in_features})")
         w, b = self.linear.weight, self.linear.bias
         grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
         if x.dtype != torch.float32 or grads or torch.is_autocast_enabled("cpu"):

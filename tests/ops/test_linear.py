@@ -108,6 +108,13 @@ def test_packed_linear_rejects_non_fp32_weights():
 
 
 @needs_onednn
+def test_wrong_input_width_names_both_shapes():
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(5, 30\) has 30 features, "
+                                        r"expected \(\.\.\., 32\)"):
+        PackedLinear(nn.Linear(32, 16))(torch.randn(5, 30))
+
+
+@needs_onednn
 def test_prepack_copies_modules_shares_tensors_leaves_original():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64),
