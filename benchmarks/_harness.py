@@ -5,6 +5,7 @@ Timing: ``torch.utils.benchmark.Timer`` on CPU (adaptive repeat count, torch's t
 ``benchmarks/results/<name>-<device>.json`` with the device name, torch / CUDA versions, git
 commit and date, plus an optional PNG bar chart next to it.
 """
+
 import datetime
 import json
 import os
@@ -27,8 +28,9 @@ def time_ms(fn, device: str, min_run_time: float = 1.0) -> dict:
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up: first-call allocations and lazy initialisation stay out of the numbers
-    measurement = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                        ).blocked_autorange(min_run_time=min_run_time)
+    measurement = Timer(
+        "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_run_time)
     times = [t * 1e3 for t in measurement.times]
     median = statistics.median(times)
     if len(times) < 2:  # one block of a slow function: no spread to report
@@ -42,11 +44,17 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name()
     try:  # model name, then family / model and the widest SIMD: MKL's code path depends on them
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
-                        if ":" in line)
+            info = dict(
+                line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line
+            )
         info = {k.strip(): v.strip() for k, v in info.items()}
-        simd = "AVX-512" if "avx512f" in info["flags"].split() else "AVX2" \
-            if "avx2" in info["flags"].split() else "no AVX2"
+        simd = (
+            "AVX-512"
+            if "avx512f" in info["flags"].split()
+            else "AVX2"
+            if "avx2" in info["flags"].split()
+            else "no AVX2"
+        )
         model = f"{info['model name']} (family {info['cpu family']} model {info['model']}, {simd})"
     except (OSError, KeyError):
         model = platform.processor() or platform.machine()
@@ -57,10 +65,16 @@ def git_commit() -> str | None:
     """HEAD of the checkout the benchmark runs from, with "-dirty" for uncommitted changes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("-dirty" if dirty else "")
@@ -86,7 +100,7 @@ def write_results(name: str, device: str, rows: list[dict], plot: bool = True) -
         json.dump({"meta": metadata(device), "rows": rows}, f, indent=1)
         f.write("\n")
     if plot:
-        _plot(path[:-len(".json")] + ".png", name, device, rows)
+        _plot(path[: -len(".json")] + ".png", name, device, rows)
     return path
 
 

@@ -9,11 +9,11 @@ pair + sdpa, inference only.
 
 Writes benchmarks/results/attention-<device>.json (+ .png). Speed-up = reference time / time.
 """
+
 import argparse
 
 import _harness  # benchmarks/ is on sys.path when this file runs as a script
 import torch
-
 import torch.nn.functional as F
 
 from blip_fast.ops import _backend, attention, cross_attention, gathered_cross_attention
@@ -45,8 +45,9 @@ def make_case(batch, k_len, device, dtype):
 
 
 def make_self_case(batch, length, device, dtype):
-    q, k, v = (torch.randn(batch, HEADS, length, HEAD_DIM, device=device, dtype=dtype)
-               for _ in "qkv")
+    q, k, v = (
+        torch.randn(batch, HEADS, length, HEAD_DIM, device=device, dtype=dtype) for _ in "qkv"
+    )
     lengths = torch.randint(length - 10, length + 1, (batch,), device=device)
     return q, k, v, torch.arange(length, device=device)[None, :] < lengths[:, None]
 
@@ -68,14 +69,16 @@ def forward_backward_fn(op, backend, q, k, v, mask):
 
 def make_gather_case(pairs, images, k_len, device, dtype):
     q = torch.randn(pairs, HEADS, Q_LEN, HEAD_DIM, device=device, dtype=dtype)
-    k_cache, v_cache = (torch.randn(images, HEADS, k_len, HEAD_DIM, device=device, dtype=dtype)
-                        for _ in "kv")
+    k_cache, v_cache = (
+        torch.randn(images, HEADS, k_len, HEAD_DIM, device=device, dtype=dtype) for _ in "kv"
+    )
     index = torch.randint(0, images, (pairs,), device=device)
     return q, k_cache, v_cache, index
 
 
 def gather_fns(q, k_cache, v_cache, index, device):
     """Providers of the gathered op: the naive copy + sdpa, and each available backend."""
+
     def copy_sdpa():
         with torch.no_grad():
             return F.scaled_dot_product_attention(q, k_cache[index], v_cache[index])
@@ -83,9 +86,11 @@ def gather_fns(q, k_cache, v_cache, index, device):
     fns = {"copy+sdpa": copy_sdpa}
     for backend in ("reference", "cpu", "cuda", "triton"):
         if _backend.available("gathered_cross_attention", backend, device):
+
             def fn(backend=backend):
                 with torch.no_grad():
                     return gathered_cross_attention(q, k_cache, v_cache, index, backend=backend)
+
             fns[backend] = fn
     return fns
 
@@ -118,29 +123,54 @@ def main():
 
     rows = []
     self_shapes = QUICK_SELF_SHAPES if args.quick else SELF_SHAPES[device]
-    cases = [("", cross_attention, backends, make_case(batch, k_len, device, dtype), batch,
-              Q_LEN, k_len) for batch, k_len in shapes]
+    cases = [
+        ("", cross_attention, backends, make_case(batch, k_len, device, dtype), batch, Q_LEN, k_len)
+        for batch, k_len in shapes
+    ]
     self_backends = [b for b in BACKENDS if _backend.available("attention", b, device)]
-    cases += [("self ", attention, self_backends, make_self_case(batch, length, device, dtype),
-               batch, length, length) for batch, length in self_shapes]
+    cases += [
+        (
+            "self ",
+            attention,
+            self_backends,
+            make_self_case(batch, length, device, dtype),
+            batch,
+            length,
+            length,
+        )
+        for batch, length in self_shapes
+    ]
     for label, op, op_backends, inputs, batch, q_len, k_len in cases:
         flops_fwd = 4 * batch * HEADS * q_len * k_len * HEAD_DIM
-        for mode, make_fn, flops in (("fwd", forward_fn, flops_fwd),
-                                     ("fwd+bwd", forward_backward_fn, 3.5 * flops_fwd)):
+        for mode, make_fn, flops in (
+            ("fwd", forward_fn, flops_fwd),
+            ("fwd+bwd", forward_backward_fn, 3.5 * flops_fwd),
+        ):
             case = f"{label}{mode} {batch}x{HEADS}x{q_len}x{k_len}"
             fns = {backend: make_fn(op, backend, *inputs) for backend in op_backends}
             best = time_providers(fns, device, args)
             ref_ms = best["reference"]["median_ms"]
             for backend, timing in best.items():
-                row = {"case": case, "mode": label + mode, "provider": backend, "batch": batch,
-                       "heads": HEADS, "q_len": q_len, "k_len": k_len, "head_dim": HEAD_DIM,
-                       "dtype": str(dtype).removeprefix("torch."), **timing,
-                       "gflops": flops / timing["median_ms"] / 1e6,
-                       "speedup_vs_reference": ref_ms / timing["median_ms"]}
+                row = {
+                    "case": case,
+                    "mode": label + mode,
+                    "provider": backend,
+                    "batch": batch,
+                    "heads": HEADS,
+                    "q_len": q_len,
+                    "k_len": k_len,
+                    "head_dim": HEAD_DIM,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    **timing,
+                    "gflops": flops / timing["median_ms"] / 1e6,
+                    "speedup_vs_reference": ref_ms / timing["median_ms"],
+                }
                 rows.append(row)
-                print(f"{case:33s} {backend:10s} {timing['median_ms']:9.2f} ms "
-                      f"(p20 {timing['p20_ms']:.2f}, p80 {timing['p80_ms']:.2f})  "
-                      f"{row['gflops']:7.1f} GFLOP/s  x{row['speedup_vs_reference']:.2f} vs reference")
+                print(
+                    f"{case:33s} {backend:10s} {timing['median_ms']:9.2f} ms "
+                    f"(p20 {timing['p20_ms']:.2f}, p80 {timing['p80_ms']:.2f})  "
+                    f"{row['gflops']:7.1f} GFLOP/s  x{row['speedup_vs_reference']:.2f} vs reference"
+                )
     for pairs, images, k_len in QUICK_GATHER_SHAPES if args.quick else GATHER_SHAPES[device]:
         inputs = make_gather_case(pairs, images, k_len, device, dtype)
         case = f"gathered {pairs}x{HEADS}x{Q_LEN}x{k_len} ({images} images)"
@@ -148,16 +178,28 @@ def main():
         flops = 4 * pairs * HEADS * Q_LEN * k_len * HEAD_DIM
         base_ms = best["copy+sdpa"]["median_ms"]
         for provider, timing in best.items():
-            row = {"case": case, "mode": "gathered fwd", "provider": provider, "batch": pairs,
-                   "images": images, "heads": HEADS, "q_len": Q_LEN, "k_len": k_len,
-                   "head_dim": HEAD_DIM, "dtype": str(dtype).removeprefix("torch."), **timing,
-                   "gflops": flops / timing["median_ms"] / 1e6,
-                   "speedup_vs_reference": best["reference"]["median_ms"] / timing["median_ms"],
-                   "speedup_vs_copy_sdpa": base_ms / timing["median_ms"]}
+            row = {
+                "case": case,
+                "mode": "gathered fwd",
+                "provider": provider,
+                "batch": pairs,
+                "images": images,
+                "heads": HEADS,
+                "q_len": Q_LEN,
+                "k_len": k_len,
+                "head_dim": HEAD_DIM,
+                "dtype": str(dtype).removeprefix("torch."),
+                **timing,
+                "gflops": flops / timing["median_ms"] / 1e6,
+                "speedup_vs_reference": best["reference"]["median_ms"] / timing["median_ms"],
+                "speedup_vs_copy_sdpa": base_ms / timing["median_ms"],
+            }
             rows.append(row)
-            print(f"{case:28s} {provider:10s} {timing['median_ms']:9.2f} ms "
-                  f"(p20 {timing['p20_ms']:.2f}, p80 {timing['p80_ms']:.2f})  "
-                  f"{row['gflops']:7.1f} GFLOP/s  x{row['speedup_vs_copy_sdpa']:.2f} vs copy+sdpa")
+            print(
+                f"{case:28s} {provider:10s} {timing['median_ms']:9.2f} ms "
+                f"(p20 {timing['p20_ms']:.2f}, p80 {timing['p80_ms']:.2f})  "
+                f"{row['gflops']:7.1f} GFLOP/s  x{row['speedup_vs_copy_sdpa']:.2f} vs copy+sdpa"
+            )
     name = "attention-quick" if args.quick else "attention"
     print("wrote", _harness.write_results(name, device, rows, plot=not args.no_plot))
 

@@ -10,6 +10,7 @@ synthetic 512 px scenes, repeated to ``--images`` files. Target on one H100: >= 
 at 384 px with DALI. Writes benchmarks/results/data-<device>.json (+ .png); median_ms is the
 time per image, so the shared chart's "lower is better" holds.
 """
+
 import argparse
 import json
 import os
@@ -20,8 +21,13 @@ import time
 import _harness  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
-from blip_fast.data import RetrievalEvalDataset, Uint8TestTransform, make_loader, make_synthetic
-from blip_fast.data import dali
+from blip_fast.data import (
+    RetrievalEvalDataset,
+    Uint8TestTransform,
+    dali,
+    make_loader,
+    make_synthetic,
+)
 from blip_fast.data.photos import sample_photos
 
 SIZES = (224, 384)
@@ -31,8 +37,13 @@ def jpeg_set(folder: str, n: int) -> str:
     """``n`` JPEG files (real photos repeated) and an eval annotation over them."""
     photos = sample_photos()
     if not photos:
-        paths = make_synthetic(os.path.join(folder, "synthetic"), n_train_images=16,
-                               n_test_images=1, n_val_images=1, image_size=512)
+        paths = make_synthetic(
+            os.path.join(folder, "synthetic"),
+            n_train_images=16,
+            n_test_images=1,
+            n_val_images=1,
+            image_size=512,
+        )
         photos = sorted(str(p) for p in (paths["root"] / "images" / "train").glob("*.jpg"))
     files = []
     for i in range(n):
@@ -65,11 +76,13 @@ def main():
     p.add_argument("--epochs", type=int, default=1)
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    providers = {"cpu-loader": lambda ds: make_loader(ds, a.batch_size, num_workers=a.workers,
-                                                      backend="cpu")}
+    providers = {
+        "cpu-loader": lambda ds: make_loader(ds, a.batch_size, num_workers=a.workers, backend="cpu")
+    }
     if dali.available():
         providers["dali-gpu" if device == "cuda" else "dali-cpu"] = lambda ds: dali.DaliLoader(
-            ds, a.batch_size, device_id="auto", num_threads=a.workers)
+            ds, a.batch_size, device_id="auto", num_threads=a.workers
+        )
     else:
         print(f"skipping DALI: {dali.IMPORT_ERROR}")
     rows = []
@@ -79,9 +92,17 @@ def main():
             ds = RetrievalEvalDataset(ann, "/", Uint8TestTransform(size))
             for name, make in providers.items():
                 rate = images_per_s(make(ds), a.epochs)
-                rows.append({"case": f"{size}px", "provider": name, "images_per_s": rate,
-                             "median_ms": 1e3 / rate, "images": a.images,
-                             "batch_size": a.batch_size, "workers": a.workers})
+                rows.append(
+                    {
+                        "case": f"{size}px",
+                        "provider": name,
+                        "images_per_s": rate,
+                        "median_ms": 1e3 / rate,
+                        "images": a.images,
+                        "batch_size": a.batch_size,
+                        "workers": a.workers,
+                    }
+                )
                 print(f"{size}px {name:12s} {rate:8.0f} img/s")
     print(_harness.write_results("data", device, rows))
 

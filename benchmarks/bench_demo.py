@@ -7,6 +7,7 @@ are also asserted by tests/test_cli.py). Extra arguments go to the demo unchange
 
 Writes results/demo-<device>.json (the demo trains on CUDA when torch sees a GPU).
 """
+
 import argparse
 import os
 import re
@@ -23,18 +24,24 @@ def run_demo(extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as root:
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "blip_fast.cli", "demo", "--data", root, *extra],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "blip_fast.cli", "demo", "--data", root, *extra],
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"demo failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out = proc.stdout
     metrics_line = next(x for x in out.splitlines() if x.startswith("txt_r1="))
-    return {"wall_s": wall, "load_avg_1min": [load, os.getloadavg()[0]],
-            "training_s": float(re.search(r"trained in (\d+) s", out).group(1)),
-            "setup": re.search(r"training (.*) on", out).group(1),
-            "metrics": {k: float(v) for k, v in (kv.split("=") for kv in metrics_line.split())},
-            "captions": [x for x in out.splitlines() if x.startswith("caption ")]}
+    return {
+        "wall_s": wall,
+        "load_avg_1min": [load, os.getloadavg()[0]],
+        "training_s": float(re.search(r"trained in (\d+) s", out).group(1)),
+        "setup": re.search(r"training (.*) on", out).group(1),
+        "metrics": {k: float(v) for k, v in (kv.split("=") for kv in metrics_line.split())},
+        "captions": [x for x in out.splitlines() if x.startswith("caption ")],
+    }
 
 
 def main():
@@ -45,13 +52,20 @@ def main():
     runs = [run_demo(args.demo_args) for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["wall_s"])
     m = best["metrics"]
-    print(f"demo {' '.join(args.demo_args) or '(defaults)'}: {best['wall_s']:.1f} s wall "
-          f"(training {best['training_s']:.0f} s), TR@1 {m['txt_r1']:.1f}, IR@1 {m['img_r1']:.1f}"
-          f"; target >= 50 / 50 within 180 s: "
-          f"{'met' if min(m['txt_r1'], m['img_r1']) >= 50 and best['wall_s'] <= 180 else 'NOT met'}")
+    print(
+        f"demo {' '.join(args.demo_args) or '(defaults)'}: {best['wall_s']:.1f} s wall "
+        f"(training {best['training_s']:.0f} s), TR@1 {m['txt_r1']:.1f}, IR@1 {m['img_r1']:.1f}"
+        f"; target >= 50 / 50 within 180 s: "
+        f"{'met' if min(m['txt_r1'], m['img_r1']) >= 50 and best['wall_s'] <= 180 else 'NOT met'}"
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    row = {"case": " ".join(args.demo_args) or "defaults", "provider": "blip-fast demo",
-           "median_ms": best["wall_s"] * 1e3, "repeats": args.repeats, **best}
+    row = {
+        "case": " ".join(args.demo_args) or "defaults",
+        "provider": "blip-fast demo",
+        "median_ms": best["wall_s"] * 1e3,
+        "repeats": args.repeats,
+        **best,
+    }
     print("wrote", _harness.write_results("demo", device, [row], plot=False))
 
 

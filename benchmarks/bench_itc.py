@@ -14,6 +14,7 @@ to the OS when freed (no heap reuse hiding a provider's allocations behind an ea
 the subprocess builds the inputs, resets its peak resident set (writes "5" to
 /proc/self/clear_refs), runs one step and reports VmHWM − VmRSS from /proc/self/status.
 """
+
 import argparse
 import gc
 import os
@@ -40,16 +41,23 @@ def make_case(B, device, dtype):
     def feat(*shape):
         return F.normalize(torch.randn(*shape, device=device, dtype=dtype), dim=-1)
 
-    return dict(image_feat=feat(B, D), text_feat=feat(B, D), image_feat_m=feat(B, D),
-                text_feat_m=feat(B, D), image_queue=feat(Q, D).t().contiguous(),
-                text_queue=feat(Q, D).t().contiguous(),
-                temp=torch.tensor(TEMP, device=device, dtype=dtype),
-                idx=torch.randint(0, 4 * B, (B,), device=device),
-                idx_queue=torch.randint(0, 4 * B, (1, Q), device=device))
+    return dict(
+        image_feat=feat(B, D),
+        text_feat=feat(B, D),
+        image_feat_m=feat(B, D),
+        text_feat_m=feat(B, D),
+        image_queue=feat(Q, D).t().contiguous(),
+        text_queue=feat(Q, D).t().contiguous(),
+        temp=torch.tensor(TEMP, device=device, dtype=dtype),
+        idx=torch.randint(0, 4 * B, (B,), device=device),
+        idx_queue=torch.randint(0, 4 * B, (1, Q), device=device),
+    )
 
 
 def step_fn(backend, inputs):
-    leaves = [inputs[k].detach().clone().requires_grad_() for k in ("image_feat", "text_feat", "temp")]
+    leaves = [
+        inputs[k].detach().clone().requires_grad_() for k in ("image_feat", "text_feat", "temp")
+    ]
     rest = {k: v for k, v in inputs.items() if k not in ("image_feat", "text_feat", "temp")}
 
     def step():
@@ -84,15 +92,21 @@ def peak_extra_mib(fn, device):
 def peak_extra_mib_subprocess(backend, B):
     """peak_extra_mib of one step in a fresh CPU process (see the module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-of", backend,
-                          str(B)], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory-of", backend, str(B)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory-of", nargs=2, metavar=("BACKEND", "B"),
-                        help=argparse.SUPPRESS)  # internal: one CPU memory measurement
+    parser.add_argument(
+        "--memory-of", nargs=2, metavar=("BACKEND", "B"), help=argparse.SUPPRESS
+    )  # internal: one CPU memory measurement
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="B in {64, 256}, one round")
     parser.add_argument("--no-plot", action="store_true")
@@ -120,8 +134,14 @@ def main():
                 print(f"{case}: skipping {backend} (extrapolated > {MAX_STEP_S:.0f} s per step)")
                 continue
             fns[backend] = step_fn(backend, inputs)
-        mem = {backend: (peak_extra_mib_subprocess(backend, B) if device == "cpu"
-                         else peak_extra_mib(fn, device)) for backend, fn in fns.items()}
+        mem = {
+            backend: (
+                peak_extra_mib_subprocess(backend, B)
+                if device == "cpu"
+                else peak_extra_mib(fn, device)
+            )
+            for backend, fn in fns.items()
+        }
         best = {}
         for _ in range(rounds):  # providers take turns, each keeps its fastest round
             for backend, fn in fns.items():
@@ -133,17 +153,32 @@ def main():
         prev_b = B
         ref = best.get("reference")
         for backend, timing in best.items():
-            row = {"case": case, "mode": "fwd+bwd", "provider": backend, "batch": B,
-                   "queue": Q, "dim": D, "dtype": str(dtype).removeprefix("torch."), **timing,
-                   "peak_extra_mib": mem[backend],
-                   "speedup_vs_reference": ref["median_ms"] / timing["median_ms"] if ref else None,
-                   "memory_vs_reference": mem[backend] / mem["reference"] if ref else None}
+            row = {
+                "case": case,
+                "mode": "fwd+bwd",
+                "provider": backend,
+                "batch": B,
+                "queue": Q,
+                "dim": D,
+                "dtype": str(dtype).removeprefix("torch."),
+                **timing,
+                "peak_extra_mib": mem[backend],
+                "speedup_vs_reference": ref["median_ms"] / timing["median_ms"] if ref else None,
+                "memory_vs_reference": mem[backend] / mem["reference"] if ref else None,
+            }
             rows.append(row)
-            ratio = (f"x{row['speedup_vs_reference']:.2f} vs reference, memory "
-                     f"{100 * row['memory_vs_reference']:.1f}% of reference" if ref else "")
-            print(f"{case:30s} {backend:10s} {timing['median_ms']:10.1f} ms "
-                  f"(p20 {timing['p20_ms']:.1f}, p80 {timing['p80_ms']:.1f})  "
-                  f"peak +{mem[backend]:8.1f} MiB  {ratio}", flush=True)
+            ratio = (
+                f"x{row['speedup_vs_reference']:.2f} vs reference, memory "
+                f"{100 * row['memory_vs_reference']:.1f}% of reference"
+                if ref
+                else ""
+            )
+            print(
+                f"{case:30s} {backend:10s} {timing['median_ms']:10.1f} ms "
+                f"(p20 {timing['p20_ms']:.1f}, p80 {timing['p80_ms']:.1f})  "
+                f"peak +{mem[backend]:8.1f} MiB  {ratio}",
+                flush=True,
+            )
         del inputs, fns
     name = "itc-quick" if args.quick else "itc"
     print("wrote", _harness.write_results(name, device, rows, plot=not args.no_plot))

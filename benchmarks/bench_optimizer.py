@@ -5,6 +5,7 @@ official BLIP runs) vs the fused kernel ``train.optim.build_optimizer`` uses, sa
 
 Writes benchmarks/results/optimizer-<device>.json. Speed-up = default time / fused time.
 """
+
 import argparse
 
 import _harness  # benchmarks/ is on sys.path when this file runs as a script
@@ -25,8 +26,10 @@ def main():
     for q in params:
         q.grad = torch.randn(q.shape, generator=g, device=args.device)
     n = sum(q.numel() for q in params)
-    optimizers = {"default": torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05),
-                  "fused": build_optimizer(model, 1e-4)}
+    optimizers = {
+        "default": torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05),
+        "fused": build_optimizer(model, 1e-4),
+    }
     rows = []
     for name, opt in optimizers.items():
         t = _harness.time_ms(opt.step, args.device)

@@ -31,6 +31,7 @@ splits its speed-up into the loop's (less work) and the prepacked oneDNN GEMMs' 
     python benchmarks/bench_retrieval_eval.py [--quick] [--device cpu|cuda] [--threads N]
         [--images N] [--k-test K] [--image-size S]
 """
+
 import argparse
 import dataclasses
 import math
@@ -38,15 +39,19 @@ import os
 import tempfile
 import time
 
+import _harness  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
-import _harness  # benchmarks/ is on sys.path when this file runs as a script
 from blip_fast import create_model, tokenizer
 from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
 from blip_fast.eval.fast import ITM_BATCH, fast_scores
 from blip_fast.eval.metrics import KEYS, retrieval_metrics
-from blip_fast.eval.retrieval import (encode_images, encode_texts, precision_context,
-                                      reference_scores)
+from blip_fast.eval.retrieval import (
+    encode_images,
+    encode_texts,
+    precision_context,
+    reference_scores,
+)
 from blip_fast.models.factory import as_config
 from blip_fast.ops import _backend
 
@@ -57,6 +62,7 @@ def matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_img):
     kernels compute, countable (the counter does not see inside the C++ / Triton ops). Their
     ratio bounds the speed-up of the fast path unless it reaches a higher FLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
+
     counted = create_model("retrieval", model.cfg, backend="reference").to(feats.device).eval()
     counted.load_state_dict(model.state_dict())
     n_txt = min(5 * n_img, t_embed.shape[0])
@@ -76,32 +82,56 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int)
     p.add_argument("--k-test", type=int)
-    p.add_argument("--config", help="preset (default: blip_small_demo on CPU; on CUDA the GPU "
-                   "target's blip_base_vit_b16_384, 1000 images x 5000 texts, k_test 128)")
-    p.add_argument("--image-size", type=int,
-                   help="override the config's vision.image_size (results to a separate file)")
+    p.add_argument(
+        "--config",
+        help="preset (default: blip_small_demo on CPU; on CUDA the GPU "
+        "target's blip_base_vit_b16_384, 1000 images x 5000 texts, k_test 128)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="override the config's vision.image_size (results to a separate file)",
+    )
     p.add_argument("--itm-batch", type=int, default=ITM_BATCH)
     p.add_argument("--repeats", type=int, default=1, help="alternated runs, best time kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the fast path in bf16 (encoders too) and compare its metrics "
-                        "with fp32 (default: on CUDA)")
-    p.add_argument("--kernel-reference", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the official loop on the model's automatic backends "
-                        "(blip-fast's attention kernels), besides the eager reference "
-                        "(default: on CPU; off on CUDA, where it would not fit the GPU check)")
-    p.add_argument("--linear-baseline", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the fast path with plain F.linear GEMMs (linear backend "
-                        "'reference'), splitting its speed-up into the loop's and the packed "
-                        "GEMMs' (default: on where the linear backend is not 'reference')")
-    p.add_argument("--flop-images", type=int,
-                   help="images (and their texts) whose matmul FLOPs are counted per path "
-                        "(default: 2 x k_test on CPU, so both candidate lists keep their "
-                        "length; 0, none, on CUDA)")
-    p.add_argument("--reference-fraction", type=float,
-                   help="share of the reference loop's queries to run and time, the time "
-                        "extrapolated to all (default: 1 on CPU; 0.05 on CUDA, where the whole "
-                        "fp32 loop takes minutes); below 1 the rows it ran are compared")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the fast path in bf16 (encoders too) and compare its metrics "
+        "with fp32 (default: on CUDA)",
+    )
+    p.add_argument(
+        "--kernel-reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the official loop on the model's automatic backends "
+        "(blip-fast's attention kernels), besides the eager reference "
+        "(default: on CPU; off on CUDA, where it would not fit the GPU check)",
+    )
+    p.add_argument(
+        "--linear-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the fast path with plain F.linear GEMMs (linear backend "
+        "'reference'), splitting its speed-up into the loop's and the packed "
+        "GEMMs' (default: on where the linear backend is not 'reference')",
+    )
+    p.add_argument(
+        "--flop-images",
+        type=int,
+        help="images (and their texts) whose matmul FLOPs are counted per path "
+        "(default: 2 x k_test on CPU, so both candidate lists keep their "
+        "length; 0, none, on CUDA)",
+    )
+    p.add_argument(
+        "--reference-fraction",
+        type=float,
+        help="share of the reference loop's queries to run and time, the time "
+        "extrapolated to all (default: 1 on CPU; 0.05 on CUDA, where the whole "
+        "fp32 loop takes minutes); below 1 the rows it ran are compared",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,20 +145,30 @@ def main():
     cfg = as_config(args.config)
     resized = args.image_size is not None and args.image_size != cfg.vision.image_size
     if resized:
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision,
-                                                                  image_size=args.image_size))
+        cfg = dataclasses.replace(
+            cfg, vision=dataclasses.replace(cfg.vision, image_size=args.image_size)
+        )
     model = create_model("retrieval", cfg).to(dev).eval()
     size = model.cfg.vision.image_size
-    paths = make_synthetic(tempfile.mkdtemp(prefix="bench_ret_"), n_train_images=1,
-                           n_test_images=n_img, n_val_images=1, image_size=size, seed=0)
+    paths = make_synthetic(
+        tempfile.mkdtemp(prefix="bench_ret_"),
+        n_train_images=1,
+        n_test_images=n_img,
+        n_val_images=1,
+        image_size=size,
+        seed=0,
+    )
     ds = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(size))
-    print(f"{_harness.device_name(dev)}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads; {args.config} at {size} px ({model.cfg.vision.num_tokens} image tokens): "
-          f"{len(ds.image)} images x {len(ds.text)} texts, k_test {k}")
+    print(
+        f"{_harness.device_name(dev)}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; {args.config} at {size} px ({model.cfg.vision.num_tokens} image tokens): "
+        f"{len(ds.image)} images x {len(ds.text)} texts, k_test {k}"
+    )
     t0 = time.perf_counter()
     t_embed, ids, mask = encode_texts(model, tokenizer(), ds.text, device=dev)
-    feats, i_embed = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=64),
-                                   device=dev)
+    feats, i_embed = encode_images(
+        model, torch.utils.data.DataLoader(ds, batch_size=64), device=dev
+    )
     encode_s = time.perf_counter() - t0
     print(f"encode (shared): {encode_s:.2f} s")
     pairs = len(ds.image) * min(k, len(ds.text)) + len(ds.text) * min(k, len(ds.image))
@@ -143,8 +183,10 @@ def main():
             torch.cuda.synchronize()
         sec = time.perf_counter() - t
         metrics = retrieval_metrics(s_i2t, s_t2i, ds.txt2img, ds.img2txt)
-        print(f"{name:13s}: rerank {sec:8.2f} s, {n_pairs / sec:9.0f} pairs/s ({n_pairs} of "
-              f"the official {pairs} pairs)")
+        print(
+            f"{name:13s}: rerank {sec:8.2f} s, {n_pairs / sec:9.0f} pairs/s ({n_pairs} of "
+            f"the official {pairs} pairs)"
+        )
         return sec, metrics, (s_i2t, s_t2i)
 
     # the reference loop's queries all cost k pairs: a share of them, timed, extrapolates
@@ -162,80 +204,160 @@ def main():
     stats, best, metrics, scores = {}, {}, {}, {}
     for _ in range(args.repeats):  # alternated, best of: the 2-core VM is shared
         for name, m in baselines.items():
-            sec, metrics[name], scores[name] = run(name, lambda: reference_scores(
-                m, feats, i_embed, t_embed, ids, mask, k, queries=queries), ref_pairs)
+            sec, metrics[name], scores[name] = run(
+                name,
+                lambda m=m: reference_scores(
+                    m, feats, i_embed, t_embed, ids, mask, k, queries=queries
+                ),
+                ref_pairs,
+            )
             best[name] = min(best.get(name, float("inf")), sec * pairs / ref_pairs)
-        sec, metrics["fast"], scores["fast"] = run("fast", lambda: fast_scores(
-            model, feats, i_embed, t_embed, ids, mask, k, itm_batch=args.itm_batch,
-            stats=stats))
+        sec, metrics["fast"], scores["fast"] = run(
+            "fast",
+            lambda: fast_scores(
+                model, feats, i_embed, t_embed, ids, mask, k, itm_batch=args.itm_batch, stats=stats
+            ),
+        )
         best["fast"] = min(best.get("fast", float("inf")), sec)
     ref_s, fast_s, fast_m = best["reference"], best["fast"], metrics["fast"]
-    max_diff = max(float((a[:q] - b[:q]).abs().max())  # the rows the reference computed
-                   for name in baselines
-                   for a, b, q in zip(scores[name], scores["fast"], queries))
+    max_diff = max(
+        float((a[:q] - b[:q]).abs().max())  # the rows the reference computed
+        for name in baselines
+        for a, b, q in zip(scores[name], scores["fast"], queries)
+    )
     speedup = ref_s / fast_s
     if ref_pairs < pairs:
-        print(f"reference timed on {ref_pairs} of {pairs} pairs ({queries[0]} image and "
-              f"{queries[1]} text queries), extrapolated: " +
-              ", ".join(f"{name} {best[name]:.1f} s" for name in baselines))
-    n_flop = min(args.flop_images if args.flop_images is not None else 0 if gpu else 2 * k,
-                 len(ds.image))
+        print(
+            f"reference timed on {ref_pairs} of {pairs} pairs ({queries[0]} image and "
+            f"{queries[1]} text queries), extrapolated: "
+            + ", ".join(f"{name} {best[name]:.1f} s" for name in baselines)
+        )
+    n_flop = min(
+        args.flop_images if args.flop_images is not None else 0 if gpu else 2 * k, len(ds.image)
+    )
     flops = matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_flop) if n_flop else {}
     if flops:
-        print(f"matmul GFLOP on the first {n_flop} images and their texts: reference "
-              f"{flops['reference'] / 1e9:.1f}, fast {flops['fast'] / 1e9:.1f}: a "
-              f"{flops['ratio']:.2f}x bound on the speed-up where both run at the same FLOP/s")
-    print(f"fast: {stats['itm_pairs']} unique ITM pairs (of {pairs}), K/V {stats['kv_s']:.2f} s,"
-          f" ITM {stats['itm_s']:.2f} s; max |score diff| {max_diff:.2e}")
-    print(f"speed-up {speedup:.2f}x over the eager reference" + (
-        f", {best['reference+kernels'] / fast_s:.2f}x over reference+kernels"
-        if "reference+kernels" in best else "") + "; metrics " +
-        " ".join(f"{key}={fast_m[key]:.2f}" for key in KEYS))
+        print(
+            f"matmul GFLOP on the first {n_flop} images and their texts: reference "
+            f"{flops['reference'] / 1e9:.1f}, fast {flops['fast'] / 1e9:.1f}: a "
+            f"{flops['ratio']:.2f}x bound on the speed-up where both run at the same FLOP/s"
+        )
+    print(
+        f"fast: {stats['itm_pairs']} unique ITM pairs (of {pairs}), K/V {stats['kv_s']:.2f} s,"
+        f" ITM {stats['itm_s']:.2f} s; max |score diff| {max_diff:.2e}"
+    )
+    print(
+        f"speed-up {speedup:.2f}x over the eager reference"
+        + (
+            f", {best['reference+kernels'] / fast_s:.2f}x over reference+kernels"
+            if "reference+kernels" in best
+            else ""
+        )
+        + "; metrics "
+        + " ".join(f"{key}={fast_m[key]:.2f}" for key in KEYS)
+    )
     for name in baselines:  # whole matrices only
         assert ref_pairs < pairs or metrics[name] == fast_m, (name, metrics[name], fast_m)
     assert max_diff < 1e-4, max_diff
     backends = {op: _backend.resolve(op, dev) for op in _backend.PREFERENCE}
     print("backends: " + ", ".join(f"{op} {b}" for op, b in backends.items()))
     plain = {}
-    if args.linear_baseline if args.linear_baseline is not None else \
-            backends["linear"] != "reference":
+    if (
+        args.linear_baseline
+        if args.linear_baseline is not None
+        else backends["linear"] != "reference"
+    ):
         plain_model = create_model("retrieval", cfg, backend={"linear": "reference"})
         plain_model.load_state_dict(model.state_dict())
-        sec, plain_m, _ = run("fast F.linear", lambda: fast_scores(
-            plain_model.to(dev).eval(), feats, i_embed, t_embed, ids, mask, k,
-            itm_batch=args.itm_batch))
+        sec, plain_m, _ = run(
+            "fast F.linear",
+            lambda: fast_scores(
+                plain_model.to(dev).eval(),
+                feats,
+                i_embed,
+                t_embed,
+                ids,
+                mask,
+                k,
+                itm_batch=args.itm_batch,
+            ),
+        )
         assert plain_m == fast_m, (plain_m, fast_m)
-        print(f"split: the fast loop with F.linear GEMMs {ref_s / sec:.2f}x, its "
-              f"{backends['linear']} GEMMs {sec / fast_s:.2f}x more")
+        print(
+            f"split: the fast loop with F.linear GEMMs {ref_s / sec:.2f}x, its "
+            f"{backends['linear']} GEMMs {sec / fast_s:.2f}x more"
+        )
         plain = {"fast_linear_reference_s": sec, "linear_speedup": sec / fast_s}
     bf16 = {}
     if args.bf16 if args.bf16 is not None else gpu:
         with precision_context("bf16", dev):
             t_b, ids_b, mask_b = encode_texts(model, tokenizer(), ds.text, device=dev)
-            feats_b, i_b = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=64),
-                                         device=dev)
-            sec, bf16_m, _ = run("fast bf16", lambda: fast_scores(
-                model, feats_b, i_b, t_b, ids_b, mask_b, k, itm_batch=args.itm_batch))
+            feats_b, i_b = encode_images(
+                model, torch.utils.data.DataLoader(ds, batch_size=64), device=dev
+            )
+            sec, bf16_m, _ = run(
+                "fast bf16",
+                lambda: fast_scores(
+                    model, feats_b, i_b, t_b, ids_b, mask_b, k, itm_batch=args.itm_batch
+                ),
+            )
         diff = max(abs(bf16_m[key] - fast_m[key]) for key in KEYS)
         print(f"bf16: metrics differ from fp32 by at most {diff:.2f} (target <= 0.2)")
         bf16 = {"bf16_rerank_s": sec, "bf16_metrics": bf16_m, "bf16_max_metric_diff": diff}
     case = f"{len(ds.image)}x{len(ds.text)} k{k}" + (f" {size}px" if resized else "")
-    common = {"case": case, "config": args.config, "image_size": size,
-              "image_tokens": model.cfg.vision.num_tokens, "images": len(ds.image),
-              "texts": len(ds.text), "k_test": k, "pairs_scored": pairs, "encode_s": encode_s,
-              "metrics": fast_m, "max_abs_score_diff": max_diff,
-              "threads": torch.get_num_threads(), "backends": backends,
-              "load_avg_1min": [load_before, os.getloadavg()[0]]}
-    rows = [{**common, "provider": name, "median_ms": best[name] * 1e3,
-             "pairs_per_s": pairs / best[name], "itm_pairs": pairs, "pairs_timed": ref_pairs}
-            for name in baselines]
-    rows += [{**common, "provider": "fast", "median_ms": fast_s * 1e3, "pairs_per_s": pairs / fast_s,
-             "itm_pairs": stats["itm_pairs"], "kv_s": stats["kv_s"], "itm_s": stats["itm_s"],
-             "speedup": speedup, **({"speedup_vs_kernels": best["reference+kernels"] / fast_s}
-                                    if "reference+kernels" in best else {}),
-             "matmul_flops": flops, **plain, **bf16}]
-    name = ("retrieval_eval" + (f"_{size}" if resized else "") + ("_quick" if args.quick else "")
-            + (f"_{args.threads}t" if args.threads else ""))
+    common = {
+        "case": case,
+        "config": args.config,
+        "image_size": size,
+        "image_tokens": model.cfg.vision.num_tokens,
+        "images": len(ds.image),
+        "texts": len(ds.text),
+        "k_test": k,
+        "pairs_scored": pairs,
+        "encode_s": encode_s,
+        "metrics": fast_m,
+        "max_abs_score_diff": max_diff,
+        "threads": torch.get_num_threads(),
+        "backends": backends,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
+    }
+    rows = [
+        {
+            **common,
+            "provider": name,
+            "median_ms": best[name] * 1e3,
+            "pairs_per_s": pairs / best[name],
+            "itm_pairs": pairs,
+            "pairs_timed": ref_pairs,
+        }
+        for name in baselines
+    ]
+    rows += [
+        {
+            **common,
+            "provider": "fast",
+            "median_ms": fast_s * 1e3,
+            "pairs_per_s": pairs / fast_s,
+            "itm_pairs": stats["itm_pairs"],
+            "kv_s": stats["kv_s"],
+            "itm_s": stats["itm_s"],
+            "speedup": speedup,
+            **(
+                {"speedup_vs_kernels": best["reference+kernels"] / fast_s}
+                if "reference+kernels" in best
+                else {}
+            ),
+            "matmul_flops": flops,
+            **plain,
+            **bf16,
+        }
+    ]
+    name = (
+        "retrieval_eval"
+        + (f"_{size}" if resized else "")
+        + ("_quick" if args.quick else "")
+        + (f"_{args.threads}t" if args.threads else "")
+    )
     print("wrote", _harness.write_results(name, dev, rows, plot=False))
 
 

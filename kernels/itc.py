@@ -12,6 +12,7 @@ Launchers ``itc_fwd`` / ``itc_bwd`` take and return what the ``blip_fast::itc_fw
 ``itc_bwd_triton`` schemas do, so they can be registered as those ops' CUDA kernels; tests run
 them on CPU tensors under TRITON_INTERPRET=1.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -31,8 +32,9 @@ def _load_cols(FM, QU, rn, rd, B, Q, D, s_fm, s_q0, s_q1):
     jb = tl.minimum(rn, B - 1)
     jq = tl.maximum(rn - B, 0)
     cb = tl.load(FM + jb[None, :] * s_fm + rd[:, None], mask=in_b[None, :] & md[:, None], other=0.0)
-    cq = tl.load(QU + rd[:, None] * s_q0 + jq[None, :] * s_q1, mask=in_q[None, :] & md[:, None],
-                 other=0.0)
+    cq = tl.load(
+        QU + rd[:, None] * s_q0 + jq[None, :] * s_q1, mask=in_q[None, :] & md[:, None], other=0.0
+    )
     return cb.to(tl.float32) + cq.to(tl.float32)
 
 
@@ -51,10 +53,32 @@ def _hard(IDX, IDXQ, my_id, rm, rn, B, Q, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
-def _itc_fwd_kernel(X, XM, FM, QU, IDX, IDXQ, TEMP, STATS, ROWS, alpha, B, Q, D, s_st,
-                    s_x, s_xm, s_fm, s_q0, s_q1,
-                    HAS_IDX: tl.constexpr, TEACHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _itc_fwd_kernel(
+    X,
+    XM,
+    FM,
+    QU,
+    IDX,
+    IDXQ,
+    TEMP,
+    STATS,
+    ROWS,
+    alpha,
+    B,
+    Q,
+    D,
+    s_st,
+    s_x,
+    s_xm,
+    s_fm,
+    s_q0,
+    s_q1,
+    HAS_IDX: tl.constexpr,
+    TEACHER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     mrow = rm < B
@@ -106,10 +130,34 @@ def _itc_fwd_kernel(X, XM, FM, QU, IDX, IDXQ, TEMP, STATS, ROWS, alpha, B, Q, D,
 
 
 @triton.jit
-def _itc_bwd_kernel(X, XM, FM, QU, IDX, IDXQ, TEMP, DLOSS, STATS, DX, DS_S, alpha, B, Q, D, s_st,
-                    s_x, s_xm, s_fm, s_q0, s_q1,
-                    HAS_IDX: tl.constexpr, TEACHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _itc_bwd_kernel(
+    X,
+    XM,
+    FM,
+    QU,
+    IDX,
+    IDXQ,
+    TEMP,
+    DLOSS,
+    STATS,
+    DX,
+    DS_S,
+    alpha,
+    B,
+    Q,
+    D,
+    s_st,
+    s_x,
+    s_xm,
+    s_fm,
+    s_q0,
+    s_q1,
+    HAS_IDX: tl.constexpr,
+    TEACHER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     mrow = rm < B
@@ -145,8 +193,10 @@ def _itc_bwd_kernel(X, XM, FM, QU, IDX, IDXQ, TEMP, DLOSS, STATS, DX, DS_S, alph
 
 
 def _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue):
-    return ((image_feat, image_feat_m, text_feat_m, text_queue),
-            (text_feat, text_feat_m, image_feat_m, image_queue))
+    return (
+        (image_feat, image_feat_m, text_feat_m, text_queue),
+        (text_feat, text_feat_m, image_feat_m, image_queue),
+    )
 
 
 def _common(x, xm, fm, queue, idx, idx_queue):
@@ -154,14 +204,29 @@ def _common(x, xm, fm, queue, idx, idx_queue):
     B, D = x.shape
     has_idx = idx is not None
     ids = (idx.contiguous(), idx_queue.reshape(-1).contiguous()) if has_idx else (x, x)
-    meta = dict(HAS_IDX=has_idx, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                BLOCK_D=max(16, triton.next_power_of_2(D)))
+    meta = dict(
+        HAS_IDX=has_idx,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
     strides = (x.stride(0), xm.stride(0), fm.stride(0), queue.stride(0), queue.stride(1))
     return x, xm, fm, ids, strides, meta, (triton.cdiv(B, BLOCK_M),)
 
 
-def itc_fwd(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
-            alpha, idx=None, idx_queue=None, need_grad=True):
+def itc_fwd(
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx=None,
+    idx_queue=None,
+    need_grad=True,
+):
     """image_feat / text_feat / *_m (B, D), queues (D, Q), temp 0-d, idx (B,) / idx_queue (Q,)
     or None -> loss 0-d (image_feat's dtype), stats (2, B, 3 + D): lse_s, lse_t, count in
     columns 0-2 (fp32 values, stored as fp64 for fp64 inputs, the schema's dtype); the gradient
@@ -171,29 +236,76 @@ def itc_fwd(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_
     acc = torch.float64 if image_feat.dtype == torch.float64 else torch.float32  # the op's fake
     stats = torch.zeros(2, B, 3 + image_feat.shape[1], device=image_feat.device, dtype=acc)
     rows = torch.empty(2, B, device=image_feat.device, dtype=torch.float32)
-    for d, (x, xm, fm, queue) in enumerate(_directions(image_feat, text_feat, image_feat_m,
-                                                       text_feat_m, image_queue, text_queue)):
+    for d, (x, xm, fm, queue) in enumerate(
+        _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue)
+    ):
         x, xm, fm, ids, strides, meta, grid = _common(x, xm, fm, queue, idx, idx_queue)
-        _itc_fwd_kernel[grid](x, xm, fm, queue, *ids, temp, stats[d], rows[d], float(alpha),
-                              B, Q, x.shape[1], stats.stride(1), *strides, TEACHER=alpha != 0.0,
-                              **meta)
+        _itc_fwd_kernel[grid](
+            x,
+            xm,
+            fm,
+            queue,
+            *ids,
+            temp,
+            stats[d],
+            rows[d],
+            float(alpha),
+            B,
+            Q,
+            x.shape[1],
+            stats.stride(1),
+            *strides,
+            TEACHER=alpha != 0.0,
+            **meta,
+        )
     return (rows.mean(1).sum() / 2).to(image_feat.dtype), stats
 
 
-def itc_bwd(dloss, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-            temp, alpha, idx, idx_queue, need_grad, stats):
+def itc_bwd(
+    dloss,
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx,
+    idx_queue,
+    need_grad,
+    stats,
+):
     """Gradients of itc_fwd's loss: d_image_feat, d_text_feat (B, D) and d_temp (temp's shape)."""
     B, D = image_feat.shape
     Q = image_queue.shape[1]
     stats = stats.contiguous()
     grads, ds_s = [], torch.empty(2, B, device=image_feat.device, dtype=torch.float32)
-    for d, (x, xm, fm, queue) in enumerate(_directions(image_feat, text_feat, image_feat_m,
-                                                       text_feat_m, image_queue, text_queue)):
+    for d, (x, xm, fm, queue) in enumerate(
+        _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue)
+    ):
         x, xm, fm, ids, strides, meta, grid = _common(x, xm, fm, queue, idx, idx_queue)
         dx = torch.empty(B, D, device=x.device, dtype=torch.float32)
-        _itc_bwd_kernel[grid](x, xm, fm, queue, *ids, temp, dloss, stats[d], dx, ds_s[d],
-                              float(alpha), B, Q, D, stats.stride(1), *strides,
-                              TEACHER=alpha != 0.0, **meta)
+        _itc_bwd_kernel[grid](
+            x,
+            xm,
+            fm,
+            queue,
+            *ids,
+            temp,
+            dloss,
+            stats[d],
+            dx,
+            ds_s[d],
+            float(alpha),
+            B,
+            Q,
+            D,
+            stats.stride(1),
+            *strides,
+            TEACHER=alpha != 0.0,
+            **meta,
+        )
         grads.append(dx.to(x.dtype))
     d_temp = (-ds_s.sum() / temp.float()).to(temp.dtype).reshape(temp.shape)
     return grads[0], grads[1], d_temp

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: a closeness check whose failure says where and how it failed."""
+
 import torch
 
 # Tolerances vs an fp32 reference, by input dtype: |actual − expected| <= atol + rtol · |expected|.
@@ -17,7 +18,8 @@ def assert_close_verbose(actual, expected, *, rtol, atol, name="tensor", max_rep
     values, the largest error, and NaN / inf disagreements (Liger's assert_verbose_allclose).
     """
     assert actual.shape == expected.shape, (
-        f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    )
     a = actual.detach().cpu().double()
     e = expected.detach().cpu().double()
     a_nan, e_nan = torch.isnan(a), torch.isnan(e)
@@ -26,11 +28,15 @@ def assert_close_verbose(actual, expected, *, rtol, atol, name="tensor", max_rep
     if bool(ok.all()):
         return
     bad = (~ok).nonzero()
-    lines = [f"{name}: {len(bad)} of {a.numel()} elements differ (rtol={rtol}, atol={atol}, "
-             f"dtypes {actual.dtype} vs {expected.dtype})"]
+    lines = [
+        f"{name}: {len(bad)} of {a.numel()} elements differ (rtol={rtol}, atol={atol}, "
+        f"dtypes {actual.dtype} vs {expected.dtype})"
+    ]
     for idx in bad[:max_report].tolist():
-        lines.append(f"  at {tuple(idx)}: actual {a[tuple(idx)].item():.8g}, "
-                     f"expected {e[tuple(idx)].item():.8g}")
+        lines.append(
+            f"  at {tuple(idx)}: actual {a[tuple(idx)].item():.8g}, "
+            f"expected {e[tuple(idx)].item():.8g}"
+        )
     finite = ~(a_nan | e_nan) & torch.isfinite(a) & torch.isfinite(e)
     if bool(finite.any()):
         worst = torch.where(finite, err, torch.zeros_like(err)).argmax()
@@ -50,7 +56,9 @@ def assert_lowp_close(name, got, exact, low, eps):
     assert got.dtype == low.dtype, f"{name}: dtype {got.dtype}, expected {low.dtype}"
     err = (got.double() - exact).abs().max().item()
     ref_err = (low.detach().double() - exact).abs().max().item()
-    assert err <= 2 * ref_err + eps, f"{name}: error {err:.3g} > 2 · reference {ref_err:.3g} + {eps}"
+    assert err <= 2 * ref_err + eps, (
+        f"{name}: error {err:.3g} > 2 · reference {ref_err:.3g} + {eps}"
+    )
 
 
 def assert_trained_states_close(got: dict, expected: dict, init: dict, *, rtol=1e-5, atol=1e-6):

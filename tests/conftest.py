@@ -1,5 +1,6 @@
 """Shared pytest setup: Triton's interpreter on machines without CUDA, a per-test seed, and the
 ``gpu`` / ``slow`` markers (``gpu`` tests skip themselves where CUDA is absent)."""
+
 import os
 
 import pytest

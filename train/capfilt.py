@@ -38,6 +38,7 @@ Input: pre-training JSON(s) (``{"image", "caption": str | [str]}``) or webdatase
 ``ShardDataset`` (``KEY.jpg`` + ``KEY.txt`` or ``KEY.json`` caption, str or list); each web
 caption is scored.
 """
+
 from __future__ import annotations
 
 import json
@@ -139,7 +140,9 @@ def _batch_seed(seed: int, index: int) -> int:
 
 
 @torch.no_grad()
-def itm_match_prob(filter_model, tokenizer, texts: list[str], image_embeds: torch.Tensor) -> torch.Tensor:
+def itm_match_prob(
+    filter_model, tokenizer, texts: list[str], image_embeds: torch.Tensor
+) -> torch.Tensor:
     """P(match) = softmax(ITM logits)[:, 1] of texts[k] with image_embeds[k] (K, N, W) -> (K,);
     texts tokenised as in retrieval evaluation (max_length 35, padded, truncated)."""
     tok = tokenizer(texts, padding="max_length", truncation=True, max_length=35)
@@ -149,24 +152,40 @@ def itm_match_prob(filter_model, tokenizer, texts: list[str], image_embeds: torc
 
 
 def _process_batch(captioner, filter_model, tokenizer, images, indices, source, settings):
-    gen = torch.Generator(device=images[0].device).manual_seed(_batch_seed(settings["seed"], indices[0]))
-    synthetic = captioner.generate(images[0], sample=True, top_p=settings["top_p"],
-                                   repetition_penalty=settings["repetition_penalty"],
-                                   max_length=settings["max_length"],
-                                   min_length=settings["min_length"], generator=gen)
+    gen = torch.Generator(device=images[0].device).manual_seed(
+        _batch_seed(settings["seed"], indices[0])
+    )
+    synthetic = captioner.generate(
+        images[0],
+        sample=True,
+        top_p=settings["top_p"],
+        repetition_penalty=settings["repetition_penalty"],
+        max_length=settings["max_length"],
+        min_length=settings["min_length"],
+        generator=gen,
+    )
     texts, rows = [], []
     for row, (index, caption) in enumerate(zip(indices, synthetic)):
         for text in source.captions(index) + [caption]:
             texts.append(pre_caption(text, MAX_WORDS))
             rows.append(row)
     embeds = filter_model.image_embeds(images[-1])
-    probs = itm_match_prob(filter_model, tokenizer, texts, embeds[torch.tensor(rows, device=embeds.device)])
+    probs = itm_match_prob(
+        filter_model, tokenizer, texts, embeds[torch.tensor(rows, device=embeds.device)]
+    )
     probs, out, k = probs.tolist(), [], 0
     for index, caption in zip(indices, synthetic):
         web = source.captions(index)
-        out.append({"index": index, "image": source.names[index], "web": web,
-                    "synthetic": caption, "p_web": probs[k:k + len(web)],
-                    "p_synthetic": probs[k + len(web)]})
+        out.append(
+            {
+                "index": index,
+                "image": source.names[index],
+                "web": web,
+                "synthetic": caption,
+                "p_web": probs[k : k + len(web)],
+                "p_synthetic": probs[k + len(web)],
+            }
+        )
         k += len(web) + 1
     return out
 
@@ -178,13 +197,17 @@ def _batches(start: int, end: int, batch_size: int) -> list[list[int]]:
 def _check_settings(path: Path, settings: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
-                            for k in sorted(settings.keys() | old.keys())
-                            if old.get(k) != settings.get(k))
+        changed = ", ".join(
+            f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+            for k in sorted(settings.keys() | old.keys())
+            if old.get(k) != settings.get(k)
+        )
         if changed:
-            raise ValueError(f"{path}: the chunks in {path.parent / 'chunks'} were computed with "
-                             f"other settings ({changed}); use a new --out folder or the old "
-                             f"settings")
+            raise ValueError(
+                f"{path}: the chunks in {path.parent / 'chunks'} were computed with "
+                f"other settings ({changed}); use a new --out folder or the old "
+                f"settings"
+            )
     else:
         write_json_atomic(path, settings)
 
@@ -214,13 +237,20 @@ def _write_shards_atomic(out: Path, samples, per_shard: int) -> list[str]:
     return names
 
 
-def _merge(out: Path, n_chunks: int, threshold: float, source: _ShardSource | None = None,
-           per_shard: int = 1000) -> dict:
+def _merge(
+    out: Path,
+    n_chunks: int,
+    threshold: float,
+    source: _ShardSource | None = None,
+    per_shard: int = 1000,
+) -> dict:
     """Chunks -> bootstrapped JSON (``source`` None) or shards of ``source``'s samples, plus
     summary.json and corrupt.tsv."""
     entries = []
     for c in range(n_chunks):
-        entries += json.loads((out / "chunks" / f"{c:06d}.json").read_text(encoding="utf-8"))["entries"]
+        entries += json.loads((out / "chunks" / f"{c:06d}.json").read_text(encoding="utf-8"))[
+            "entries"
+        ]
     boot, corrupt = [], []
     counts = {"web": {"kept": 0, "removed": 0}, "synthetic": {"kept": 0, "removed": 0}}
     for e in entries:
@@ -240,13 +270,20 @@ def _merge(out: Path, n_chunks: int, threshold: float, source: _ShardSource | No
     if corrupt:
         record_corrupt(report, corrupt)
     n_web = counts["web"]["kept"] + counts["web"]["removed"]
-    summary = {"entries": len(entries), "corrupt_images": len(corrupt),
-               "images_kept": len(boot), "images_without_text": len(entries) - len(corrupt) - len(boot),
-               **counts, "noise_ratio": counts["web"]["removed"] / n_web if n_web else 0.0,
-               "threshold": threshold}
+    summary = {
+        "entries": len(entries),
+        "corrupt_images": len(corrupt),
+        "images_kept": len(boot),
+        "images_without_text": len(entries) - len(corrupt) - len(boot),
+        **counts,
+        "noise_ratio": counts["web"]["removed"] / n_web if n_web else 0.0,
+        "threshold": threshold,
+    }
     if source is None:
-        write_json_atomic(out / "bootstrapped.json",
-                          [{"image": b["image"], "caption": b["caption"]} for b in boot])
+        write_json_atomic(
+            out / "bootstrapped.json",
+            [{"image": b["image"], "caption": b["caption"]} for b in boot],
+        )
     else:
         keys = source.output_keys()
 
@@ -260,11 +297,27 @@ def _merge(out: Path, n_chunks: int, threshold: float, source: _ShardSource | No
     return summary
 
 
-def capfilt(captioner, filter_model, tokenizer, ann_files, out, *, shards=None, image_root=None,
-            threshold: float = 0.5, per_shard: int = 1000, seed: int = 0, chunk_size: int = 1024,
-            batch_size: int = 64, num_workers: int = 4, top_p: float = 0.9,
-            repetition_penalty: float = 1.1, max_length: int = 20, min_length: int = 5,
-            settings_extra: dict | None = None):
+def capfilt(
+    captioner,
+    filter_model,
+    tokenizer,
+    ann_files,
+    out,
+    *,
+    shards=None,
+    image_root=None,
+    threshold: float = 0.5,
+    per_shard: int = 1000,
+    seed: int = 0,
+    chunk_size: int = 1024,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.1,
+    max_length: int = 20,
+    min_length: int = 5,
+    settings_extra: dict | None = None,
+):
     """Run CapFilt with loaded models (eval mode, on the device to use) into folder ``out``,
     on pre-training JSON(s) ``ann_files`` (``image_root``: prefix of relative image paths) or,
     with ``ann_files`` None, on webdataset ``shards`` (a list, glob or brace range; output
@@ -281,14 +334,25 @@ def capfilt(captioner, filter_model, tokenizer, ann_files, out, *, shards=None, 
         if isinstance(ann_files, (str, os.PathLike)):
             ann_files = [ann_files]
         source = _JsonSource(ann_files, image_root)
-        settings = {"ann_files": [os.fspath(f) for f in ann_files],
-                    "image_root": None if image_root is None else os.fspath(image_root)}
+        settings = {
+            "ann_files": [os.fspath(f) for f in ann_files],
+            "image_root": None if image_root is None else os.fspath(image_root),
+        }
     n_entries = len(source.names)
     out = Path(out)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
-    settings = {**settings, "entries": n_entries, "seed": seed, "chunk_size": chunk_size,
-                "batch_size": batch_size, "top_p": top_p, "repetition_penalty": repetition_penalty,
-                "max_length": max_length, "min_length": min_length, **(settings_extra or {})}
+    settings = {
+        **settings,
+        "entries": n_entries,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "batch_size": batch_size,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "max_length": max_length,
+        "min_length": min_length,
+        **(settings_extra or {}),
+    }
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:
         _check_settings(out / "settings.json", settings)
@@ -297,13 +361,20 @@ def capfilt(captioner, filter_model, tokenizer, ann_files, out, *, shards=None, 
         _check_settings(out / "settings.json", settings)
 
     n_chunks = -(-n_entries // chunk_size)
-    todo = [c for c in range(rank, n_chunks, world) if not (out / "chunks" / f"{c:06d}.json").exists()]
-    batches = {c: _batches(c * chunk_size, min((c + 1) * chunk_size, n_entries), batch_size)
-               for c in todo}
+    todo = [
+        c for c in range(rank, n_chunks, world) if not (out / "chunks" / f"{c:06d}.json").exists()
+    ]
+    batches = {
+        c: _batches(c * chunk_size, min((c + 1) * chunk_size, n_entries), batch_size) for c in todo
+    }
     sizes = (captioner.cfg.vision.image_size, filter_model.cfg.vision.image_size)
-    loader = DataLoader(_Images(source, sizes), batch_sampler=[b for c in todo for b in batches[c]],
-                        collate_fn=_collate, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available())
+    loader = DataLoader(
+        _Images(source, sizes),
+        batch_sampler=[b for c in todo for b in batches[c]],
+        collate_fn=_collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     device = next(captioner.parameters()).device
     batch_iter = iter(loader)
     for c in todo:
@@ -313,8 +384,9 @@ def capfilt(captioner, filter_model, tokenizer, ann_files, out, *, shards=None, 
             entries += [{"index": x.index, "image": x.path, "error": x.error} for x in corrupt]
             if indices:
                 images = [im.to(device, non_blocking=True) for im in images]
-                entries += _process_batch(captioner, filter_model, tokenizer, images, indices,
-                                          source, settings)
+                entries += _process_batch(
+                    captioner, filter_model, tokenizer, images, indices, source, settings
+                )
         entries.sort(key=lambda e: e["index"])
         write_json_atomic(out / "chunks" / f"{c:06d}.json", {"chunk": c, "entries": entries})
     if world > 1:
@@ -335,11 +407,21 @@ def run(args) -> dict | None:
     info = init_distributed(args.device, timeout_s=24 * 3600)
     captioner = load(args.captioner, task="caption").to(info.device).eval()
     filter_model = load(args.filter, task="retrieval").to(info.device).eval()
-    summary = capfilt(captioner, filter_model, tokenizer(), args.ann, args.out,
-                      shards=args.shards, image_root=args.image_root, threshold=args.threshold,
-                      per_shard=args.per_shard, seed=args.seed, chunk_size=args.chunk_size,
-                      batch_size=args.batch_size, num_workers=args.num_workers,
-                      settings_extra={"captioner": os.fspath(args.captioner),
-                                      "filter": os.fspath(args.filter)})
+    summary = capfilt(
+        captioner,
+        filter_model,
+        tokenizer(),
+        args.ann,
+        args.out,
+        shards=args.shards,
+        image_root=args.image_root,
+        threshold=args.threshold,
+        per_shard=args.per_shard,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        settings_extra={"captioner": os.fspath(args.captioner), "filter": os.fspath(args.filter)},
+    )
     shutdown()
     return summary

@@ -6,10 +6,12 @@ optimiser, LR schedule, grad scaler, the RNG states of every rank and the data p
 renamed over the previous one (``os.replace`` is atomic on POSIX), so a crash mid-write leaves
 the last good checkpoint in place. It loads with ``torch.load(weights_only=True)``.
 """
+
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import torch
 
@@ -55,28 +57,52 @@ def save_atomic(obj, path: str | os.PathLike):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_training(path, *, model, optimizer, schedule, scaler, epoch: int, batch: int,
-                  global_step: int, config: dict, is_main: bool):
+def save_training(
+    path,
+    *,
+    model,
+    optimizer,
+    schedule,
+    scaler,
+    epoch: int,
+    batch: int,
+    global_step: int,
+    config: dict,
+    is_main: bool,
+):
     """Collective (every rank's RNG state is gathered); rank 0 writes."""
     rngs = gather_objects(rng_state())
     if not is_main:
         return
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "rng": rngs, "epoch": epoch, "batch": batch, "global_step": global_step,
-                 "config": config}, path)
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs,
+            "epoch": epoch,
+            "batch": batch,
+            "global_step": global_step,
+            "config": config,
+        },
+        path,
+    )
 
 
 def load_training(path, *, model, optimizer, schedule, scaler, rank: int, world_size: int) -> dict:
     """Restore the states in place; returns the position {epoch, batch, global_step}."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if len(ckpt["rng"]) != world_size:
-        raise ValueError(f"{path}: written by {len(ckpt['rng'])} ranks, resumed with "
-                         f"{world_size}; an exact resume needs the same world size")
+        raise ValueError(
+            f"{path}: written by {len(ckpt['rng'])} ranks, resumed with "
+            f"{world_size}; an exact resume needs the same world size"
+        )
     if ckpt["schedule"] != schedule.state_dict():
-        raise ValueError(f"{path}: LR schedule {ckpt['schedule']} differs from this run's "
-                         f"{schedule.state_dict()}")
+        raise ValueError(
+            f"{path}: LR schedule {ckpt['schedule']} differs from this run's "
+            f"{schedule.state_dict()}"
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt["scaler"] is not None:

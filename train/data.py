@@ -5,6 +5,7 @@ Everything random about a sample (crop, flip, RandAugment, which caption of a li
 from a generator seeded by (seed, epoch, index), so a batch depends neither on the number of
 loader workers nor on where a run was interrupted: ``--resume`` replays the same samples.
 """
+
 import math
 
 import torch
@@ -14,8 +15,11 @@ from blip_fast.data.datasets import CorruptImage
 from blip_fast.data.loader import record_corrupt
 
 # (padding, max_length) per task, as the official models tokenise (DESIGN §1, §4)
-TOKENISATION = {"pretrain": ("max_length", 30), "retrieval": ("max_length", 35),
-                "caption": ("longest", 40)}
+TOKENISATION = {
+    "pretrain": ("max_length", 30),
+    "retrieval": ("max_length", 35),
+    "caption": ("longest", 40),
+}
 
 
 class TrainSampler(Sampler):
@@ -23,13 +27,18 @@ class TrainSampler(Sampler):
     to a multiple of the world size, rank r takes every world-th index from r) that can start
     an epoch at a given batch. Yields (epoch, index) so the dataset can seed the sample."""
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         if n < world_size * batch_size:
-            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} on each of "
-                             f"{world_size} ranks")
+            raise ValueError(
+                f"{n} samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
+            )
         self.n, self.batch_size, self.rank, self.world_size, self.seed = (
-            n, batch_size, rank, world_size, seed)
+            n,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+        )
         self.per_rank = math.ceil(n / world_size)
         self.epoch, self.start_batch = 0, 0
 
@@ -43,8 +52,8 @@ class TrainSampler(Sampler):
     def indices(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        order += order[:self.per_rank * self.world_size - self.n]
-        return order[self.rank::self.world_size]
+        order += order[: self.per_rank * self.world_size - self.n]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self):
         start = self.start_batch * self.batch_size
@@ -94,8 +103,9 @@ class Collate:
     def __call__(self, samples) -> dict:
         images = torch.stack([s[0] for s in samples])
         captions = [self.prompt + s[1] for s in samples]
-        tok = self.tokenizer(captions, padding=self.padding, truncation=True,
-                             max_length=self.max_length)
+        tok = self.tokenizer(
+            captions, padding=self.padding, truncation=True, max_length=self.max_length
+        )
         batch = {"image": images, "ids": tok["input_ids"], "mask": tok["attention_mask"]}
         if self.task == "retrieval":
             batch["idx"] = torch.tensor([s[2] for s in samples], dtype=torch.long)

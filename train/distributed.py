@@ -1,5 +1,6 @@
 """torch.distributed set-up for torchrun (single or multi-node) and the collectives the
 objectives need. Without torchrun's environment everything runs as a world of one."""
+
 import datetime
 import gc
 import os
@@ -10,8 +11,14 @@ import torch.distributed as dist
 
 from blip_fast.models.blip_base import concat_all_gather
 
-__all__ = ["DistInfo", "init_distributed", "all_gather_with_grad", "concat_all_gather",
-           "gather_objects", "shutdown"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "all_gather_with_grad",
+    "concat_all_gather",
+    "gather_objects",
+    "shutdown",
+]
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,9 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return DistInfo(device=dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 

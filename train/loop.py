@@ -4,6 +4,7 @@ One step (contrastive tasks): clamp temp, momentum update (m = 0.995), forward o
 module (DDP- and optionally torch.compile-wrapped), backward, AdamW step, then the gathered
 momentum features go into the queues (after the backward pass, which reads them in place).
 """
+
 import contextlib
 import json
 import sys
@@ -24,14 +25,14 @@ from blip_fast.train.optim import LRSchedule, set_lr
 class LoopConfig:
     max_epoch: int
     alpha: float = 0.4
-    alpha_ramp: bool = True        # alpha * min(1, step / steps_per_epoch) in epoch 0
-    precision: str = "fp32"        # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    alpha_ramp: bool = True  # alpha * min(1, step / steps_per_epoch) in epoch 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
     compile: bool = False
-    save_every: int = 0            # steps between checkpoints (0: epoch ends only)
+    save_every: int = 0  # steps between checkpoints (0: epoch ends only)
     seed: int = 0
-    max_steps: int = 0             # stop after this many steps in all (0: run every epoch)
+    max_steps: int = 0  # stop after this many steps in all (0: run every epoch)
     tensorboard: bool = False
-    itc_warmup_steps: int = 0      # contrastive tasks: the first N steps train ITC alone
+    itc_warmup_steps: int = 0  # contrastive tasks: the first N steps train ITC alone
 
 
 def negative_uniforms(seed: int, rank: int, step: int, batch_size: int) -> torch.Tensor:
@@ -49,24 +50,42 @@ def _autocast(precision: str, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, task: torch.nn.Module, loader, sampler: TrainSampler, optimizer,
-                 schedule: LRSchedule, cfg: LoopConfig, dist_info: DistInfo, out_dir,
-                 run_config: dict | None = None):
+    def __init__(
+        self,
+        task: torch.nn.Module,
+        loader,
+        sampler: TrainSampler,
+        optimizer,
+        schedule: LRSchedule,
+        cfg: LoopConfig,
+        dist_info: DistInfo,
+        out_dir,
+        run_config: dict | None = None,
+    ):
         self.task, self.model = task, task.model
-        self.loader, self.sampler, self.optimizer, self.schedule = loader, sampler, optimizer, schedule
+        self.loader, self.sampler, self.optimizer, self.schedule = (
+            loader,
+            sampler,
+            optimizer,
+            schedule,
+        )
         self.cfg, self.dist, self.out_dir = cfg, dist_info, Path(out_dir)
         self.run_config = run_config or {}
-        self.scaler = torch.amp.GradScaler(dist_info.device.type) if cfg.precision == "fp16" else None
+        self.scaler = (
+            torch.amp.GradScaler(dist_info.device.type) if cfg.precision == "fp16" else None
+        )
         self.contrastive = hasattr(self.model, "momentum_update")
         step_module = task
         if dist_info.world_size > 1:
             # The queues are written identically on every rank: no buffer broadcast (2 x 59 MB
             # per step at the official size).
             step_module = torch.nn.parallel.DistributedDataParallel(
-                task, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
+                task,
+                device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
                 broadcast_buffers=False,
                 # ITC-only warm-up steps leave the ITM head and decoder without gradients
-                find_unused_parameters=cfg.itc_warmup_steps > 0)
+                find_unused_parameters=cfg.itc_warmup_steps > 0,
+            )
         self.step_module = torch.compile(step_module) if cfg.compile else step_module
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,14 +99,28 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
     def save(self):
         checkpoint.save_training(
-            self.ckpt_path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
-            scaler=self.scaler, epoch=self.epoch, batch=self.batch, global_step=self.global_step,
-            config=self.run_config, is_main=self.dist.is_main)
+            self.ckpt_path,
+            model=self.model,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            scaler=self.scaler,
+            epoch=self.epoch,
+            batch=self.batch,
+            global_step=self.global_step,
+            config=self.run_config,
+            is_main=self.dist.is_main,
+        )
 
     def resume(self, path):
-        pos = checkpoint.load_training(path, model=self.model, optimizer=self.optimizer,
-                                       schedule=self.schedule, scaler=self.scaler,
-                                       rank=self.dist.rank, world_size=self.dist.world_size)
+        pos = checkpoint.load_training(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            scaler=self.scaler,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.epoch, self.batch, self.global_step = pos["epoch"], pos["batch"], pos["global_step"]
 
     # -- one step ------------------------------------------------------------------------
@@ -103,8 +136,9 @@ class Trainer:
         set_lr(self.optimizer, lr)
         stats = {"lr": lr}
         if self.contrastive:
-            batch["neg_u"] = negative_uniforms(self.cfg.seed, self.dist.rank, self.global_step,
-                                               batch["image"].shape[0]).to(dev)
+            batch["neg_u"] = negative_uniforms(
+                self.cfg.seed, self.dist.rank, self.global_step, batch["image"].shape[0]
+            ).to(dev)
             batch["alpha"] = stats["alpha"] = self._alpha()
             batch["itc_only"] = self.global_step < self.cfg.itc_warmup_steps
             self.model.clamp_temp()
@@ -123,8 +157,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.contrastive:
             image_feat_m, text_feat_m, idx = out["queue"]
-            self.model.enqueue(image_feat_m.float(), text_feat_m.float(),
-                               *(() if idx is None else (idx,)))
+            self.model.enqueue(
+                image_feat_m.float(), text_feat_m.float(), *(() if idx is None else (idx,))
+            )
         stats.update({k: float(v.detach()) for k, v in out.items() if k != "queue"})
         return stats
 
@@ -145,21 +180,32 @@ class Trainer:
     def train(self) -> dict:
         if self.cfg.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(self.out_dir / "tensorboard")
         self.task.train()
         stats: dict = {}
         while self.epoch < self.cfg.max_epoch and not self._done():
             self.sampler.set_epoch(self.epoch, self.batch)
-            bar = tqdm(self.loader, desc=f"epoch {self.epoch}", file=sys.stderr,
-                       disable=not (self.dist.is_main and sys.stderr.isatty()))
+            bar = tqdm(
+                self.loader,
+                desc=f"epoch {self.epoch}",
+                file=sys.stderr,
+                disable=not (self.dist.is_main and sys.stderr.isatty()),
+            )
             t0 = time.perf_counter()
             for batch in bar:
                 stats = self.step(batch)
                 self.batch += 1
                 self.global_step += 1
-                self._log({"epoch": self.epoch, "batch": self.batch,
-                           "global_step": self.global_step,
-                           "time": time.perf_counter() - t0, **stats})
+                self._log(
+                    {
+                        "epoch": self.epoch,
+                        "batch": self.batch,
+                        "global_step": self.global_step,
+                        "time": time.perf_counter() - t0,
+                        **stats,
+                    }
+                )
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")
                 if self.cfg.save_every and self.global_step % self.cfg.save_every == 0:
                     self.save()

@@ -11,6 +11,7 @@ instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead
 trained from scratch whose ITM hard negatives and captions mean nothing before ITC aligns).
 Run alone, or under torchrun for several processes / nodes.
 """
+
 import dataclasses
 import os
 from pathlib import Path
@@ -18,8 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from blip_fast.data import (PretrainDataset, RetrievalTrainDataset, test_transform,
-                            train_transform)
+from blip_fast.data import PretrainDataset, RetrievalTrainDataset, test_transform, train_transform
 from blip_fast.data.shards import ShardDataset
 from blip_fast.models.configs import BlipConfig, load_yaml
 from blip_fast.train.data import Collate, SeededSamples, TrainSampler
@@ -30,9 +30,11 @@ from blip_fast.train.task import CaptionTask, ContrastiveTask
 
 TASKS = ("pretrain", "retrieval", "caption")
 # Official annotation file names under ``ann_root`` (BLIP data/*_dataset.py)
-TRAIN_FILES = {("retrieval", "flickr"): "flickr30k_train.json",
-               ("retrieval", "coco"): "coco_karpathy_train.json",
-               ("caption", "coco"): "coco_karpathy_train.json"}
+TRAIN_FILES = {
+    ("retrieval", "flickr"): "flickr30k_train.json",
+    ("retrieval", "coco"): "coco_karpathy_train.json",
+    ("caption", "coco"): "coco_karpathy_train.json",
+}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -49,9 +51,12 @@ def model_config(y: dict) -> BlipConfig:
     if "model" not in y:
         return BlipConfig.from_official(y)
     cfg = BlipConfig.preset(y["model"])
-    vision = dataclasses.replace(cfg.vision, grad_checkpointing=bool(y.get("vit_grad_ckpt", False)),
-                                 ckpt_layer=int(y.get("vit_ckpt_layer", 0)),
-                                 image_size=int(y.get("image_size", cfg.vision.image_size)))
+    vision = dataclasses.replace(
+        cfg.vision,
+        grad_checkpointing=bool(y.get("vit_grad_ckpt", False)),
+        ckpt_layer=int(y.get("vit_ckpt_layer", 0)),
+        image_size=int(y.get("image_size", cfg.vision.image_size)),
+    )
     keys = ("queue_size", "alpha", "negative_all_rank", "momentum", "prompt", "label_smoothing")
     return dataclasses.replace(cfg, vision=vision, **{k: y[k] for k in keys if k in y})
 
@@ -72,13 +77,17 @@ def build_dataset(task: str, y: dict, image_size: int):
     # official: RandomResizedCrop scale (0.2, 1) in pre-training, (0.5, 1) in fine-tuning;
     # `train_augment: false` trains on the test transform (data whose captions name positions)
     min_scale = float(y.get("min_scale", 0.2 if task == "pretrain" else 0.5))
-    transform = (train_transform(image_size, min_scale) if y.get("train_augment", True)
-                 else test_transform(image_size))
+    transform = (
+        train_transform(image_size, min_scale)
+        if y.get("train_augment", True)
+        else test_transform(image_size)
+    )
     if task == "pretrain" and "train_shards" in y:
         return ShardDataset(y["train_shards"], transform, skip_corrupt=True)
     if task == "pretrain":  # web data is dirty: bad images are listed and replaced
-        return PretrainDataset(train_files(task, y), y.get("image_root"), transform,
-                               skip_corrupt=True)
+        return PretrainDataset(
+            train_files(task, y), y.get("image_root"), transform, skip_corrupt=True
+        )
     if "image_root" not in y:
         raise KeyError(f"{task} config: 'image_root' is missing")
     return RetrievalTrainDataset(train_files(task, y), y["image_root"], transform)
@@ -86,16 +95,31 @@ def build_dataset(task: str, y: dict, image_size: int):
 
 def build_model(task: str, cfg: BlipConfig, y: dict, backend):
     from blip_fast import create_model, load
+
     if y.get("pretrained"):
         return load(y["pretrained"], task=task, config=cfg, backend=backend)
     return create_model(task, cfg, backend=backend)
 
 
-def build_trainer(task: str, y: dict, out_dir, *, device=None, compile=False, precision=None,
-                  save_every=0, num_workers=2, seed=0, max_steps=0, backend=None,
-                  tensorboard=False, resume=None) -> Trainer:
+def build_trainer(
+    task: str,
+    y: dict,
+    out_dir,
+    *,
+    device=None,
+    compile=False,
+    precision=None,
+    save_every=0,
+    num_workers=2,
+    seed=0,
+    max_steps=0,
+    backend=None,
+    tensorboard=False,
+    resume=None,
+) -> Trainer:
     """Everything ``blip-fast train`` runs, from a config dict ``y`` (official keys)."""
     from blip_fast import tokenizer
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     itc_warmup = int(y.get("itc_warmup_steps", 0))
@@ -112,29 +136,60 @@ def build_trainer(task: str, y: dict, out_dir, *, device=None, compile=False, pr
     sampler = TrainSampler(len(dataset), batch_size, dist_info.rank, dist_info.world_size, seed)
     report = Path(out_dir) / "corrupt_images.tsv" if task == "pretrain" else None
     loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset, seed, report), batch_size=batch_size, sampler=sampler, drop_last=True,
-        num_workers=num_workers, persistent_workers=False,
+        SeededSamples(dataset, seed, report),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=False,
         pin_memory=dist_info.device.type == "cuda",
         collate_fn=Collate(tokenizer(), task, cfg.prompt if task == "caption" else ""),
-        generator=torch.Generator())  # leaves the global RNG (dropout) untouched
+        generator=torch.Generator(),
+    )  # leaves the global RNG (dropout) untouched
     max_epoch = int(y.get("max_epoch", 1))
     init_lr = float(y.get("init_lr", 1e-5))
     if task == "pretrain":
-        schedule = LRSchedule("step", init_lr, float(y.get("min_lr", 0.0)), max_epoch,
-                              float(y.get("warmup_lr", init_lr)), int(y.get("warmup_steps", 0)),
-                              float(y.get("lr_decay_rate", 1.0)))
+        schedule = LRSchedule(
+            "step",
+            init_lr,
+            float(y.get("min_lr", 0.0)),
+            max_epoch,
+            float(y.get("warmup_lr", init_lr)),
+            int(y.get("warmup_steps", 0)),
+            float(y.get("lr_decay_rate", 1.0)),
+        )
         step_module = ContrastiveTask(model, lm=True)
     else:
         schedule = LRSchedule("cosine", init_lr, float(y.get("min_lr", 0.0)), max_epoch)
-        step_module = (CaptionTask(model) if task == "caption" else
-                       ContrastiveTask(model, negative_all_rank=cfg.negative_all_rank))
+        step_module = (
+            CaptionTask(model)
+            if task == "caption"
+            else ContrastiveTask(model, negative_all_rank=cfg.negative_all_rank)
+        )
     optimizer = build_optimizer(model, init_lr, float(y.get("weight_decay", 0.05)))
     precision = precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
-    loop_cfg = LoopConfig(max_epoch=max_epoch, alpha=cfg.alpha, precision=precision,
-                          compile=compile, save_every=save_every, seed=seed, max_steps=max_steps,
-                          tensorboard=tensorboard, itc_warmup_steps=itc_warmup)
-    trainer = Trainer(step_module, loader, sampler, optimizer, schedule, loop_cfg, dist_info,
-                      out_dir, run_config={"task": task, **y})
+    loop_cfg = LoopConfig(
+        max_epoch=max_epoch,
+        alpha=cfg.alpha,
+        precision=precision,
+        compile=compile,
+        save_every=save_every,
+        seed=seed,
+        max_steps=max_steps,
+        tensorboard=tensorboard,
+        itc_warmup_steps=itc_warmup,
+    )
+    trainer = Trainer(
+        step_module,
+        loader,
+        sampler,
+        optimizer,
+        schedule,
+        loop_cfg,
+        dist_info,
+        out_dir,
+        run_config={"task": task, **y},
+    )
     if resume:
         trainer.resume(resume)
     return trainer
@@ -148,14 +203,26 @@ def main(args):
     resume = args.resume
     if resume == "auto":
         resume = out_dir / "checkpoint.pth" if (out_dir / "checkpoint.pth").exists() else None
-    trainer = build_trainer(args.task, y, out_dir, device=args.device, compile=args.compile,
-                            precision=args.precision, save_every=args.save_every,
-                            num_workers=args.num_workers, seed=args.seed,
-                            max_steps=args.max_steps, backend=args.backend,
-                            tensorboard=args.tensorboard, resume=resume)
+    trainer = build_trainer(
+        args.task,
+        y,
+        out_dir,
+        device=args.device,
+        compile=args.compile,
+        precision=args.precision,
+        save_every=args.save_every,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        backend=args.backend,
+        tensorboard=args.tensorboard,
+        resume=resume,
+    )
     stats = trainer.train()
     if trainer.dist.is_main:
-        print(f"trained {trainer.global_step} steps; last: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        print(
+            f"trained {trainer.global_step} steps; last: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in stats.items())
+        )
     trainer.close()
     shutdown()

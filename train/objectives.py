@@ -1,6 +1,7 @@
 """The BLIP training objectives beyond ITC (DESIGN §2): ITM with hard negatives and LM.
 
 ITC is ``BlipITMMixin.itc_loss`` (the fused op, reading the queues in place)."""
+
 import torch
 import torch.nn.functional as F
 
@@ -31,10 +32,13 @@ def itm_loss(model, ids, mask, image_embeds, neg_text_ids, neg_text_mask, neg_im
     B (hard negative text of image b, image b); ``itm_head`` on the [ENC] output, one pass."""
     B = ids.shape[0]
     logits = model.itm_logits(  # replaces the first token by [ENC]
-        torch.cat([ids, ids, neg_text_ids]), torch.cat([mask, mask, neg_text_mask]),
-        torch.cat([image_embeds, neg_image_embeds, image_embeds]))
-    labels = torch.cat([torch.ones(B, dtype=torch.long),
-                        torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
+        torch.cat([ids, ids, neg_text_ids]),
+        torch.cat([mask, mask, neg_text_mask]),
+        torch.cat([image_embeds, neg_image_embeds, image_embeds]),
+    )
+    labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(
+        logits.device
+    )
     return F.cross_entropy(logits.float(), labels)
 
 

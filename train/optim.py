@@ -1,5 +1,6 @@
 """AdamW and the official learning-rate schedules, as pure functions of (epoch, step) so a
 resumed run needs no scheduler state beyond its position."""
+
 import math
 from dataclasses import asdict, dataclass
 
@@ -19,7 +20,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
 class LRSchedule:
     """``step`` (pre-training): epoch 0 warms up linearly from ``warmup_lr`` to ``init_lr`` over
     ``warmup_steps`` iterations, later epochs use max(min_lr, init_lr * lr_decay_rate^epoch).
-    ``cosine`` (fine-tuning): per epoch, min_lr + (init_lr - min_lr)(1 + cos(pi epoch / max_epoch)) / 2."""
+    ``cosine`` (fine-tuning): per epoch,
+    min_lr + (init_lr - min_lr)(1 + cos(pi epoch / max_epoch)) / 2."""
+
     kind: str
     init_lr: float
     min_lr: float = 0.0
@@ -39,7 +42,7 @@ class LRSchedule:
         if epoch == 0 and self.warmup_steps > 0:
             warm = self.warmup_lr + (self.init_lr - self.warmup_lr) * step / self.warmup_steps
             return min(self.init_lr, warm)
-        return max(self.min_lr, self.init_lr * self.lr_decay_rate ** epoch)
+        return max(self.min_lr, self.init_lr * self.lr_decay_rate**epoch)
 
     def state_dict(self) -> dict:
         return asdict(self)

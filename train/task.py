@@ -11,6 +11,7 @@ The contrastive task runs in three phases so a test can stand in for the collect
 simulate several ranks in one process: ``encode`` (this rank's features), ``exchange`` (the
 features every rank needs from the others), ``objectives``.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,14 +34,22 @@ class ContrastiveTask(nn.Module):
     def encode(self, batch) -> dict:
         m = self.model
         image_embeds = m.image_embeds(batch["image"])
-        out = {"image_embeds": image_embeds, "ids": batch["ids"], "mask": batch["mask"],
-               "idx": batch.get("idx"),
-               "image_feat": m.image_features(image_embeds=image_embeds),
-               "text_feat": m.text_features(batch["ids"], batch["mask"])}
+        out = {
+            "image_embeds": image_embeds,
+            "ids": batch["ids"],
+            "mask": batch["mask"],
+            "idx": batch.get("idx"),
+            "image_feat": m.image_features(image_embeds=image_embeds),
+            "text_feat": m.text_features(batch["ids"], batch["mask"]),
+        }
         with torch.no_grad():
-            out["image_feat_m"] = F.normalize(m.vision_proj_m(m.visual_encoder_m(batch["image"])[:, 0]), dim=-1)
-            out["text_feat_m"] = F.normalize(m.text_proj_m(
-                m.text_encoder_m(batch["ids"], batch["mask"], mode="text")[:, 0]), dim=-1)
+            out["image_feat_m"] = F.normalize(
+                m.vision_proj_m(m.visual_encoder_m(batch["image"])[:, 0]), dim=-1
+            )
+            out["text_feat_m"] = F.normalize(
+                m.text_proj_m(m.text_encoder_m(batch["ids"], batch["mask"], mode="text")[:, 0]),
+                dim=-1,
+            )
         return out
 
     def exchange(self, local: dict) -> dict:
@@ -48,15 +57,23 @@ class ContrastiveTask(nn.Module):
         with ``negative_all_rank`` (image embeds gathered with their gradient)."""
         if not self.negative_all_rank:
             return local
-        world = {k: concat_all_gather(local[k].detach())
-                 for k in ("image_feat", "text_feat", "ids", "mask", "idx")}
+        world = {
+            k: concat_all_gather(local[k].detach())
+            for k in ("image_feat", "text_feat", "ids", "mask", "idx")
+        }
         world["image_embeds"] = all_gather_with_grad(local["image_embeds"])
         return world
 
     def objectives(self, local: dict, world: dict, batch) -> dict:
         m, idx = self.model, local["idx"]
-        itc = m.itc_loss(local["image_feat"], local["text_feat"], local["image_feat_m"],
-                         local["text_feat_m"], batch["alpha"], idx)
+        itc = m.itc_loss(
+            local["image_feat"],
+            local["text_feat"],
+            local["image_feat_m"],
+            local["text_feat_m"],
+            batch["alpha"],
+            idx,
+        )
         queue = (local["image_feat_m"], local["text_feat_m"], idx)
         if batch.get("itc_only"):
             return {"itc": itc, "loss": itc, "queue": queue}
@@ -74,13 +91,25 @@ class ContrastiveTask(nn.Module):
                 w_i2t, w_t2i = objectives.negative_weights(sim_i2t, sim_t2i, pos, pos)
             neg_image = objectives.sample_rows(w_t2i, batch["neg_u"][0])
             neg_text = objectives.sample_rows(w_i2t, batch["neg_u"][1])
-        itm = objectives.itm_loss(m, local["ids"], local["mask"], local["image_embeds"],
-                                  world["ids"][neg_text], world["mask"][neg_text],
-                                  world["image_embeds"][neg_image])
+        itm = objectives.itm_loss(
+            m,
+            local["ids"],
+            local["mask"],
+            local["image_embeds"],
+            world["ids"][neg_text],
+            world["mask"][neg_text],
+            world["image_embeds"][neg_image],
+        )
         losses = {"itc": itc, "itm": itm}
         if self.lm:
-            losses["lm"] = objectives.caption_loss(m.text_decoder, local["ids"], local["mask"],
-                                                   local["image_embeds"], 0, m.cfg.label_smoothing)
+            losses["lm"] = objectives.caption_loss(
+                m.text_decoder,
+                local["ids"],
+                local["mask"],
+                local["image_embeds"],
+                0,
+                m.cfg.label_smoothing,
+            )
         losses["loss"] = sum(losses.values())
         losses["queue"] = queue
         return losses
@@ -101,7 +130,12 @@ class CaptionTask(nn.Module):
 
     def forward(self, batch) -> dict:
         m = self.model
-        lm = objectives.caption_loss(m.text_decoder, batch["ids"], batch["mask"],
-                                     m.visual_encoder(batch["image"]), self.prompt_length,
-                                     m.cfg.label_smoothing)
+        lm = objectives.caption_loss(
+            m.text_decoder,
+            batch["ids"],
+            batch["mask"],
+            m.visual_encoder(batch["image"]),
+            self.prompt_length,
+            m.cfg.label_smoothing,
+        )
         return {"lm": lm, "loss": lm}

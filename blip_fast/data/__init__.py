@@ -1,14 +1,39 @@
 """Data: annotation datasets, image transforms, loaders (CPU; DALI in ``blip_fast.data.dali``)
 and a synthetic data set (DESIGN §1, §4)."""
-from blip_fast.data.datasets import (CorruptImage, MissingKeyError, PretrainDataset,
-                                     RetrievalEvalDataset, RetrievalTrainDataset,
-                                     load_annotations, load_image)
-from blip_fast.data.loader import (SkipCorrupt, Uint8TestTransform, Uint8TrainTransform, collate,
-                                   make_loader)
+
+from blip_fast.data.datasets import (
+    CorruptImage,
+    MissingKeyError,
+    PretrainDataset,
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    load_annotations,
+    load_image,
+)
+from blip_fast.data.loader import (
+    SkipCorrupt,
+    Uint8TestTransform,
+    Uint8TrainTransform,
+    collate,
+    make_loader,
+)
 from blip_fast.data.synthetic import make_synthetic
 from blip_fast.data.transforms import test_transform, train_transform
 
-__all__ = ["CorruptImage", "MissingKeyError", "PretrainDataset", "RetrievalEvalDataset",
-           "RetrievalTrainDataset", "SkipCorrupt", "Uint8TestTransform", "Uint8TrainTransform",
-           "collate", "load_annotations", "load_image", "make_loader", "make_synthetic",
-           "test_transform", "train_transform"]
+__all__ = [
+    "CorruptImage",
+    "MissingKeyError",
+    "PretrainDataset",
+    "RetrievalEvalDataset",
+    "RetrievalTrainDataset",
+    "SkipCorrupt",
+    "Uint8TestTransform",
+    "Uint8TrainTransform",
+    "collate",
+    "load_annotations",
+    "load_image",
+    "make_loader",
+    "make_synthetic",
+    "test_transform",
+    "train_transform",
+]

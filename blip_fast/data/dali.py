@@ -19,6 +19,7 @@ whole image where torchvision's is a centre crop clamped to the ratio range.
 With ``device_id=None`` the pipeline runs DALI's CPU operators (decoders.image(device='cpu'));
 tests run that graph on machines without a GPU.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,8 +28,7 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import (DistributedSampler, RandomSampler, SequentialSampler,
-                              default_collate)
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, default_collate
 
 from blip_fast.data.datasets import CorruptImage
 from blip_fast.data.loader import Uint8TestTransform, Uint8TrainTransform, record_corrupt
@@ -37,6 +37,7 @@ from blip_fast.data.transforms import MEAN, STD
 try:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
     IMPORT_ERROR = None
 except ImportError as err:  # the [dali] extra is optional
     IMPORT_ERROR = f"nvidia.dali not importable ({err}); pip install 'blip-fast[dali]'"
@@ -55,8 +56,17 @@ def _resize_like_pil(images, size: int):
     return fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
 
 
-def image_pipeline(source, *, image_size: int, train: bool, min_scale: float = 0.5,
-                   batch_size: int, device_id: int | None, num_threads: int = 4, seed: int = 0):
+def image_pipeline(
+    source,
+    *,
+    image_size: int,
+    train: bool,
+    min_scale: float = 0.5,
+    batch_size: int,
+    device_id: int | None,
+    num_threads: int = 4,
+    seed: int = 0,
+):
     """The DALI graph. ``source``: an iterable of batches ([uint8 JPEG bytes], [int64 (1,)
     dataset index]); each pass is an epoch (``cycle="raise"``: iter() again after
     StopIteration). Outputs: images float32 (B, 3, S, S) normalised with
@@ -68,19 +78,34 @@ def image_pipeline(source, *, image_size: int, train: bool, min_scale: float = 0
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def pipeline():
-        encoded, idx = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
-                                          dtype=[types.UINT8, types.INT64])
+        encoded, idx = fn.external_source(
+            source=source,
+            num_outputs=2,
+            batch=True,
+            cycle="raise",
+            dtype=[types.UINT8, types.INT64],
+        )
         if train:
             images = fn.decoders.image_random_crop(
-                encoded, device=decoder, output_type=types.RGB, random_area=[min_scale, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                encoded,
+                device=decoder,
+                output_type=types.RGB,
+                random_area=[min_scale, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=10,
+            )
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             mirror = 0
         images = fn.crop_mirror_normalize(
-            _resize_like_pil(images, image_size), dtype=types.FLOAT, output_layout="CHW",
-            mean=[255 * m for m in MEAN], std=[255 * s for s in STD], mirror=mirror)
+            _resize_like_pil(images, image_size),
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255 * m for m in MEAN],
+            std=[255 * s for s in STD],
+            mirror=mirror,
+        )
         return images, idx
 
     return pipeline()
@@ -143,23 +168,43 @@ class DaliLoader:
     ``set_epoch`` between epochs); by default this rank's DistributedSampler share.
     """
 
-    def __init__(self, dataset, batch_size: int, *, sampler=None, shuffle: bool = False,
-                 drop_last: bool = False, device_id: int | str | None = "auto",
-                 num_threads: int = 4, seed: int = 0, corrupt_report: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        *,
+        sampler=None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        device_id: int | str | None = "auto",
+        num_threads: int = 4,
+        seed: int = 0,
+        corrupt_report: str | os.PathLike | None = None,
+    ):
         transform = getattr(dataset, "transform", None)
         if not isinstance(transform, (Uint8TestTransform, Uint8TrainTransform)):
-            raise TypeError(f"DaliLoader needs a dataset whose transform is a Uint8TestTransform "
-                            f"or Uint8TrainTransform, got {type(transform).__name__}")
+            raise TypeError(
+                f"DaliLoader needs a dataset whose transform is a Uint8TestTransform "
+                f"or Uint8TrainTransform, got {type(transform).__name__}"
+            )
         if device_id == "auto":
             device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-        self.sampler = sampler if sampler is not None else _default_sampler(len(dataset), shuffle, seed)
+        self.sampler = (
+            sampler if sampler is not None else _default_sampler(len(dataset), shuffle, seed)
+        )
         self.batch_size, self.drop_last = batch_size, drop_last
         self.source = _BatchSource(dataset, batch_size, self.sampler, drop_last, corrupt_report)
         train = isinstance(transform, Uint8TrainTransform)
-        self.pipeline = image_pipeline(self.source, image_size=transform.image_size, train=train,
-                                       min_scale=getattr(transform, "min_scale", 0.5),
-                                       batch_size=batch_size, device_id=device_id,
-                                       num_threads=num_threads, seed=seed)
+        self.pipeline = image_pipeline(
+            self.source,
+            image_size=transform.image_size,
+            train=train,
+            min_scale=getattr(transform, "min_scale", 0.5),
+            batch_size=batch_size,
+            device_id=device_id,
+            num_threads=num_threads,
+            seed=seed,
+        )
         self._iterator = None
 
     def __len__(self) -> int:
@@ -172,8 +217,12 @@ class DaliLoader:
         if self._iterator is None:
             self.pipeline.build()
             self._iterator = DALIGenericIterator(
-                self.pipeline, ["images", "idx"], last_batch_policy=LastBatchPolicy.PARTIAL,
-                auto_reset=False, prepare_first_batch=False)
+                self.pipeline,
+                ["images", "idx"],
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+                prepare_first_batch=False,
+            )
         else:
             self._iterator.reset()
         for out in self._iterator:

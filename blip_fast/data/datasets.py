@@ -10,15 +10,16 @@ pre-training, on dirty web data, may opt in to ``skip_corrupt``: the item is the
 ``entry(index)`` -> (image path, the item's other fields) is what ``__getitem__`` returns
 without the image; the DALI loader feeds the path through its pipeline and the fields beside it.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -31,8 +32,16 @@ try:  # libjpeg-turbo without PIL's per-image overhead; its output is bit-identi
 except ImportError:
     simplejpeg = None
 
-__all__ = ["CorruptImage", "MissingKeyError", "PretrainDataset", "RetrievalEvalDataset",
-           "RetrievalTrainDataset", "decode_image", "load_annotations", "load_image"]
+__all__ = [
+    "CorruptImage",
+    "MissingKeyError",
+    "PretrainDataset",
+    "RetrievalEvalDataset",
+    "RetrievalTrainDataset",
+    "decode_image",
+    "load_annotations",
+    "load_image",
+]
 
 PathLike = str | os.PathLike
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -58,8 +67,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     to PIL, so PIL alone decides what decodes and what raises."""
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
         try:
-            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
-                                                          fastupsample=False))
+            return Image.fromarray(
+                simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+            )
         except ValueError:
             pass
     try:
@@ -82,6 +92,7 @@ def draw_caption(caption: str | list[str]) -> str:
 @dataclass(frozen=True)
 class CorruptImage:
     """Stands in for a pre-training item whose image is missing or undecodable."""
+
     index: int
     path: str
     error: str
@@ -108,8 +119,9 @@ def _read_json(path: Path) -> list:
     except json.JSONDecodeError as err:  # its message gives line, column and char offset
         raise ValueError(f"invalid JSON in annotation file {path}: {err}") from err
     if not isinstance(data, list):
-        raise TypeError(f"annotation file {path}: top level must be a list of entries, "
-                        f"got {_type_name(data)}")
+        raise TypeError(
+            f"annotation file {path}: top level must be a list of entries, got {_type_name(data)}"
+        )
     return data
 
 
@@ -146,16 +158,22 @@ def load_annotations(files: PathLike | Sequence[PathLike], caption: str) -> list
             if not isinstance(entry["image"], str):
                 raise TypeError(f"{where}: 'image' must be str, got {_type_name(entry['image'])}")
             cap = entry["caption"]
-            if not ((isinstance(cap, str) and caption != "list")
-                    or (isinstance(cap, list) and caption != "str")):
-                want = {"str": "str", "list": "list of str", "str|list": "str or list of str"}[caption]
+            if not (
+                (isinstance(cap, str) and caption != "list")
+                or (isinstance(cap, list) and caption != "str")
+            ):
+                want = {"str": "str", "list": "list of str", "str|list": "str or list of str"}[
+                    caption
+                ]
                 raise TypeError(f"{where}: 'caption' must be {want}, got {_type_name(cap)}")
             if isinstance(cap, list):
                 _check_caption_list(cap, where)
-            if "image_id" in keys and (isinstance(entry["image_id"], bool)
-                                       or not isinstance(entry["image_id"], (str, int))):
-                raise TypeError(f"{where}: 'image_id' must be str or int, "
-                                f"got {_type_name(entry['image_id'])}")
+            if "image_id" in keys and (
+                isinstance(entry["image_id"], bool) or not isinstance(entry["image_id"], (str, int))
+            ):
+                raise TypeError(
+                    f"{where}: 'image_id' must be str or int, got {_type_name(entry['image_id'])}"
+                )
             out.append(entry)
     return out
 
@@ -167,8 +185,13 @@ class RetrievalTrainDataset(Dataset):
     the distinct ``image_id`` values 0, 1, ... in order of first appearance (``img_ids``).
     """
 
-    def __init__(self, ann_files: PathLike | Sequence[PathLike], image_root: PathLike,
-                 transform: Transform, max_words: int = 30):
+    def __init__(
+        self,
+        ann_files: PathLike | Sequence[PathLike],
+        image_root: PathLike,
+        transform: Transform,
+        max_words: int = 30,
+    ):
         self.annotation = load_annotations(ann_files, caption="str")
         self.image_root, self.transform, self.max_words = Path(image_root), transform, max_words
         self.img_ids: dict = {}
@@ -180,8 +203,10 @@ class RetrievalTrainDataset(Dataset):
 
     def entry(self, index: int) -> tuple[str, tuple[str, int]]:
         ann = self.annotation[index]
-        return (os.fspath(self.image_root / ann["image"]),
-                (pre_caption(ann["caption"], self.max_words), self.img_ids[ann["image_id"]]))
+        return (
+            os.fspath(self.image_root / ann["image"]),
+            (pre_caption(ann["caption"], self.max_words), self.img_ids[ann["image_id"]]),
+        )
 
     def __getitem__(self, index: int):
         path, fields = self.entry(index)
@@ -196,8 +221,9 @@ class RetrievalEvalDataset(Dataset):
     ``__getitem__(i)`` -> (transform(image i), i).
     """
 
-    def __init__(self, ann_file: PathLike, image_root: PathLike, transform: Transform,
-                 max_words: int = 30):
+    def __init__(
+        self, ann_file: PathLike, image_root: PathLike, transform: Transform, max_words: int = 30
+    ):
         self.annotation = load_annotations(ann_file, caption="list")
         self.image_root, self.transform = Path(image_root), transform
         self.text: list[str] = []
@@ -236,9 +262,14 @@ class PretrainDataset(Dataset):
     record them.
     """
 
-    def __init__(self, ann_files: PathLike | Sequence[PathLike], image_root: PathLike | None = None,
-                 transform: Transform | None = None, max_words: int = 30,
-                 skip_corrupt: bool = False):
+    def __init__(
+        self,
+        ann_files: PathLike | Sequence[PathLike],
+        image_root: PathLike | None = None,
+        transform: Transform | None = None,
+        max_words: int = 30,
+        skip_corrupt: bool = False,
+    ):
         self.annotation = load_annotations(ann_files, caption="str|list")
         self.image_root, self.transform, self.max_words = image_root, transform, max_words
         self.skip_corrupt = skip_corrupt
@@ -248,7 +279,9 @@ class PretrainDataset(Dataset):
 
     def entry(self, index: int) -> tuple[str, tuple[str]]:
         ann = self.annotation[index]
-        path = ann["image"] if self.image_root is None else os.path.join(self.image_root, ann["image"])
+        path = (
+            ann["image"] if self.image_root is None else os.path.join(self.image_root, ann["image"])
+        )
         return os.fspath(path), (pre_caption(draw_caption(ann["caption"]), self.max_words),)
 
     def __getitem__(self, index: int):

@@ -11,6 +11,7 @@ Train transform: RandomResizedCrop(S, scale (min_scale, 1), bicubic) + horizonta
 official BLIP's RandAugment (DALI has no equivalent; ``transforms.train_transform`` keeps it for
 runs that want the official augmentation on the CPU).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from blip_fast.data.datasets import CorruptImage
 from blip_fast.data.transforms import MEAN, STD, RandomResizedCrop
 
-__all__ = ["SkipCorrupt", "Uint8TestTransform", "Uint8TrainTransform", "collate", "make_loader",
-           "normalize_uint8", "read_corrupt_report", "record_corrupt"]
+__all__ = [
+    "SkipCorrupt",
+    "Uint8TestTransform",
+    "Uint8TrainTransform",
+    "collate",
+    "make_loader",
+    "normalize_uint8",
+    "read_corrupt_report",
+    "record_corrupt",
+]
 
 log = logging.getLogger("blip_fast.data")
 
@@ -48,8 +57,9 @@ class Uint8TrainTransform:
     """RandomResizedCrop(S, scale=(min_scale, 1), bicubic) -> flip (p 0.5) -> uint8 (3, S, S).
     Draws from ``generator`` or, when None, torch's global RNG (seeded per DataLoader worker)."""
 
-    def __init__(self, image_size: int, min_scale: float = 0.5,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self, image_size: int, min_scale: float = 0.5, generator: torch.Generator | None = None
+    ):
         self.image_size, self.min_scale, self.generator = image_size, min_scale, generator
         self.crop = RandomResizedCrop(image_size, scale=(min_scale, 1.0))
 
@@ -118,15 +128,30 @@ def read_corrupt_report(report: str | os.PathLike) -> list[dict]:
 
 def _dali_usable(dataset, collate_fn) -> bool:
     from blip_fast.data import dali
-    return (torch.cuda.is_available() and dali.available()
-            and isinstance(getattr(dataset, "transform", None), (Uint8TestTransform, Uint8TrainTransform))
-            and (collate_fn is None or isinstance(collate_fn, SkipCorrupt)))
+
+    return (
+        torch.cuda.is_available()
+        and dali.available()
+        and isinstance(
+            getattr(dataset, "transform", None), (Uint8TestTransform, Uint8TrainTransform)
+        )
+        and (collate_fn is None or isinstance(collate_fn, SkipCorrupt))
+    )
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = None,
-                shuffle: bool = False, num_workers: int = 4, drop_last: bool = False,
-                collate_fn=None, pin_memory: bool | None = None, backend: str = "auto",
-                prefetch_factor: int | None = None):
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    sampler: Sampler | None = None,
+    shuffle: bool = False,
+    num_workers: int = 4,
+    drop_last: bool = False,
+    collate_fn=None,
+    pin_memory: bool | None = None,
+    backend: str = "auto",
+    prefetch_factor: int | None = None,
+):
     """The loader training and CapFilt use: (images float32 (B, 3, S, S), *fields) per batch.
 
     backend: ``cpu`` (a DataLoader with ``num_workers`` processes; pinned memory when CUDA is
@@ -140,14 +165,29 @@ def make_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = 
         raise ValueError(f"backend must be 'auto', 'cpu' or 'dali', not {backend!r}")
     if backend == "dali" or (backend == "auto" and _dali_usable(dataset, collate_fn)):
         from blip_fast.data.dali import DaliLoader
+
         log.info("data: DALI loader (GPU decode)")
         report = collate_fn.report if isinstance(collate_fn, SkipCorrupt) else None
-        return DaliLoader(dataset, batch_size, sampler=sampler, shuffle=shuffle,
-                          drop_last=drop_last, num_threads=max(num_workers, 1),
-                          corrupt_report=report)
+        return DaliLoader(
+            dataset,
+            batch_size,
+            sampler=sampler,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_threads=max(num_workers, 1),
+            corrupt_report=report,
+        )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return DataLoader(dataset, batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
-                      num_workers=num_workers, drop_last=drop_last,
-                      collate_fn=collate_fn or collate, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor)
+    return DataLoader(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        shuffle=shuffle and sampler is None,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=collate_fn or collate,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor,
+    )

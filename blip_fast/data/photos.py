@@ -1,13 +1,16 @@
 """Real JPEG photos shipped inside PyPI wheels (DESIGN §5), for tests and benchmarks that need
 camera images rather than synthetic scenes, offline."""
+
 import importlib
 import os
 
 __all__ = ["sample_photos"]
 
 # (package whose folder holds them, subfolder, files)
-_SOURCES = (("skimage", "data", ("rocket.jpg", "retina.jpg")),
-            ("sklearn.datasets", "images", ("china.jpg",)))
+_SOURCES = (
+    ("skimage", "data", ("rocket.jpg", "retina.jpg")),
+    ("sklearn.datasets", "images", ("china.jpg",)),
+)
 
 
 def sample_photos() -> list[str]:

@@ -7,6 +7,7 @@ Opening the dataset reads each shard's tar headers (not its images) once, so sam
 addressed by index: the training sampler's sharding across ranks, per-epoch shuffle, per-sample
 seeding and exact resume work as for JSON annotations. Items are those of ``PretrainDataset``.
 """
+
 from __future__ import annotations
 
 import glob
@@ -15,7 +16,7 @@ import json
 import os
 import re
 import tarfile
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
@@ -34,8 +35,11 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
     if m:
         width = len(m.group(1))
-        return [p for i in range(int(m.group(1)), int(m.group(2)) + 1)
-                for p in expand_shards(spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():])]
+        return [
+            p
+            for i in range(int(m.group(1)), int(m.group(2)) + 1)
+            for p in expand_shards(spec[: m.start()] + f"{i:0{width}d}" + spec[m.end() :])
+        ]
     paths = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
     if not paths:
         raise FileNotFoundError(f"no shards match {spec!r}")
@@ -56,8 +60,13 @@ class ShardDataset(Dataset):
     at opening with the shard and key named (nothing is dropped silently). ``raw(i)`` gives a
     sample as stored (CapFilt reads the shards through it)."""
 
-    def __init__(self, shards: str | Sequence[str], transform=None, max_words: int = 30,
-                 skip_corrupt: bool = False):
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        transform=None,
+        max_words: int = 30,
+        skip_corrupt: bool = False,
+    ):
         self.shards = expand_shards(shards)
         self.transform, self.max_words, self.skip_corrupt = transform, max_words, skip_corrupt
         # shard, image data offset, size, caption (str | list[str]), key, image extension
@@ -74,22 +83,36 @@ class ShardDataset(Dataset):
                     if info.isfile():
                         key, ext = _split_name(info.name)
                         members.setdefault(key, {})[ext] = info
-                texts = {k: tar.extractfile(m["txt"] if "txt" in m else m["json"]).read()
-                         for k, m in members.items() if "txt" in m or "json" in m}
+                texts = {
+                    k: tar.extractfile(m["txt"] if "txt" in m else m["json"]).read()
+                    for k, m in members.items()
+                    if "txt" in m or "json" in m
+                }
         except (OSError, tarfile.TarError) as err:
             raise OSError(f"cannot read shard {path}: {err}") from err
         out = []
         for key, m in members.items():
             ext = next((e for e in IMAGE_EXTS if e in m), None)
             if ext is None or key not in texts:
-                what = "an image (" + "/".join(IMAGE_EXTS) + ")" if ext is None else "a .txt or .json caption"
+                what = (
+                    "an image (" + "/".join(IMAGE_EXTS) + ")"
+                    if ext is None
+                    else "a .txt or .json caption"
+                )
                 raise ValueError(f"shard {path}: sample {key!r} has no {what}")
             raw = texts[key].decode("utf-8")
             caption = raw if "txt" in m else json.loads(raw).get("caption")
-            if not (isinstance(caption, str) or (isinstance(caption, list) and caption
-                                                 and all(isinstance(c, str) for c in caption))):
-                raise ValueError(f"shard {path}: {key}.json has no 'caption' string or "
-                                 "list of strings")
+            if not (
+                isinstance(caption, str)
+                or (
+                    isinstance(caption, list)
+                    and caption
+                    and all(isinstance(c, str) for c in caption)
+                )
+            ):
+                raise ValueError(
+                    f"shard {path}: {key}.json has no 'caption' string or list of strings"
+                )
             out.append((s, m[ext].offset_data, m[ext].size, caption, key, ext))
         return out
 
@@ -139,8 +162,11 @@ def write_shards(samples, pattern: str, per_shard: int = 1000) -> list[str]:
                 tar.close()
             paths.append(pattern % len(paths))
             tar = tarfile.open(paths[-1], "w")
-        text = (("txt", caption.encode("utf-8")) if isinstance(caption, str) else
-                ("json", json.dumps({"caption": list(caption)}).encode("utf-8")))
+        text = (
+            ("txt", caption.encode("utf-8"))
+            if isinstance(caption, str)
+            else ("json", json.dumps({"caption": list(caption)}).encode("utf-8"))
+        )
         for ext, payload in ((image_ext[0] if image_ext else "jpg", data), text):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(payload)

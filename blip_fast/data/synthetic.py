@@ -9,6 +9,7 @@ retrieval from them. Everything derives from ``seed`` (same seed and Pillow buil
 
     python -m blip_fast.data.synthetic ROOT [--n-train 1000] [--image-size 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,23 @@ from PIL import Image, ImageDraw
 __all__ = ["Scene", "make_synthetic", "render", "scene_captions"]
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (35, 65, 225),
-           "yellow": (240, 215, 25), "purple": (135, 45, 175), "orange": (250, 130, 10),
-           "pink": (255, 110, 190), "cyan": (20, 205, 225)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (35, 65, 225),
+    "yellow": (240, 215, 25),
+    "purple": (135, 45, 175),
+    "orange": (250, 130, 10),
+    "pink": (255, 110, 190),
+    "cyan": (20, 205, 225),
+}
 # Disjoint from the object colours, so no object ever vanishes into its background.
-BACKGROUNDS = {"white": (242, 242, 242), "black": (22, 22, 22), "gray": (128, 128, 128),
-               "brown": (115, 70, 35)}
+BACKGROUNDS = {
+    "white": (242, 242, 242),
+    "black": (22, 22, 22),
+    "gray": (128, 128, 128),
+    "brown": (115, 70, 35),
+}
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 # Shape radius as a fraction of the image side: three large shapes (diameter 0.30) fit side by
 # side in slots of width 1/3 with room for jitter.
@@ -39,7 +51,7 @@ JPEG_QUALITY = 90
 
 @dataclass(frozen=True)
 class Scene:
-    background: tuple[str, ...]                # one colour, or (top, bottom) for two-tone
+    background: tuple[str, ...]  # one colour, or (top, bottom) for two-tone
     objects: tuple[tuple[str, str, str], ...]  # (size, colour, shape), left to right
 
 
@@ -47,7 +59,11 @@ def _random_scene(rng: np.random.Generator) -> Scene:
     n = int(rng.integers(2, 4))
     objects = []
     while len(objects) < n:
-        obj = (str(rng.choice(list(SIZE_WORDS))), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+        obj = (
+            str(rng.choice(list(SIZE_WORDS))),
+            str(rng.choice(list(COLOURS))),
+            str(rng.choice(SHAPES)),
+        )
         if obj not in objects:  # two identical objects would make "the red circle" ambiguous
             objects.append(obj)
     bgs = list(BACKGROUNDS)
@@ -69,19 +85,34 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         h = 0.8 * r  # side 1.6 r: about the area of the circle of radius r
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy - r * math.sin(a))
-                for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
+        return [
+            (cx + r * math.cos(a), cy - r * math.sin(a))
+            for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)
+        ]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     if shape == "star":
-        return [(cx + rad * math.cos(a), cy - rad * math.sin(a))
-                for k in range(10)
-                for a, rad in [(math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.45 * r)]]
+        return [
+            (cx + rad * math.cos(a), cy - rad * math.sin(a))
+            for k in range(10)
+            for a, rad in [(math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.45 * r)]
+        ]
     if shape == "cross":
         w = 0.35 * r
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
-                (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
-                (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -90,7 +121,9 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     img = Image.new("RGB", (size, size), _jitter(BACKGROUNDS[scene.background[0]], rng, 10))
     draw = ImageDraw.Draw(img)
     if len(scene.background) == 2:
-        draw.rectangle((0, size // 2, size, size), fill=_jitter(BACKGROUNDS[scene.background[1]], rng, 10))
+        draw.rectangle(
+            (0, size // 2, size, size), fill=_jitter(BACKGROUNDS[scene.background[1]], rng, 10)
+        )
     slot = size / len(scene.objects)
     for i, (obj_size, colour, shape) in enumerate(scene.objects):
         r = RADIUS[obj_size] * size
@@ -108,6 +141,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
 
 def scene_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
     """``n`` captions of ``scene`` in different phrasings (distinct templates while they last)."""
+
     def phrase(obj):
         obj_size, colour, shape = obj
         return f"a {SIZE_WORDS[obj_size][int(rng.integers(2))]} {colour} {shape}"
@@ -118,7 +152,11 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
     o = [phrase(obj) for obj in scene.objects]
     bg = scene.background
     b = f"a {bg[0]} background" if len(bg) == 1 else f"a {bg[0]} and {bg[1]} background"
-    where = ["on the left", "in the middle", "on the right"] if len(o) == 3 else ["on the left", "on the right"]
+    where = (
+        ["on the left", "in the middle", "on the right"]
+        if len(o) == 3
+        else ["on the left", "on the right"]
+    )
     templates = [
         lambda: f"{listed(o)} from left to right on {b}",
         lambda: f"{b} with {listed(o)} from left to right",
@@ -126,8 +164,10 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
         lambda: " ".join(f"{x} to the right of" for x in o[:0:-1]) + f" {o[0]} on {b}",
         lambda: "there is " + listed([f"{x} {w}" for x, w in zip(o, where)]),
         lambda: f"an image of {listed(o)} on {b}, ordered left to right",
-        lambda: f"{o[0]} on the left and {o[-1]} on the right of {b}"
-                + (f" with {o[1]} between them" if len(o) == 3 else ""),
+        lambda: (
+            f"{o[0]} on the left and {o[-1]} on the right of {b}"
+            + (f" with {o[1]} between them" if len(o) == 3 else "")
+        ),
     ]
     order = rng.permutation(len(templates))
     return [templates[order[k % len(templates)]]() for k in range(n)]
@@ -152,10 +192,16 @@ def _dump(obj, path: Path) -> Path:
     return path
 
 
-def make_synthetic(root: str | os.PathLike, n_train_images: int = 1000, n_test_images: int = 100,
-                   n_val_images: int = 100, image_size: int = 128,
-                   captions_per_train_image: int = 5, pretrain_noise: float = 0.2,
-                   seed: int = 0) -> dict[str, Path]:
+def make_synthetic(
+    root: str | os.PathLike,
+    n_train_images: int = 1000,
+    n_test_images: int = 100,
+    n_val_images: int = 100,
+    image_size: int = 128,
+    captions_per_train_image: int = 5,
+    pretrain_noise: float = 0.2,
+    seed: int = 0,
+) -> dict[str, Path]:
     """Write the data set under ``root`` and return its paths.
 
     Files (image paths are relative to ``root``, the ``image_root`` of every loader):
@@ -173,18 +219,24 @@ def make_synthetic(root: str | os.PathLike, n_train_images: int = 1000, n_test_i
     seen: set[Scene] = set()
     paths = {"root": root, "image_root": root}
     for name, n, rng in (("test", n_test_images, rngs[0]), ("val", n_val_images, rngs[1])):
-        ann = [{"image": rel, "caption": scene_captions(scene, rng, 5)}
-               for rel, _, scene in _split(name, n, root, image_size, seen, rng)]
+        ann = [
+            {"image": rel, "caption": scene_captions(scene, rng, 5)}
+            for rel, _, scene in _split(name, n, root, image_size, seen, rng)
+        ]
         paths[name] = _dump(ann, root / f"{name}.json")
     train, images = [], []
     for rel, stem, scene in _split("train", n_train_images, root, image_size, seen, rngs[2]):
-        train += [{"image": rel, "caption": c, "image_id": f"train_{stem}"}
-                  for c in scene_captions(scene, rngs[2], captions_per_train_image)]
+        train += [
+            {"image": rel, "caption": c, "image_id": f"train_{stem}"}
+            for c in scene_captions(scene, rngs[2], captions_per_train_image)
+        ]
         images.append((rel, scene))
     paths["train"] = _dump(train, root / "train.json")
 
     rng = rngs[3]
-    pretrain = [{"image": rel, "caption": scene_captions(scene, rng, 1)[0]} for rel, scene in images]
+    pretrain = [
+        {"image": rel, "caption": scene_captions(scene, rng, 1)[0]} for rel, scene in images
+    ]
     n_noisy = int(round(pretrain_noise * len(images))) if len(images) > 1 else 0
     noisy = sorted(int(i) for i in rng.choice(len(images), size=n_noisy, replace=False))
     for i in noisy:  # another image's caption: every scene is unique, so it never fits this one
@@ -205,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--captions-per-train-image", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    paths = make_synthetic(a.root, a.n_train, a.n_test, a.n_val, a.image_size,
-                           a.captions_per_train_image, seed=a.seed)
+    paths = make_synthetic(
+        a.root, a.n_train, a.n_test, a.n_val, a.image_size, a.captions_per_train_image, seed=a.seed
+    )
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
 
 

@@ -6,6 +6,7 @@ numpy's global RNG, which forked workers share, so their augmentations repeat ac
 A seeded generator passed to a transform used in several workers is copied into each of them and
 repeats the same way: seed per worker (``worker_init_fn``) if that matters.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-__all__ = ["MEAN", "STD", "RandomAugment", "RandomResizedCrop", "TestTransform", "TrainTransform",
-           "normalize", "test_transform", "to_tensor", "train_transform"]
+__all__ = [
+    "MEAN",
+    "STD",
+    "RandomAugment",
+    "RandomResizedCrop",
+    "TestTransform",
+    "TrainTransform",
+    "normalize",
+    "test_transform",
+    "to_tensor",
+    "train_transform",
+]
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics, used by BLIP
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,7 +66,9 @@ class RandomResizedCrop:
     def __init__(self, size: int, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
 
-    def get_params(self, img: Image.Image, gen: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    def get_params(
+        self, img: Image.Image, gen: torch.Generator | None = None
+    ) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the crop."""
         width, height = img.size
         area = height * width
@@ -79,7 +92,9 @@ class RandomResizedCrop:
     def __call__(self, img: Image.Image, gen: torch.Generator | None = None) -> Image.Image:
         top, left, h, w = self.get_params(img, gen)
         # crop first, then resize: resize(box=...) would filter with pixels outside the crop
-        return img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
+        return img.crop((left, top, left + w, top + h)).resize(
+            (self.size, self.size), Image.BICUBIC
+        )
 
 
 # Official BLIP's RandomAugment constants: levels are out of 10, translation is in pixels,
@@ -87,8 +102,18 @@ class RandomResizedCrop:
 _MAX_LEVEL = 10
 _TRANSLATE_PX = 10
 _FILL = (128, 128, 128)
-BLIP_AUGS = ("Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize",
-             "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+BLIP_AUGS = (
+    "Identity",
+    "AutoContrast",
+    "Brightness",
+    "Sharpness",
+    "Equalize",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
 
 
 def _affine(img: Image.Image, coeffs) -> Image.Image:
@@ -130,7 +155,9 @@ class RandomAugment:
         if name == "Sharpness":
             return ImageEnhance.Sharpness(img).enhance(0.1 + 1.8 * level)
         if name == "Rotate":
-            return img.rotate(self._signed(30 * level, gen), resample=Image.BILINEAR, fillcolor=_FILL)
+            return img.rotate(
+                self._signed(30 * level, gen), resample=Image.BILINEAR, fillcolor=_FILL
+            )
         if name in ("ShearX", "ShearY"):
             s = self._signed(0.3 * level, gen)
             return _affine(img, (1, s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, s, 1, 0))
@@ -160,8 +187,9 @@ class TrainTransform:
     """RandomResizedCrop(S, scale=(min_scale, 1)) -> horizontal flip (p 0.5) -> RandomAugment(2, 5)
     -> tensor -> normalise, as official BLIP's training transform. Returns float32 (3, S, S)."""
 
-    def __init__(self, image_size: int, min_scale: float = 0.5,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self, image_size: int, min_scale: float = 0.5, generator: torch.Generator | None = None
+    ):
         self.crop = RandomResizedCrop(image_size, scale=(min_scale, 1.0))
         self.augment = RandomAugment(2, 5)
         self.generator = generator
@@ -183,7 +211,8 @@ def test_transform(image_size: int) -> TestTransform:
 test_transform.__test__ = TestTransform.__test__ = False
 
 
-def train_transform(image_size: int, min_scale: float = 0.5,
-                    generator: torch.Generator | None = None) -> TrainTransform:
+def train_transform(
+    image_size: int, min_scale: float = 0.5, generator: torch.Generator | None = None
+) -> TrainTransform:
     """Training transform of official BLIP; ``generator`` makes it reproducible."""
     return TrainTransform(image_size, min_scale, generator)

@@ -19,13 +19,14 @@ resolve identically. Multi-process (torch.distributed initialised): images - wit
 are split across ranks, each rank adds its scores into zero matrices, one all-reduce (sum), and
 -100 is written once afterwards: the result is the single-process matrix for any world size.
 """
+
 import time
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-KV_BUDGET_BYTES = 1 << 30   # per-image cross K/V of all layers held at once (default 1 GiB)
+KV_BUDGET_BYTES = 1 << 30  # per-image cross K/V of all layers held at once (default 1 GiB)
 # Pairs per ITM forward, measured on blip_small_demo, k 32, 2-core AMD EPYC shared with other jobs:
 # smaller GEMMs stay in cache (1 thread, 50 images x 250 texts: 14.1 s at 64, 17.0 s at 256), but
 # under CPU contention many small parallel regions stall (2 threads, load ~5, 20 x 100: 17.7 s at
@@ -62,15 +63,28 @@ def _rank_image_range(pairs_per_image: torch.Tensor, rank: int, world: int):
         return 0, pairs_per_image.numel()
     cum = torch.cumsum(pairs_per_image.double().cpu(), 0)
     total = float(cum[-1]) if cum.numel() else 0.0
-    bounds = [0] + [int(torch.searchsorted(cum, total * r / world, right=True)) for r in
-                    range(1, world)] + [pairs_per_image.numel()]
+    bounds = (
+        [0]
+        + [int(torch.searchsorted(cum, total * r / world, right=True)) for r in range(1, world)]
+        + [pairs_per_image.numel()]
+    )
     return bounds[rank], bounds[rank + 1]
 
 
 @torch.no_grad()
-def fast_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask, k_test: int,
-                itm_batch: int = ITM_BATCH, kv_budget_bytes: int = KV_BUDGET_BYTES,
-                progress: bool = False, stats: dict | None = None):
+def fast_scores(
+    model,
+    image_feats,
+    image_embed,
+    text_embed,
+    text_ids,
+    text_mask,
+    k_test: int,
+    itm_batch: int = ITM_BATCH,
+    kv_budget_bytes: int = KV_BUDGET_BYTES,
+    progress: bool = False,
+    stats: dict | None = None,
+):
     """Same contract as ``reference_scores``: -> score_i2t (n_img, n_txt), score_t2i (n_txt,
     n_img). ``stats`` (optional dict) receives ``itm_pairs`` (unique pairs through the ITM
     encoder, all ranks), ``kv_s`` and ``itm_s`` (this rank's seconds)."""
@@ -108,7 +122,7 @@ def fast_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask
         # text-only first-layer work (``GatheredITM``)
         sel = sel[torch.argsort(lengths[txt_idx[sel]] * n_txt + txt_idx[sel], stable=True)]
         for b in range(0, sel.numel(), itm_batch):
-            s = sel[b:b + itm_batch]
+            s = sel[b : b + itm_batch]
             t = txt_idx[s]
             L = int(lengths[t].max())
             out = itm(text_ids[t, :L], text_mask[t, :L], kv, img_idx[s] - c0)
@@ -118,7 +132,7 @@ def fast_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask
 
     # scatter into both matrices: this rank's pairs only, zero elsewhere, then one all-reduce
     mine = torch.zeros(img_idx.numel(), dtype=torch.bool, device=sims.device)
-    mine[starts[lo]:starts[hi]] = True
+    mine[starts[lo] : starts[hi]] = True
     score = logits + sims[img_idx, txt_idx]
     score_i2t = sims.new_zeros(n_img, n_txt)
     score_t2i = sims.new_zeros(n_txt, n_img)
@@ -129,8 +143,8 @@ def fast_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask
     if world > 1:
         both = torch.cat([score_i2t.flatten(), score_t2i.flatten()])
         dist.all_reduce(both, op=dist.ReduceOp.SUM)
-        score_i2t = both[:n_img * n_txt].view(n_img, n_txt)
-        score_t2i = both[n_img * n_txt:].view(n_txt, n_img)
+        score_i2t = both[: n_img * n_txt].view(n_img, n_txt)
+        score_t2i = both[n_img * n_txt :].view(n_txt, n_img)
     score_i2t = torch.where(i2t, score_i2t, score_i2t.new_tensor(-100.0))
     score_t2i = torch.where(t2i, score_t2i, score_t2i.new_tensor(-100.0))
     if stats is not None:

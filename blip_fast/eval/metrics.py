@@ -4,18 +4,29 @@ Ranks: i2t = best position of any ground-truth text in the descending order of t
 t2i = position of the text's image. Ties are ordered as a stable ascending argsort reversed
 (the later index first), so the result is deterministic and identical for every score source.
 """
+
 import numpy as np
 import torch
 
-KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10",
-        "img_r_mean", "r_mean")
+KEYS = (
+    "txt_r1",
+    "txt_r5",
+    "txt_r10",
+    "txt_r_mean",
+    "img_r1",
+    "img_r5",
+    "img_r10",
+    "img_r_mean",
+    "r_mean",
+)
 
 
 def _positions(scores: torch.Tensor, gt_score: torch.Tensor, gt_index: torch.Tensor):
     """Position of column gt_index in each row's descending order. scores (N, M); gt (N, G)."""
     cols = torch.arange(scores.shape[1], device=scores.device)
     ahead = (scores[:, None, :] > gt_score[..., None]) | (
-        (scores[:, None, :] == gt_score[..., None]) & (cols > gt_index[..., None]))
+        (scores[:, None, :] == gt_score[..., None]) & (cols > gt_index[..., None])
+    )
     return ahead.sum(-1)  # (N, G)
 
 
@@ -35,8 +46,9 @@ def ranks_i2t(scores_i2t: torch.Tensor, img2txt) -> np.ndarray:
 
 def ranks_t2i(scores_t2i: torch.Tensor, txt2img) -> np.ndarray:
     """scores_t2i (n_txt, n_img) -> rank of each text's image. txt2img: text id -> image id."""
-    idx = torch.tensor([txt2img[t] for t in range(scores_t2i.shape[0])],
-                       device=scores_t2i.device)[:, None]
+    idx = torch.tensor([txt2img[t] for t in range(scores_t2i.shape[0])], device=scores_t2i.device)[
+        :, None
+    ]
     gt = torch.gather(scores_t2i, 1, idx)
     return _positions(scores_t2i, gt, idx)[:, 0].cpu().numpy()
 

@@ -6,6 +6,7 @@ for every text over the top-k images; everything else stays -100. ``evaluate`` r
 ``mode="fast"`` (``blip_fast.eval.fast``: same scores, deduplicated pairs, per-image cross K/V
 computed once, batched) by default, or ``mode="reference"`` (``reference_scores``).
 """
+
 import contextlib
 import time
 
@@ -23,8 +24,9 @@ def encode_texts(model, tokenizer, texts, batch_size=256, device="cpu", progress
     """-> text_embed (n_txt, D) normalised, ids (n_txt, 35) [CLS] first, mask (n_txt, 35)."""
     embeds, ids, masks = [], [], []
     for i in tqdm(range(0, len(texts), batch_size), desc="texts", disable=not progress):
-        tok = tokenizer(texts[i:i + batch_size], padding="max_length", truncation=True,
-                        max_length=35).to(device)
+        tok = tokenizer(
+            texts[i : i + batch_size], padding="max_length", truncation=True, max_length=35
+        ).to(device)
         embeds.append(model.text_features(tok["input_ids"], tok["attention_mask"]))
         ids.append(tok["input_ids"])
         masks.append(tok["attention_mask"])
@@ -44,8 +46,17 @@ def encode_images(model, loader, device="cpu", progress=False):
 
 
 @torch.no_grad()
-def reference_scores(model, image_feats, image_embed, text_embed, text_ids, text_mask,
-                     k_test: int, progress=False, queries: tuple[int, int] | None = None):
+def reference_scores(
+    model,
+    image_feats,
+    image_embed,
+    text_embed,
+    text_ids,
+    text_mask,
+    k_test: int,
+    progress=False,
+    queries: tuple[int, int] | None = None,
+):
     """The official re-ranking loop, one query and its k candidates at a time.
     Returns score_i2t (n_img, n_txt) and score_t2i (n_txt, n_img), fp32 at any precision.
     ``queries`` (i, t): run only the first i image and t text queries (their rows are the full
@@ -57,14 +68,17 @@ def reference_scores(model, image_feats, image_embed, text_embed, text_ids, text
     k = min(k_test, n_txt)
     for i in tqdm(range(min(q_img, n_img)), desc="i2t rerank", disable=not progress):
         topk_sim, topk_idx = sims[i].topk(k)
-        logits = model.itm_logits(text_ids[topk_idx], text_mask[topk_idx], image_feats[i:i + 1])
+        logits = model.itm_logits(text_ids[topk_idx], text_mask[topk_idx], image_feats[i : i + 1])
         score_i2t[i, topk_idx] = logits[:, 1] + topk_sim
     score_t2i = sims.new_full((n_txt, n_img), -100.0)
     k = min(k_test, n_img)
     for j in tqdm(range(min(q_txt, n_txt)), desc="t2i rerank", disable=not progress):
         topk_sim, topk_idx = sims[:, j].topk(k)
-        logits = model.itm_logits(text_ids[j:j + 1].expand(k, -1),
-                                  text_mask[j:j + 1].expand(k, -1), image_feats[topk_idx])
+        logits = model.itm_logits(
+            text_ids[j : j + 1].expand(k, -1),
+            text_mask[j : j + 1].expand(k, -1),
+            image_feats[topk_idx],
+        )
         score_t2i[j, topk_idx] = logits[:, 1] + topk_sim
     return score_i2t, score_t2i
 
@@ -87,9 +101,20 @@ def precision_context(precision: str, device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def evaluate(model, dataset, tokenizer, k_test=128, batch_size=64, device="cpu", progress=False,
-             mode="fast", precision="fp32", itm_batch=None, kv_budget_bytes=None,
-             return_scores=False):
+def evaluate(
+    model,
+    dataset,
+    tokenizer,
+    k_test=128,
+    batch_size=64,
+    device="cpu",
+    progress=False,
+    mode="fast",
+    precision="fp32",
+    itm_batch=None,
+    kv_budget_bytes=None,
+    return_scores=False,
+):
     """Official retrieval evaluation on a ``RetrievalEvalDataset``; returns the metric dict
     plus ``timing`` (seconds per phase), ``pairs_scored`` (score-matrix entries filled, as the
     official loop), ``itm_pairs`` (ITM forward passes actually run), ``mode``, ``device``,
@@ -108,8 +133,9 @@ def evaluate(model, dataset, tokenizer, k_test=128, batch_size=64, device="cpu",
     start = time.perf_counter()
     with precision_context(precision, device):
         t0 = time.perf_counter()
-        text_embed, text_ids, text_mask = encode_texts(model, tokenizer, dataset.text, 256,
-                                                       device, progress)
+        text_embed, text_ids, text_mask = encode_texts(
+            model, tokenizer, dataset.text, 256, device, progress
+        )
         timing["texts"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -118,15 +144,25 @@ def evaluate(model, dataset, tokenizer, k_test=128, batch_size=64, device="cpu",
         t0 = time.perf_counter()
         n_img, n_txt = image_embed.shape[0], text_embed.shape[0]
         if mode == "reference":
-            s_i2t, s_t2i = reference_scores(model, image_feats, image_embed, text_embed,
-                                            text_ids, text_mask, k_test, progress)
+            s_i2t, s_t2i = reference_scores(
+                model, image_feats, image_embed, text_embed, text_ids, text_mask, k_test, progress
+            )
             itm_pairs = n_img * min(k_test, n_txt) + n_txt * min(k_test, n_img)
         else:
             stats = {}
             s_i2t, s_t2i = fast.fast_scores(
-                model, image_feats, image_embed, text_embed, text_ids,
-                text_mask, k_test, itm_batch or fast.ITM_BATCH,
-                kv_budget_bytes or fast.KV_BUDGET_BYTES, progress, stats)
+                model,
+                image_feats,
+                image_embed,
+                text_embed,
+                text_ids,
+                text_mask,
+                k_test,
+                itm_batch or fast.ITM_BATCH,
+                kv_budget_bytes or fast.KV_BUDGET_BYTES,
+                progress,
+                stats,
+            )
             itm_pairs = stats["itm_pairs"]
             timing["kv"], timing["itm"] = stats["kv_s"], stats["itm_s"]
         timing["rerank"] = time.perf_counter() - t0
@@ -137,9 +173,16 @@ def evaluate(model, dataset, tokenizer, k_test=128, batch_size=64, device="cpu",
     timing["total"] = time.perf_counter() - start
     pairs = n_img * min(k_test, n_txt) + n_txt * min(k_test, n_img)
     world = fast._dist()[1] if mode == "fast" else 1
-    out = {**metrics, "timing": timing, "pairs_scored": pairs, "itm_pairs": itm_pairs,
-           "mode": mode, "device": str(torch.device(device)), "precision": precision,
-           "world_size": world}
+    out = {
+        **metrics,
+        "timing": timing,
+        "pairs_scored": pairs,
+        "itm_pairs": itm_pairs,
+        "mode": mode,
+        "device": str(torch.device(device)),
+        "precision": precision,
+        "world_size": world,
+    }
     if return_scores:
         out["scores_i2t"], out["scores_t2i"] = s_i2t, s_t2i
     return out

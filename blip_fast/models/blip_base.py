@@ -1,4 +1,5 @@
 """Pieces shared by the BLIP task models: backend maps, momentum encoders and feature queues."""
+
 import copy
 
 import torch
@@ -69,8 +70,12 @@ def itm_head(cfg: BlipConfig) -> nn.Linear:
 def init_queues(module: nn.Module, cfg: BlipConfig, with_idx: bool, ptr_name: str):
     """Register the L2-normalised random feature queues (D, Q), the idx queue (1, Q) = -100 and
     the write pointer under its official name (``ptr_queue`` / ``queue_ptr``)."""
-    module.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
-    module.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+    module.register_buffer(
+        "image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0)
+    )
+    module.register_buffer(
+        "text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0)
+    )
     if with_idx:
         module.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
     module.register_buffer(ptr_name, torch.zeros(1, dtype=torch.long))
@@ -94,8 +99,8 @@ def enqueue(module: nn.Module, ptr_name: str, image_feat_m, text_feat_m, idx=Non
     if size % n:
         raise ValueError(f"queue_size {size} must be divisible by the global batch {n}")
     ptr = int(getattr(module, ptr_name))
-    module.image_queue[:, ptr:ptr + n] = image_feats.T
-    module.text_queue[:, ptr:ptr + n] = text_feats.T
+    module.image_queue[:, ptr : ptr + n] = image_feats.T
+    module.text_queue[:, ptr : ptr + n] = text_feats.T
     if idx is not None:
-        module.idx_queue[:, ptr:ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
+        module.idx_queue[:, ptr : ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
     getattr(module, ptr_name)[0] = (ptr + n) % size

@@ -1,5 +1,6 @@
 """BLIP captioning model (official ``BLIP_Decoder``): ViT + image-grounded decoder with the
 prompt "a picture of "; ``generate`` decodes with beam search or nucleus sampling."""
+
 import torch
 from torch import nn
 
@@ -25,6 +26,7 @@ class BlipCaption(nn.Module):
     def tokenizer(self):
         if self._tokenizer is None:
             from blip_fast.tokenization import tokenizer
+
             self._tokenizer = tokenizer()
         return self._tokenizer
 
@@ -35,29 +37,73 @@ class BlipCaption(nn.Module):
         return ids.to(device).expand(batch, -1).contiguous()
 
     @torch.no_grad()
-    def generate_ids(self, pixels, sample=False, num_beams=3, max_length=20, min_length=5,
-                     top_p=0.9, repetition_penalty=1.0, generator=None) -> list[list[int]]:
+    def generate_ids(
+        self,
+        pixels,
+        sample=False,
+        num_beams=3,
+        max_length=20,
+        min_length=5,
+        top_p=0.9,
+        repetition_penalty=1.0,
+        generator=None,
+    ) -> list[list[int]]:
         """Token ids (prompt included) per image; see ``generate``."""
         image_embeds = self.visual_encoder(pixels)
         prompt = self.prompt_ids(pixels.shape[0], pixels.device)
         decoder = self.text_decoder
         if sample:
-            return generation.sample(decoder, image_embeds, prompt, max_length, min_length,
-                                     SEP_TOKEN_ID, PAD_TOKEN_ID, do_sample=True, top_p=top_p,
-                                     repetition_penalty=repetition_penalty, generator=generator)
+            return generation.sample(
+                decoder,
+                image_embeds,
+                prompt,
+                max_length,
+                min_length,
+                SEP_TOKEN_ID,
+                PAD_TOKEN_ID,
+                do_sample=True,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                generator=generator,
+            )
         if num_beams == 1:
-            return generation.sample(decoder, image_embeds, prompt, max_length, min_length,
-                                     SEP_TOKEN_ID, PAD_TOKEN_ID,
-                                     repetition_penalty=repetition_penalty)
-        return generation.beam_search(decoder, image_embeds, prompt, num_beams, max_length,
-                                      min_length, SEP_TOKEN_ID, repetition_penalty)
+            return generation.sample(
+                decoder,
+                image_embeds,
+                prompt,
+                max_length,
+                min_length,
+                SEP_TOKEN_ID,
+                PAD_TOKEN_ID,
+                repetition_penalty=repetition_penalty,
+            )
+        return generation.beam_search(
+            decoder,
+            image_embeds,
+            prompt,
+            num_beams,
+            max_length,
+            min_length,
+            SEP_TOKEN_ID,
+            repetition_penalty,
+        )
 
-    def generate(self, pixels, sample=False, num_beams=3, max_length=20, min_length=5,
-                 top_p=0.9, repetition_penalty=1.0, generator=None) -> list[str]:
+    def generate(
+        self,
+        pixels,
+        sample=False,
+        num_beams=3,
+        max_length=20,
+        min_length=5,
+        top_p=0.9,
+        repetition_penalty=1.0,
+        generator=None,
+    ) -> list[str]:
         """Captions for pixels (B, 3, S, S): beam search (3 beams, lengths counted with the
         prompt, max 20, min 5) or, with ``sample=True``, nucleus sampling (top_p 0.9; official
         CapFilt passes repetition_penalty=1.1). The prompt is stripped from each caption."""
-        ids = self.generate_ids(pixels, sample, num_beams, max_length, min_length, top_p,
-                                repetition_penalty, generator)
+        ids = self.generate_ids(
+            pixels, sample, num_beams, max_length, min_length, top_p, repetition_penalty, generator
+        )
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [t[len(self.cfg.prompt):] for t in texts]
+        return [t[len(self.cfg.prompt) :] for t in texts]

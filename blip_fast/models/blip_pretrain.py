@@ -1,10 +1,10 @@
 """BLIP pre-training model (official ``BLIP_Pretrain``): the retrieval trunk without idx
 queue, plus the image-grounded decoder sharing all but self-attention with the text encoder."""
+
 import torch
 from torch import nn
 
-from blip_fast.models.blip_base import (MomentumMixin, backend_map, enqueue, init_queues,
-                                       itm_head)
+from blip_fast.models.blip_base import MomentumMixin, backend_map, enqueue, init_queues, itm_head
 from blip_fast.models.blip_retrieval import BlipITMMixin
 from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertLMHeadModel, BertModel, tie_encoder_decoder
@@ -26,8 +26,9 @@ class BlipPretrain(BlipITMMixin, MomentumMixin, nn.Module):
         self.text_decoder = BertLMHeadModel(cfg.text, cfg.vision.width, self.backends)
         tie_encoder_decoder(self.text_encoder, self.text_decoder.bert)
         # The LM head follows the word embedding it was tied to, now the shared one.
-        self.text_decoder.cls.predictions.decoder.weight = \
+        self.text_decoder.cls.predictions.decoder.weight = (
             self.text_encoder.embeddings.word_embeddings.weight
+        )
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
         self.itm_head = itm_head(cfg)

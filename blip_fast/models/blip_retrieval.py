@@ -1,5 +1,6 @@
 """BLIP image-text retrieval model (official ``BLIP_Retrieval``): ViT + BERT text encoder,
 projections, ITM head, learnable temperature, momentum encoders and queues with idx."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,11 +54,21 @@ class BlipITMMixin:
         (a (B, B + queue) product, cheap), so the loss is computed in fp32 either way."""
         q = self.image_queue.dtype
         image_feat, text_feat, image_feat_m, text_feat_m = (
-            x.to(q) for x in (image_feat, text_feat, image_feat_m, text_feat_m))
-        return ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                            self.text_queue, self.temp, alpha, idx,
-                            None if idx is None else self.idx_queue,
-                            backend=self.backends.get("itc"))
+            x.to(q) for x in (image_feat, text_feat, image_feat_m, text_feat_m)
+        )
+        return ops.itc_loss(
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            self.image_queue,
+            self.text_queue,
+            self.temp,
+            alpha,
+            idx,
+            None if idx is None else self.idx_queue,
+            backend=self.backends.get("itc"),
+        )
 
     def clamp_temp(self):
         with torch.no_grad():
@@ -73,8 +84,9 @@ def _gathered_cross_block(layer, x, kv, image_index, rows=None):
     q = sa.split_heads(sa.query(x))
     if rows is not None:
         x, q = x[rows], q[rows]
-    ctx = ops.gathered_cross_attention(q, *kv, image_index,
-                                       backend=sa.backends.get("gathered_cross_attention"))
+    ctx = ops.gathered_cross_attention(
+        q, *kv, image_index, backend=sa.backends.get("gathered_cross_attention")
+    )
     x = layer.crossattention.output(ctx.transpose(1, 2).reshape(x.shape), x)
     return layer.output(layer.intermediate(x), x)
 
@@ -89,10 +101,11 @@ def _enc_self_attention(sa, x, mask):
     H, D = sa.heads, sa.head_dim
     q = sa.query(x[:, 0]).view(P, H, D)
     u = torch.einsum("phd,hdw->phw", q, sa.key.weight.view(H, D, W))  # Wk q per head
-    scores = torch.bmm(u, x.transpose(1, 2)) * D ** -0.5  # (P, H, L)
+    scores = torch.bmm(u, x.transpose(1, 2)) * D**-0.5  # (P, H, L)
     scores = scores + reference.additive_mask(mask, False, 1, L, x.dtype, x.device)[:, 0]
-    ctx = torch.einsum("phw,hdw->phd", torch.bmm(scores.softmax(-1), x),
-                       sa.value.weight.view(H, D, W))
+    ctx = torch.einsum(
+        "phw,hdw->phd", torch.bmm(scores.softmax(-1), x), sa.value.weight.view(H, D, W)
+    )
     if sa.value.bias is not None:
         ctx = ctx + sa.value.bias.view(H, D)
     return ctx.reshape(P, 1, H * D)
@@ -119,8 +132,9 @@ class GatheredITM(nn.Module):
     def image_kv(self, image_embeds):
         """Cross-attention keys / values of every text layer for image tokens (N, Li, W):
         a list with one (k, v) per layer, each (N, H, Li, D); computed once per image."""
-        return [layer.crossattention.self.kv(image_embeds)
-                for layer in self.text_encoder.encoder.layer]
+        return [
+            layer.crossattention.self.kv(image_embeds) for layer in self.text_encoder.encoder.layer
+        ]
 
     def forward(self, ids, mask, kv, image_index):
         """ITM logits (P, 2) of P pairs: text p (ids, mask (P, L), [CLS] first as tokenised)
@@ -134,8 +148,9 @@ class GatheredITM(nn.Module):
         enc = self.text_encoder
         layers = enc.encoder.layer
         L, m = ids.shape[1], mask.bool()
-        uniq, inv = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0,
-                                 return_inverse=True)
+        uniq, inv = torch.unique(
+            torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True
+        )
         x = enc.embeddings(uniq[:, :L])
         x = layers[0].attention(x, x, uniq[:, L:].bool())  # once per distinct text
         x = _gathered_cross_block(layers[0], x, kv[0], image_index, rows=inv)

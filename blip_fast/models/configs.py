@@ -4,6 +4,7 @@
 ``vit_grad_ckpt``, ``vit_ckpt_layer``, ``queue_size``, ``alpha``, ``k_test``, ...); unknown keys
 are kept in ``extra`` so training / eval code can read them, never dropped.
 """
+
 import dataclasses
 import json
 import re
@@ -22,9 +23,12 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$"
-               r"|^\.(nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$"
+        r"|^\.(nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def load_yaml(path) -> dict:
@@ -38,16 +42,16 @@ def load_yaml(path) -> dict:
 
 @dataclass
 class VisionConfig:
-    image_size: int = 384          # input side in pixels; tokens = (image_size / patch)^2 + 1
+    image_size: int = 384  # input side in pixels; tokens = (image_size / patch)^2 + 1
     patch_size: int = 16
-    width: int = 768               # ViT-B 768, ViT-L 1024
-    depth: int = 12                # ViT-B 12, ViT-L 24
-    heads: int = 12                # ViT-B 12, ViT-L 16
+    width: int = 768  # ViT-B 768, ViT-L 1024
+    depth: int = 12  # ViT-B 12, ViT-L 24
+    heads: int = 12  # ViT-B 12, ViT-L 16
     mlp_ratio: float = 4.0
-    layer_norm_eps: float = 1e-6   # official ViT; HF BLIP configs say 1e-5
-    drop_path_rate: float = 0.0    # ViT-B 0, ViT-L 0.1 (linearly spaced over blocks)
+    layer_norm_eps: float = 1e-6  # official ViT; HF BLIP configs say 1e-5
+    drop_path_rate: float = 0.0  # ViT-B 0, ViT-L 0.1 (linearly spaced over blocks)
     grad_checkpointing: bool = False  # official `vit_grad_ckpt`
-    ckpt_layer: int = 0            # checkpoint the last `ckpt_layer` blocks (`vit_ckpt_layer`)
+    ckpt_layer: int = 0  # checkpoint the last `ckpt_layer` blocks (`vit_ckpt_layer`)
 
     @property
     def num_tokens(self) -> int:
@@ -55,8 +59,10 @@ class VisionConfig:
 
     @classmethod
     def preset(cls, vit: str, **overrides) -> "VisionConfig":
-        presets = {"base": dict(width=768, depth=12, heads=12, drop_path_rate=0.0),
-                   "large": dict(width=1024, depth=24, heads=16, drop_path_rate=0.1)}
+        presets = {
+            "base": dict(width=768, depth=12, heads=12, drop_path_rate=0.0),
+            "large": dict(width=1024, depth=24, heads=16, drop_path_rate=0.1),
+        }
         if vit not in presets:
             raise ValueError(f"vit must be one of {sorted(presets)}, got {vit!r}")
         return cls(**{**presets[vit], **overrides})
@@ -65,7 +71,8 @@ class VisionConfig:
 @dataclass
 class TextConfig:
     """BERT-base as in official ``configs/med_config.json`` (no token-type embeddings)."""
-    vocab_size: int = 30524        # 30522 WordPiece + [DEC] + [ENC]
+
+    vocab_size: int = 30524  # 30522 WordPiece + [DEC] + [ENC]
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -74,7 +81,9 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    initializer_range: float = 0.02  # std of the random init (official BERT's; weights loaded over it)
+    initializer_range: float = (
+        0.02  # std of the random init (official BERT's; weights loaded over it)
+    )
     # Training from scratch only (weights loaded over it): zero query / key weights in every
     # attention make each token attend uniformly at init, so [CLS] starts as the mean of its
     # tokens instead of a near-constant vector (the demo's contrastive start needs this).
@@ -85,13 +94,13 @@ class TextConfig:
 class BlipConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 256           # vision_proj / text_proj output
+    embed_dim: int = 256  # vision_proj / text_proj output
     queue_size: int = 57600
     momentum: float = 0.995
     alpha: float = 0.4
-    temp: float = 0.07             # learnable, clamped to [0.001, 0.5]
+    temp: float = 0.07  # learnable, clamped to [0.001, 0.5]
     negative_all_rank: bool = False
-    label_smoothing: float = 0.1   # LM loss
+    label_smoothing: float = 0.1  # LM loss
     zero_init_itm_head: bool = False  # training from scratch (models.blip_base.itm_head)
     prompt: str = "a picture of "  # caption model
     extra: dict = field(default_factory=dict)  # other official YAML keys (k_test, init_lr, ...)
@@ -133,11 +142,24 @@ class BlipConfig:
     def from_official(cls, y: dict) -> "BlipConfig":
         y = dict(y)
         vision = VisionConfig.preset(
-            y.pop("vit", "base"), image_size=int(y.pop("image_size", 384)),
+            y.pop("vit", "base"),
+            image_size=int(y.pop("image_size", 384)),
             grad_checkpointing=bool(y.pop("vit_grad_ckpt", False)),
-            ckpt_layer=int(y.pop("vit_ckpt_layer", 0)))
-        kw = {k: y.pop(k) for k in ("queue_size", "alpha", "negative_all_rank", "embed_dim",
-                                    "momentum", "prompt", "label_smoothing") if k in y}
+            ckpt_layer=int(y.pop("vit_ckpt_layer", 0)),
+        )
+        kw = {
+            k: y.pop(k)
+            for k in (
+                "queue_size",
+                "alpha",
+                "negative_all_rank",
+                "embed_dim",
+                "momentum",
+                "prompt",
+                "label_smoothing",
+            )
+            if k in y
+        }
         return cls(vision=vision, **kw, extra=y)
 
 

@@ -19,6 +19,7 @@ Tied tensors stay in both directions' state dicts (``text_decoder.cls.prediction
 ``blip_fast.checkpoint.save`` drops them from ``model.safetensors`` the way HF does, and
 ``hf_to_official`` restores them when absent.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,32 +28,51 @@ import torch
 
 from blip_fast.models.configs import BlipConfig, TextConfig, VisionConfig
 
-__all__ = ["official_to_hf", "hf_to_official", "hf_config_to_blip", "blip_to_hf_config",
-           "is_training_only", "HF_ARCHITECTURES", "TIED_HF_KEYS"]
+__all__ = [
+    "official_to_hf",
+    "hf_to_official",
+    "hf_config_to_blip",
+    "blip_to_hf_config",
+    "is_training_only",
+    "HF_ARCHITECTURES",
+    "TIED_HF_KEYS",
+]
 
-HF_ARCHITECTURES = {"retrieval": ["BlipForImageTextRetrieval"],
-                    "caption": ["BlipForConditionalGeneration"],
-                    # no HF class holds both; either class loads its part of the file
-                    "pretrain": ["BlipForImageTextRetrieval", "BlipForConditionalGeneration"]}
+HF_ARCHITECTURES = {
+    "retrieval": ["BlipForImageTextRetrieval"],
+    "caption": ["BlipForConditionalGeneration"],
+    # no HF class holds both; either class loads its part of the file
+    "pretrain": ["BlipForImageTextRetrieval", "BlipForConditionalGeneration"],
+}
 
 # Tied in HF (omitted from its model.safetensors) -> the tensor they alias.
 TIED_HF_KEYS = {
-    "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    "text_decoder.cls.predictions.decoder.weight": (
+        "text_decoder.bert.embeddings.word_embeddings.weight"
+    ),
     "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
 }
 
 # (official vision suffix, HF vision suffix); block-level entries hold "{n}".
-_VISION_TOP = [("cls_token", "embeddings.class_embedding"),
-               ("pos_embed", "embeddings.position_embedding"),
-               ("patch_embed.proj.", "embeddings.patch_embedding."),
-               ("norm.", "post_layernorm.")]
-_VISION_BLOCK = [("norm1.", "layer_norm1."), ("norm2.", "layer_norm2."),
-                 ("attn.qkv.", "self_attn.qkv."), ("attn.proj.", "self_attn.projection."),
-                 ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]
+_VISION_TOP = [
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("norm.", "post_layernorm."),
+]
+_VISION_BLOCK = [
+    ("norm1.", "layer_norm1."),
+    ("norm2.", "layer_norm2."),
+    ("attn.qkv.", "self_attn.qkv."),
+    ("attn.proj.", "self_attn.projection."),
+    ("mlp.fc1.", "mlp.fc1."),
+    ("mlp.fc2.", "mlp.fc2."),
+]
 _SHARED_PREFIXES = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
 _TRAINING_ONLY = re.compile(
     r"^(visual_encoder_m|vision_proj_m|text_encoder_m|text_proj_m)\.|"
-    r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$")
+    r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$"
+)
 _POS_IDS = re.compile(r"^(.*\.embeddings)\.position_ids$")
 
 
@@ -72,11 +92,11 @@ def _rename_vision(rest: str, key: str, to_hf: bool) -> str:
         n, sub = m.groups()
         for a, b in flip(_VISION_BLOCK):
             if sub.startswith(a):
-                return f"{block_prefix}.{n}.{b}{sub[len(a):]}"
+                return f"{block_prefix}.{n}.{b}{sub[len(a) :]}"
     else:
         for a, b in flip(_VISION_TOP):
             if rest == a or (a.endswith(".") and rest.startswith(a)):
-                return f"{top_prefix}{b}{rest[len(a):]}"
+                return f"{top_prefix}{b}{rest[len(a) :]}"
     src, dst = ("official", "HF") if to_hf else ("HF", "official")
     raise KeyError(f"{src} key {key!r} has no {dst} equivalent")
 
@@ -84,11 +104,16 @@ def _rename_vision(rest: str, key: str, to_hf: bool) -> str:
 def check_position_ids(key: str, value: torch.Tensor):
     """Raise unless ``value`` is (1, n) ``arange(n)`` (the only value official BLIP writes)."""
     n = value.shape[-1] if value.ndim else 0
-    if value.ndim != 2 or value.shape[0] != 1 or not torch.equal(
-            value.cpu().long(), torch.arange(n)[None]):
-        raise ValueError(f"{key}: expected position ids arange({n}) of shape (1, {n}), got a "
-                         f"{tuple(value.shape)} tensor that is not arange; this checkpoint "
-                         f"cannot be represented without them")
+    if (
+        value.ndim != 2
+        or value.shape[0] != 1
+        or not torch.equal(value.cpu().long(), torch.arange(n)[None])
+    ):
+        raise ValueError(
+            f"{key}: expected position ids arange({n}) of shape (1, {n}), got a "
+            f"{tuple(value.shape)} tensor that is not arange; this checkpoint "
+            f"cannot be represented without them"
+        )
 
 
 def official_to_hf(sd: dict, extra: dict | None = None, keep_unknown: bool = False) -> dict:
@@ -110,14 +135,16 @@ def official_to_hf(sd: dict, extra: dict | None = None, keep_unknown: bool = Fal
                 extra[key] = value
             continue
         if key.startswith("visual_encoder."):
-            out[_rename_vision(key[len("visual_encoder."):], key, to_hf=True)] = value
+            out[_rename_vision(key[len("visual_encoder.") :], key, to_hf=True)] = value
         elif key.startswith(_SHARED_PREFIXES) or keep_unknown:
             out[key] = value
         else:
             raise KeyError(f"official key {key!r} has no HF equivalent")
     if leftover:
-        raise ValueError(f"{len(leftover)} training-only tensors have no HF name; pass "
-                         f"extra={{}} to collect them: {_names(leftover)}")
+        raise ValueError(
+            f"{len(leftover)} training-only tensors have no HF name; pass "
+            f"extra={{}} to collect them: {_names(leftover)}"
+        )
     return out
 
 
@@ -131,7 +158,7 @@ def hf_to_official(sd: dict, extra: dict | None = None, keep_unknown: bool = Fal
     for key, value in sd.items():
         if key.startswith("vision_model."):
             try:
-                out[_rename_vision(key[len("vision_model."):], key, to_hf=False)] = value
+                out[_rename_vision(key[len("vision_model.") :], key, to_hf=False)] = value
             except KeyError:
                 if not keep_unknown:
                     raise
@@ -164,6 +191,7 @@ def _names(keys, limit=20) -> str:
 
 # ----------------------------------------------------------------------------------- configs
 
+
 def hf_config_to_blip(config: dict) -> BlipConfig:
     """An HF BLIP ``config.json`` dict -> BlipConfig (HF defaults for absent keys; HF's own eps
     values kept, e.g. vision 1e-5). A ``blip_fast`` section written by ``blip_to_hf_config``
@@ -177,8 +205,10 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
     hidden = int(t.get("hidden_size", 768))
     enc = int(t.get("encoder_hidden_size", 768))
     if enc != width:
-        raise ValueError(f"text_config.encoder_hidden_size {enc} != vision_config.hidden_size "
-                         f"{width}: cross-attention reads the vision tokens")
+        raise ValueError(
+            f"text_config.encoder_hidden_size {enc} != vision_config.hidden_size "
+            f"{width}: cross-attention reads the vision tokens"
+        )
     image_size, patch = v.get("image_size", 384), v.get("patch_size", 16)
     if isinstance(image_size, (list, tuple)):
         if len(set(image_size)) != 1:
@@ -189,12 +219,18 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
     bf = dict(config.get("blip_fast") or {})
     vision_bf = bf.pop("vision", {})
     vision = VisionConfig(
-        image_size=int(image_size), patch_size=int(patch), width=width,
-        depth=int(v.get("num_hidden_layers", 12)), heads=int(v.get("num_attention_heads", 12)),
+        image_size=int(image_size),
+        patch_size=int(patch),
+        width=width,
+        depth=int(v.get("num_hidden_layers", 12)),
+        heads=int(v.get("num_attention_heads", 12)),
         mlp_ratio=int(v.get("intermediate_size", 3072)) / width,
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)), **vision_bf)
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)),
+        **vision_bf,
+    )
     text = TextConfig(
-        vocab_size=int(t.get("vocab_size", 30524)), hidden_size=hidden,
+        vocab_size=int(t.get("vocab_size", 30524)),
+        hidden_size=hidden,
         num_layers=int(t.get("num_hidden_layers", 12)),
         num_heads=int(t.get("num_attention_heads", 8)),
         intermediate_size=int(t.get("intermediate_size", 3072)),
@@ -202,7 +238,8 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
         layer_norm_eps=float(t.get("layer_norm_eps", 1e-12)),
         hidden_dropout=float(t.get("hidden_dropout_prob", 0.0)),
         attention_dropout=float(t.get("attention_probs_dropout_prob", 0.0)),
-        initializer_range=float(t.get("initializer_range", 0.02)))
+        initializer_range=float(t.get("initializer_range", 0.02)),
+    )
     # HF's text_config.label_smoothing defaults to 0.0 whatever the weights were trained with;
     # the official 0.1 stays unless our own section says otherwise.
     kw = dict(embed_dim=int(config.get("image_text_hidden_size", 256)), **bf)
@@ -217,8 +254,9 @@ def blip_to_hf_config(cfg: BlipConfig, task: str) -> dict:
     v, t = cfg.vision, cfg.text
     intermediate = int(round(v.width * v.mlp_ratio))
     full = cfg.to_dict()
-    vision_bf = {k: full["vision"][k] for k in ("drop_path_rate", "grad_checkpointing",
-                                                "ckpt_layer")}
+    vision_bf = {
+        k: full["vision"][k] for k in ("drop_path_rate", "grad_checkpointing", "ckpt_layer")
+    }
     blip_fast = {k: val for k, val in full.items() if k not in ("vision", "text", "embed_dim")}
     blip_fast["vision"] = vision_bf
     return {
@@ -233,24 +271,40 @@ def blip_to_hf_config(cfg: BlipConfig, task: str) -> dict:
         "tie_word_embeddings": True,
         "vision_config": {
             "model_type": "blip_vision_model",
-            "hidden_size": v.width, "intermediate_size": intermediate,
-            "num_hidden_layers": v.depth, "num_attention_heads": v.heads,
-            "image_size": v.image_size, "patch_size": v.patch_size,
-            "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu",
-            "attention_dropout": 0.0, "initializer_range": 1e-10, "projection_dim": 512,
+            "hidden_size": v.width,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": v.depth,
+            "num_attention_heads": v.heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": "gelu",
+            "attention_dropout": 0.0,
+            "initializer_range": 1e-10,
+            "projection_dim": 512,
         },
         "text_config": {
             "model_type": "blip_text_model",
-            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-            "encoder_hidden_size": v.width, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "encoder_hidden_size": v.width,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
             "max_position_embeddings": t.max_position_embeddings,
-            "layer_norm_eps": t.layer_norm_eps, "hidden_act": "gelu",
+            "layer_norm_eps": t.layer_norm_eps,
+            "hidden_act": "gelu",
             "hidden_dropout_prob": t.hidden_dropout,
             "attention_probs_dropout_prob": t.attention_dropout,
-            "initializer_range": t.initializer_range, "projection_dim": 768,
-            "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0, "eos_token_id": 2,
-            "is_decoder": True, "use_cache": True, "tie_word_embeddings": True,
+            "initializer_range": t.initializer_range,
+            "projection_dim": 768,
+            "bos_token_id": 30522,
+            "sep_token_id": 102,
+            "pad_token_id": 0,
+            "eos_token_id": 2,
+            "is_decoder": True,
+            "use_cache": True,
+            "tie_word_embeddings": True,
             "label_smoothing": cfg.label_smoothing,
         },
         "blip_fast": blip_fast,

@@ -1,4 +1,5 @@
 """Model registry: task name -> class; configs from presets, JSON, YAML or a BlipConfig."""
+
 from blip_fast.models.blip_caption import BlipCaption
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.models.blip_retrieval import BlipRetrieval

@@ -7,6 +7,7 @@ the same early-stop heuristic), so tokens equal ``BlipForConditionalGeneration.g
 Official BLIP ran transformers 4.15, whose scorer divided by the full length including the
 prompt; with ties of finished hypotheses of different lengths the two can pick differently.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -48,13 +49,23 @@ def _process(scores, seqs, min_length: int, eos: int, repetition_penalty: float)
 
 
 def _gather(x, index):  # x (B, K, ...), index (B, J) -> (B, J, ...)
-    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.ndim - 2))).expand(
-        *index.shape, *x.shape[2:]))
+    return torch.gather(
+        x, 1, index.view(*index.shape, *([1] * (x.ndim - 2))).expand(*index.shape, *x.shape[2:])
+    )
 
 
 @torch.no_grad()
-def beam_search(decoder, image_embeds, prompt_ids, num_beams=3, max_length=20, min_length=5,
-                eos=102, repetition_penalty=1.0, length_penalty=1.0):
+def beam_search(
+    decoder,
+    image_embeds,
+    prompt_ids,
+    num_beams=3,
+    max_length=20,
+    min_length=5,
+    eos=102,
+    repetition_penalty=1.0,
+    length_penalty=1.0,
+):
     """image_embeds (B, N, W), prompt_ids (B, P) -> list of B token lists (prompt included,
     ending with eos unless max_length was reached)."""
     B, P = prompt_ids.shape
@@ -72,8 +83,9 @@ def beam_search(decoder, image_embeds, prompt_ids, num_beams=3, max_length=20, m
     tokens, cur = running[:, :, :P].reshape(B * K, P), P
     while True:
         logp = F.log_softmax(stepper(tokens), dim=-1)
-        logp = _process(logp, running[:, :, :cur].reshape(B * K, cur), min_length, eos,
-                        repetition_penalty)
+        logp = _process(
+            logp, running[:, :, :cur].reshape(B * K, cur), min_length, eos, repetition_penalty
+        )
         V = logp.shape[-1]
         logp = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
         top_lp, top_idx = torch.topk(logp, 2 * K)
@@ -84,11 +96,14 @@ def beam_search(decoder, image_embeds, prompt_ids, num_beams=3, max_length=20, m
         # Next running beams: the best K continuations that did not stop.
         keep = torch.topk(top_lp + hits.float() * _NEG, K).indices
         running, run_scores = _gather(top_seqs, keep), _gather(top_lp + hits.float() * _NEG, keep)
-        beam_rows = (_gather(src_beam, keep) + torch.arange(B, device=tok.device)[:, None] * K)
+        beam_rows = _gather(src_beam, keep) + torch.arange(B, device=tok.device)[:, None] * K
         # Finished hypotheses: stopped among the top K, scored per generated token.
         just = hits & top_k_mask
-        scored = (top_lp / ((cur + 1 - P) ** length_penalty) + (~can_improve).float() * _NEG
-                  + (~just).float() * _NEG)
+        scored = (
+            top_lp / ((cur + 1 - P) ** length_penalty)
+            + (~can_improve).float() * _NEG
+            + (~just).float() * _NEG
+        )
         best = torch.topk(torch.cat([fin_scores, scored], 1), K).indices
         finished = _gather(torch.cat([finished, top_seqs], 1), best)
         fin_scores = _gather(torch.cat([fin_scores, scored], 1), best)
@@ -105,8 +120,20 @@ def beam_search(decoder, image_embeds, prompt_ids, num_beams=3, max_length=20, m
 
 
 @torch.no_grad()
-def sample(decoder, image_embeds, prompt_ids, max_length=20, min_length=5, eos=102, pad=0,
-           do_sample=False, top_p=0.9, top_k=50, repetition_penalty=1.0, generator=None):
+def sample(
+    decoder,
+    image_embeds,
+    prompt_ids,
+    max_length=20,
+    min_length=5,
+    eos=102,
+    pad=0,
+    do_sample=False,
+    top_p=0.9,
+    top_k=50,
+    repetition_penalty=1.0,
+    generator=None,
+):
     """Greedy (``do_sample=False``) or nucleus sampling as HF ``_sample``: processors on the
     logits, then (sampling) top-k 50 and top-p warpers, multinomial draw; finished rows get pad.
     image_embeds (B, N, W), prompt_ids (B, P) -> list of B token lists."""
@@ -145,5 +172,5 @@ def _trim(seq, prompt_len: int, eos: int) -> list[int]:
     seq = seq.tolist()
     for i in range(prompt_len, len(seq)):
         if seq[i] == eos:
-            return seq[:i + 1]
+            return seq[: i + 1]
     return seq

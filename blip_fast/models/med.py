@@ -8,6 +8,7 @@ first). Cross-attention exists in every layer and runs only in the last two mode
 official ``med.py`` (``encoder.layer.N.crossattention.self.query``...). Attention runs through
 ``blip_fast.ops``; ``backends`` maps op name -> requested backend (None = automatic).
 """
+
 import functools
 
 import torch
@@ -37,9 +38,11 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids, past_len: int = 0):  # (B, L) -> (B, L, H)
         L = input_ids.shape[1]
         if past_len + L > self.position_ids.shape[1]:
-            raise ValueError(f"text of {past_len + L} tokens exceeds max_position_embeddings "
-                             f"{self.position_ids.shape[1]}")
-        pos = self.position_ids[:, past_len:past_len + L]
+            raise ValueError(
+                f"text of {past_len + L} tokens exceeds max_position_embeddings "
+                f"{self.position_ids.shape[1]}"
+            )
+        pos = self.position_ids[:, past_len : past_len + L]
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
         return self.dropout(self.LayerNorm(x))
 
@@ -72,8 +75,12 @@ class BertSelfAttention(nn.Module):
             # Batched ITM reranking (DESIGN §6.3): cross_k / cross_v are per-image caches
             # (N_images, H, Lk, D) and pair p attends over row image_index[p]; read only.
             ctx = ops.gathered_cross_attention(
-                q, cache["cross_k"], cache["cross_v"], cache["image_index"],
-                backend=self.backends.get("gathered_cross_attention"))
+                q,
+                cache["cross_k"],
+                cache["cross_v"],
+                cache["image_index"],
+                backend=self.backends.get("gathered_cross_attention"),
+            )
             B, H, L, D = ctx.shape
             return ctx.transpose(1, 2).reshape(B, L, H * D)
         name = "cross" if self.is_cross else "self"
@@ -88,11 +95,19 @@ class BertSelfAttention(nn.Module):
             cache[name + "_k"], cache[name + "_v"] = k, v
         p = self.dropout_p if self.training else 0.0
         if self.is_cross and p == 0.0:
-            ctx = ops.cross_attention(q, k, v, key_padding_mask,
-                                      backend=self.backends.get("cross_attention"))
+            ctx = ops.cross_attention(
+                q, k, v, key_padding_mask, backend=self.backends.get("cross_attention")
+            )
         else:  # self-attention, or cross-attention with probability dropout while training
-            ctx = ops.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=p,
-                                backend=self.backends.get("attention"))
+            ctx = ops.attention(
+                q,
+                k,
+                v,
+                key_padding_mask,
+                causal=causal,
+                dropout_p=p,
+                backend=self.backends.get("attention"),
+            )
         B, H, L, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, H * D)
 
@@ -157,8 +172,9 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(cfg, encoder_width, backends)
-                                   for _ in range(cfg.num_layers))
+        self.layer = nn.ModuleList(
+            BertLayer(cfg, encoder_width, backends) for _ in range(cfg.num_layers)
+        )
 
 
 class BertModel(nn.Module):
@@ -185,8 +201,9 @@ class BertModel(nn.Module):
                     nn.init.zeros_(m.query.weight)
                     nn.init.zeros_(m.key.weight)
 
-    def forward(self, input_ids, attention_mask, image_embeds=None, image_mask=None,
-                mode="text", cache=None):
+    def forward(
+        self, input_ids, attention_mask, image_embeds=None, image_mask=None, mode="text", cache=None
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "text" and image_embeds is None and not (cache and "image_index" in cache[0]):
@@ -195,8 +212,9 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, past_len)
         mask = attention_mask.bool() if attention_mask is not None else None
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, mask, image_embeds, image_mask, mode,
-                      cache=None if cache is None else cache[i])
+            x = layer(
+                x, mask, image_embeds, image_mask, mode, cache=None if cache is None else cache[i]
+            )
         return x
 
 
@@ -267,10 +285,13 @@ def lm_loss(logits, labels, label_smoothing: float = 0.1):
     shifted by one; label -100 is ignored (mean over the rest)."""
     B, L = labels.shape
     if logits.dim() != 3 or logits.shape[0] != B or logits.shape[1] not in (L, L - 1):
-        raise ValueError(f"lm_loss: logits {tuple(logits.shape)} must be (B, L, V) or "
-                         f"(B, L - 1, V) for labels {tuple(labels.shape)} = (B, L)")
-    return F.cross_entropy(logits[:, :L - 1].flatten(0, 1), labels[:, 1:].flatten(),
-                           label_smoothing=label_smoothing)
+        raise ValueError(
+            f"lm_loss: logits {tuple(logits.shape)} must be (B, L, V) or "
+            f"(B, L - 1, V) for labels {tuple(labels.shape)} = (B, L)"
+        )
+    return F.cross_entropy(
+        logits[:, : L - 1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=label_smoothing
+    )
 
 
 def _init_weights(m, std: float):

@@ -4,6 +4,7 @@ Dosovitskiy et al., https://arxiv.org/abs/2010.11929. Module and parameter names
 official BLIP ``vit.py`` (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``...), so official
 checkpoints load without renaming. Attention runs through ``blip_fast.ops.attention``.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,8 +96,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size "
-                             f"{cfg.patch_size}")
+            raise ValueError(
+                f"image_size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}"
+            )
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
@@ -104,7 +106,8 @@ class VisionTransformer(nn.Module):
         first_ckpt = cfg.depth - cfg.ckpt_layer  # official: the last ckpt_layer blocks
         self.blocks = nn.ModuleList(
             Block(cfg, rates[i], cfg.grad_checkpointing and i >= first_ckpt, attention_backend)
-            for i in range(cfg.depth))
+            for i in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -112,8 +115,10 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels):
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"pixels must be (B, 3, {self.cfg.image_size}, "
-                             f"{self.cfg.image_size}), got {tuple(pixels.shape)}")
+            raise ValueError(
+                f"pixels must be (B, 3, {self.cfg.image_size}, "
+                f"{self.cfg.image_size}), got {tuple(pixels.shape)}"
+            )
         x = self.patch_embed(pixels)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:
@@ -137,8 +142,10 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Ten
         return pos_embed
     old, new = int((pos_embed.shape[1] - 1) ** 0.5), int((num_tokens - 1) ** 0.5)
     if old * old + 1 != pos_embed.shape[1] or new * new + 1 != num_tokens:
-        raise ValueError(f"position embedding {tuple(pos_embed.shape)} cannot be interpolated "
-                         f"to {num_tokens} tokens: both must be 1 + a square grid")
+        raise ValueError(
+            f"position embedding {tuple(pos_embed.shape)} cannot be interpolated "
+            f"to {num_tokens} tokens: both must be 1 + a square grid"
+        )
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     C = grid.shape[-1]
     grid = grid.reshape(1, old, old, C).permute(0, 3, 1, 2).float()

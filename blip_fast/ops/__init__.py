@@ -1,5 +1,6 @@
 """Public ops. Each takes ``backend=None`` (explicit > ``BLIP_FAST_BACKEND`` > best available);
 ``reference`` is eager PyTorch mirroring the official math (``blip_fast.ops.reference``)."""
+
 from blip_fast.ops import reference
 from blip_fast.ops._backend import available, resolve
 from blip_fast.ops.attention import attention
@@ -8,5 +9,14 @@ from blip_fast.ops.gathered_cross_attention import gathered_cross_attention
 from blip_fast.ops.itc import itc_loss
 from blip_fast.ops.linear import PackedLinear, prepack_linears
 
-__all__ = ["attention", "cross_attention", "gathered_cross_attention", "itc_loss",
-           "prepack_linears", "PackedLinear", "reference", "available", "resolve"]
+__all__ = [
+    "attention",
+    "cross_attention",
+    "gathered_cross_attention",
+    "itc_loss",
+    "prepack_linears",
+    "PackedLinear",
+    "reference",
+    "available",
+    "resolve",
+]

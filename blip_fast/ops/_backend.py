@@ -3,6 +3,7 @@
 An explicitly requested backend that cannot run raises; an automatic choice (env var or
 default) that cannot run falls back down the op's preference list with one log line.
 """
+
 import functools
 import importlib.util
 import logging
@@ -21,12 +22,17 @@ PREFERENCE = {
     "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
     # C++ beats sdpa on CPU: 26.8 vs 51.8 ms fwd, 158 vs 213 ms fwd+bwd at 64x12x35x577 fp32
     # (benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
-    "cross_attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
+    "cross_attention": {
+        "cuda": ("triton", "sdpa", "reference"),
+        "cpu": ("cpu", "sdpa", "reference"),
+    },
     # ITM reranking over cached image K / V (DESIGN §6.3); the reference copies K / V per pair.
     # C++ beats it on CPU: 24.2 vs 208 ms (copy + sdpa 137 ms) at 64 pairs x 12 heads x 35
     # queries over 577 tokens (fp32, benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
-    "gathered_cross_attention": {"cuda": ("triton", "cuda", "reference"),
-                                 "cpu": ("cpu", "reference")},
+    "gathered_cross_attention": {
+        "cuda": ("triton", "cuda", "reference"),
+        "cpu": ("cpu", "reference"),
+    },
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
     # Inference GEMMs (ops/linear.py): oneDNN's AVX-512 fp32 GEMM, 2.1-2.4x MKL's (AVX2 on AMD)
     # at the ITM reranker's shapes (benchmarks/results/linear-cpu.json, AMD EPYC, 1 thread).
@@ -48,8 +54,9 @@ def _ext_has(op_name: str, device_type: str) -> bool:
     """True when the compiled extension registered a kernel for ``blip_fast::op_name`` on the
     device's dispatch key (torchao's capability probe)."""
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"blip_fast::{op_name}",
-                                                              device_type.upper())
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"blip_fast::{op_name}", device_type.upper()
+        )
     except RuntimeError:
         return False
 
@@ -81,8 +88,12 @@ def _auto(op: str, device_type: str, wanted: str | None) -> str:
     if wanted is not None:
         if available(op, wanted, device_type):
             return wanted
-        log.warning("blip_fast: BLIP_FAST_BACKEND=%s cannot run %s on %s; using the best available",
-                    wanted, op, device_type)
+        log.warning(
+            "blip_fast: BLIP_FAST_BACKEND=%s cannot run %s on %s; using the best available",
+            wanted,
+            op,
+            device_type,
+        )
     return next(b for b in prefs if available(op, b, device_type))
 
 
@@ -98,7 +109,9 @@ def _resolve(op: str, device_type: str, requested: str | None, env: str | None) 
         raise KeyError(f"unknown op {op!r}; known: {sorted(PREFERENCE)}")
     if requested is not None:
         if not available(op, requested, device_type):
-            raise RuntimeError(f"backend {requested!r} cannot run op {op!r} on {device_type} "
-                               f"(see `blip-fast info` for what is available)")
+            raise RuntimeError(
+                f"backend {requested!r} cannot run op {op!r} on {device_type} "
+                f"(see `blip-fast info` for what is available)"
+            )
         return requested
     return _auto(op, device_type, env)

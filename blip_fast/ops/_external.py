@@ -9,6 +9,7 @@ Masks: xformers gets official BERT's additive bias (−10000 on a dropped key,
 ``reference.additive_mask``); flash_attn has no additive mask, so it runs only without a
 key_padding_mask (its causal mask is bottom-right aligned, like blip_fast's, since 2.1).
 """
+
 import importlib
 
 import torch
@@ -60,8 +61,10 @@ def attention(backend, q, k, v, key_padding_mask=None, causal=False, dropout_p=0
         out = memory_efficient_attention(qt, kt, vt, attn_bias=bias, p=dropout_p, scale=scale)
     elif backend == "flash_attn":
         if key_padding_mask is not None:
-            raise ValueError("backend 'flash_attn' has no additive mask: key_padding_mask must be "
-                             "None (use backend='xformers', 'triton' or 'sdpa' with padding)")
+            raise ValueError(
+                "backend 'flash_attn' has no additive mask: key_padding_mask must be "
+                "None (use backend='xformers', 'triton' or 'sdpa' with padding)"
+            )
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(qt, kt, vt, dropout_p=dropout_p, softmax_scale=scale, causal=causal)

@@ -15,21 +15,27 @@ The xformers / flash_attn backends are plain Python calls (``blip_fast.ops._exte
 and backward): it has a padding mask but no causal mask or dropout, which go to sdpa when the
 backend was chosen automatically.
 """
+
 import torch
 import torch.nn.functional as F
 
 from blip_fast.ops import _backend, _external, reference
 from blip_fast.ops.cross_attention import _register_family
 
-_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, bool causal) "
-        "-> (Tensor, Tensor)")
-_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
-        "Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)")
+_FWD = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, bool causal) "
+    "-> (Tensor, Tensor)"
+)
+_BWD = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
+    "Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)"
+)
 _OPS = {"triton": "attention_fwd_triton"}
 _CPU_OP = "cross_attention_fwd"  # (q, k, v, key_padding_mask, scale) -> (out, lse)
 
-_register_family("_triton", "attention", _FWD, _BWD, reference.attention_fwd,
-                 reference.attention_bwd)
+_register_family(
+    "_triton", "attention", _FWD, _BWD, reference.attention_fwd, reference.attention_bwd
+)
 if _backend._triton_ok():
     from blip_fast.kernels import cross_attention as _k
     from blip_fast.ops._library import lib
@@ -62,8 +68,10 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, backe
     if unsupported and requested is None:
         backend = "sdpa"  # automatic choice: the fused kernels lack it (decoder / training)
     elif unsupported:
-        raise ValueError(f"attention: backend {backend!r} does not support {unsupported}; use "
-                         f"backend='sdpa' or 'reference'")
+        raise ValueError(
+            f"attention: backend {backend!r} does not support {unsupported}; use "
+            f"backend='sdpa' or 'reference'"
+        )
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, dropout_p)
     mask = None if key_padding_mask is None else key_padding_mask.bool()

@@ -10,6 +10,7 @@ get the Triton kernels of ``blip_fast.kernels.cross_attention`` on CUDA):
 with out (B, H, Lq, D) in q's dtype and lse (B, H, Lq) fp32, the row log-sum-exp that lets the
 backward recompute the probabilities instead of saving (B, H, Lq, Lk).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -17,17 +18,23 @@ from blip_fast.ops import _backend, _external, reference
 from blip_fast.ops._library import lib
 
 _FWD = "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)"
-_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
-        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)")
+_BWD = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
+    "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
+)
 # backend -> forward op. Two op families share one schema because the C++ CUDA kernel and the
 # Triton kernel both want the CUDA key (STYLE §2): "" gets _C's kernels, "_triton" Triton's.
-_OPS = {"cpu": "cross_attention_fwd", "cuda": "cross_attention_fwd",
-        "triton": "cross_attention_fwd_triton"}
+_OPS = {
+    "cpu": "cross_attention_fwd",
+    "cuda": "cross_attention_fwd",
+    "triton": "cross_attention_fwd_triton",
+}
 
 
 def _fwd_fake(q, k, v, key_padding_mask, scale, *extra):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[:-1], dtype=torch.float32
+    )
 
 
 def _bwd_fake(dout, q, k, v, key_padding_mask, out, lse, scale, *extra):
@@ -44,13 +51,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("blip_fast attention backward ops have no backward: double "
-                              "backward through (cross_)attention is not supported")
+    raise NotImplementedError(
+        "blip_fast attention backward ops have no backward: double "
+        "backward through (cross_)attention is not supported"
+    )
 
 
-def _register_family(suffix: str, base: str = "cross_attention", fwd_schema: str = _FWD,
-                     bwd_schema: str = _BWD, ref_fwd=reference.cross_attention_fwd,
-                     ref_bwd=reference.cross_attention_bwd):
+def _register_family(
+    suffix: str,
+    base: str = "cross_attention",
+    fwd_schema: str = _FWD,
+    bwd_schema: str = _BWD,
+    ref_fwd=reference.cross_attention_fwd,
+    ref_bwd=reference.cross_attention_bwd,
+):
     """Schemas, eager default kernels (every device), fakes and autograd of one op family;
     compiled kernels registered for a device key take precedence on that device. The schemas
     start with (q, k, v, key_padding_mask, scale) / (dout, q, k, v, key_padding_mask, out, lse,
@@ -69,17 +83,23 @@ def _register_family(suffix: str, base: str = "cross_attention", fwd_schema: str
         dq, dk, dv = bwd_op(dout, q, k, v, key_padding_mask, out, lse, ctx.scale, *ctx.extra)
         return (dq, dk, dv, None, None) + (None,) * len(ctx.extra)
 
-    torch.library.register_autograd(f"blip_fast::{fwd}", backward,
-                                    setup_context=_setup_context, lib=lib)
+    torch.library.register_autograd(
+        f"blip_fast::{fwd}", backward, setup_context=_setup_context, lib=lib
+    )
     # Registered so that a double backward fails loudly instead of silently returning no grad.
-    torch.library.register_autograd(f"blip_fast::{bwd}", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None, lib=lib)
+    torch.library.register_autograd(
+        f"blip_fast::{bwd}",
+        _no_double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+        lib=lib,
+    )
 
 
 for _suffix in ("", "_triton"):
     _register_family(_suffix)
 if _backend._triton_ok():
     from blip_fast.kernels import cross_attention as _k
+
     lib.impl("cross_attention_fwd_triton", _k.cross_attention_fwd, "CUDA")
     lib.impl("cross_attention_bwd_triton", _k.cross_attention_bwd, "CUDA")
 for _name, _op in _OPS.items():

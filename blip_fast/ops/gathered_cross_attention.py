@@ -9,10 +9,12 @@ Shapes: q (P, H, Lq, D), k_cache / v_cache (N_images, H, Lk, D), image_index (P,
 independent rows whose outputs the caller ignores.
 
 Ops (schemas here; the eager reference everywhere; Triton on CUDA for the ``_triton`` one, the
-C++ kernels of ``blip_fast._C`` (csrc/{cpu,cuda}/itm_gather) on CPU / CUDA for the other):
+C++ kernels of ``blip_fast._C`` (csrc/{cpu,cuda}/gathered_cross_attention) on CPU / CUDA for
+the other):
     blip_fast::gathered_cross_attention_triton(q, k_cache, v_cache, image_index, scale) -> out
     blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale) -> out
 """
+
 import torch
 
 from blip_fast.ops import _backend, reference
@@ -24,14 +26,16 @@ for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd")
     lib.define(_name + _SCHEMA)
     lib.impl(_name, reference.gathered_cross_attention, "CompositeExplicitAutograd")
 if _backend._triton_ok():
-    from blip_fast.kernels import itm_gather as _k
+    from blip_fast.kernels import gathered_cross_attention as _k
 
-    lib.impl("gathered_cross_attention_triton", _k.itm_gather_fwd, "CUDA")
-_backend.KERNEL_OPS.setdefault("triton", {})["gathered_cross_attention"] = \
+    lib.impl("gathered_cross_attention_triton", _k.gathered_cross_attention_fwd, "CUDA")
+_backend.KERNEL_OPS.setdefault("triton", {})["gathered_cross_attention"] = (
     "gathered_cross_attention_triton"
+)
 for _backend_name in ("cpu", "cuda"):  # available() also checks that _C registered the kernel
-    _backend.KERNEL_OPS.setdefault(_backend_name, {})["gathered_cross_attention"] = \
+    _backend.KERNEL_OPS.setdefault(_backend_name, {})["gathered_cross_attention"] = (
         "gathered_cross_attention_fwd"
+    )
 
 
 def _fake(q, k_cache, v_cache, image_index, scale):
@@ -44,25 +48,35 @@ for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd")
 
 def _check(q, k_cache, v_cache, image_index):
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
-        raise ValueError(f"gathered_cross_attention: q (P, H, Lq, D) and k_cache / v_cache "
-                         f"(N_images, H, Lk, D) must be 4-D; got q {tuple(q.shape)}, k_cache "
-                         f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"gathered_cross_attention: q (P, H, Lq, D) and k_cache / v_cache "
+            f"(N_images, H, Lk, D) must be 4-D; got q {tuple(q.shape)}, k_cache "
+            f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"gathered_cross_attention: k_cache {tuple(k_cache.shape)} and v_cache "
-                         f"{tuple(v_cache.shape)} must have the same shape (N_images, H, Lk, D)")
+        raise ValueError(
+            f"gathered_cross_attention: k_cache {tuple(k_cache.shape)} and v_cache "
+            f"{tuple(v_cache.shape)} must have the same shape (N_images, H, Lk, D)"
+        )
     if q.shape[1] != k_cache.shape[1] or q.shape[3] != k_cache.shape[3]:
-        raise ValueError(f"gathered_cross_attention: heads and head_dim of q {tuple(q.shape)} "
-                         f"(P, H, Lq, D) and k_cache {tuple(k_cache.shape)} (N_images, H, Lk, D) "
-                         f"differ")
+        raise ValueError(
+            f"gathered_cross_attention: heads and head_dim of q {tuple(q.shape)} "
+            f"(P, H, Lq, D) and k_cache {tuple(k_cache.shape)} (N_images, H, Lk, D) "
+            f"differ"
+        )
     if image_index.shape != (q.shape[0],) or image_index.dtype != torch.int64:
-        raise ValueError(f"gathered_cross_attention: image_index must be int64 of shape (P,) = "
-                         f"({q.shape[0]},); got {image_index.dtype} {tuple(image_index.shape)}")
+        raise ValueError(
+            f"gathered_cross_attention: image_index must be int64 of shape (P,) = "
+            f"({q.shape[0]},); got {image_index.dtype} {tuple(image_index.shape)}"
+        )
     n_images = k_cache.shape[0]
     if image_index.numel() and not torch.compiler.is_compiling():
         lo, hi = image_index.min().item(), image_index.max().item()
         if lo < 0 or hi >= n_images:
-            raise IndexError(f"gathered_cross_attention: image_index holds values in [{lo}, {hi}] "
-                             f"but k_cache {tuple(k_cache.shape)} has {n_images} images")
+            raise IndexError(
+                f"gathered_cross_attention: image_index holds values in [{lo}, {hi}] "
+                f"but k_cache {tuple(k_cache.shape)} has {n_images} images"
+            )
 
 
 def gathered_cross_attention(q, k_cache, v_cache, image_index, backend=None):
@@ -79,9 +93,11 @@ def gathered_cross_attention(q, k_cache, v_cache, image_index, backend=None):
         if requested is None:
             backend = "reference"  # automatic choice: only the reference records autograd
         elif backend != "reference":
-            raise RuntimeError(f"gathered_cross_attention: backend {backend!r} is inference "
-                               f"only; run it under torch.no_grad() or use backend='reference' "
-                               f"for grads")
+            raise RuntimeError(
+                f"gathered_cross_attention: backend {backend!r} is inference "
+                f"only; run it under torch.no_grad() or use backend='reference' "
+                f"for grads"
+            )
     if backend == "reference":
         return reference.gathered_cross_attention(q, k_cache, v_cache, image_index)
     op = getattr(torch.ops.blip_fast, _backend.KERNEL_OPS[backend]["gathered_cross_attention"])

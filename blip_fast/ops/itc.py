@@ -27,14 +27,17 @@ running Σ exp(s − m_s)·c and Σ exp(t − m_t)·c, rescaled as the maxima mo
 forward; 4 products of B rows per tile instead of 5 with a recomputing backward) or recomputed
 per tile from the saved lse (Triton).
 """
+
 import torch
 
 from blip_fast.ops import _backend, reference
 from blip_fast.ops._library import lib
 
-_ARGS = ("Tensor image_feat, Tensor text_feat, Tensor image_feat_m, Tensor text_feat_m, "
-         "Tensor image_queue, Tensor text_queue, Tensor temp, float alpha, Tensor? idx, "
-         "Tensor? idx_queue, bool need_grad")
+_ARGS = (
+    "Tensor image_feat, Tensor text_feat, Tensor image_feat_m, Tensor text_feat_m, "
+    "Tensor image_queue, Tensor text_queue, Tensor temp, float alpha, Tensor? idx, "
+    "Tensor? idx_queue, bool need_grad"
+)
 # Columns per tile of the eager kernels: a (2B, 4096) fp32 tile is 8 MiB at B = 256.
 _TILE = 4096
 
@@ -51,22 +54,24 @@ def _column_tiles(feat_m, queue, tile):
     """(j0, cols) over [feat_m of the batch ; queue]: cols (D, n) views, never a copy of all."""
     B, Q = feat_m.shape[0], queue.shape[1]
     for j0 in range(0, B, tile):
-        yield j0, feat_m[j0:j0 + tile].t()
+        yield j0, feat_m[j0 : j0 + tile].t()
     for q0 in range(0, Q, tile):
-        yield B + q0, queue[:, q0:q0 + tile]
+        yield B + q0, queue[:, q0 : q0 + tile]
 
 
 def _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue):
     """(student rows, teacher rows, column feat_m, column queue) for i2t then t2i."""
-    return ((image_feat, image_feat_m, text_feat_m, text_queue),
-            (text_feat, text_feat_m, image_feat_m, image_queue))
+    return (
+        (image_feat, image_feat_m, text_feat_m, text_queue),
+        (text_feat, text_feat_m, image_feat_m, image_queue),
+    )
 
 
 def _hard(idx, idx_all, B, j0, n, device):
     """(B, n) bool hard positives of columns j0..j0+n: eq of ids, or the batch identity."""
     if idx is None:
         return torch.arange(B, device=device)[:, None] == torch.arange(j0, j0 + n, device=device)
-    return idx[:, None] == idx_all[j0:j0 + n][None, :]
+    return idx[:, None] == idx_all[j0 : j0 + n][None, :]
 
 
 def _hard_cols(hard, cols):
@@ -74,8 +79,20 @@ def _hard_cols(hard, cols):
     return hard @ cols.t()
 
 
-def itc_fwd_eager(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-                  temp, alpha, idx, idx_queue, need_grad, tile=_TILE):
+def itc_fwd_eager(
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx,
+    idx_queue,
+    need_grad,
+    tile=_TILE,
+):
     """Tiled single-pass forward (default kernel of itc_fwd); returns (loss, stats)."""
     (B, D), acc = image_feat.shape, _acc_dtype(image_feat.dtype)
     dev = image_feat.device
@@ -83,8 +100,9 @@ def itc_fwd_eager(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
     idx_all = None if idx is None else torch.cat([idx.reshape(-1), idx_queue.reshape(-1)])
     stats = torch.zeros(2, B, 3 + D, dtype=acc, device=dev)
     total = torch.zeros((), dtype=acc, device=dev)
-    for d, (x, xm, fm, queue) in enumerate(_directions(image_feat, text_feat, image_feat_m,
-                                                       text_feat_m, image_queue, text_queue)):
+    for d, (x, xm, fm, queue) in enumerate(
+        _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue)
+    ):
         x2 = torch.cat([x.detach(), xm.detach()]).to(acc)  # (2B, D): student and teacher rows
         neg_inf = torch.full((B,), float("-inf"), dtype=acc, device=dev)
         m_s, m_t = neg_inf.clone(), neg_inf.clone()
@@ -116,18 +134,35 @@ def itc_fwd_eager(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
         total = total + rows.mean()
         stats[d, :, 0], stats[d, :, 1], stats[d, :, 2] = lse_s, lse_t, cnt
         if need_grad:
-            stats[d, :, 3:] = (o_s / l_s[:, None] - alpha * (o_t / l_t[:, None])
-                               - (1.0 - alpha) * (o_h / cnt[:, None]))
+            stats[d, :, 3:] = (
+                o_s / l_s[:, None]
+                - alpha * (o_t / l_t[:, None])
+                - (1.0 - alpha) * (o_h / cnt[:, None])
+            )
     return (total / 2).to(image_feat.dtype), stats
 
 
-def itc_bwd_eager(dloss, image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
-                  text_queue, temp, alpha, idx, idx_queue, need_grad, stats):
+def itc_bwd_eager(
+    dloss,
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx,
+    idx_queue,
+    need_grad,
+    stats,
+):
     """Backward from the gradient directions G the forward gathered (default kernel of
     itc_bwd): d_x = g·G / temp, d_temp = −g·Σ_i x_i·G_i / temp² with g = dloss / (2B)."""
     if not need_grad:
-        raise RuntimeError("itc_bwd: the forward ran with need_grad=False, so stats holds no "
-                           "gradient")
+        raise RuntimeError(
+            "itc_bwd: the forward ran with need_grad=False, so stats holds no gradient"
+        )
     B, acc = image_feat.shape[0], stats.dtype
     inv_t = 1.0 / temp.detach().to(acc)
     g = dloss.to(acc) / (2 * B)
@@ -157,9 +192,12 @@ if _backend._triton_ok():
     lib.impl("itc_bwd", _k.itc_bwd, "CUDA")
 
 else:
+
     def _no_cuda_bwd(*args):
-        raise RuntimeError("blip_fast::itc_bwd on CUDA runs the Triton kernel, and Triton is not "
-                           "available; use backend='reference'")
+        raise RuntimeError(
+            "blip_fast::itc_bwd on CUDA runs the Triton kernel, and Triton is not "
+            "available; use backend='reference'"
+        )
 
     # Without it the eager default would read the gradient columns the CUDA forward leaves at 0.
     lib.impl("itc_bwd", _no_cuda_bwd, "CUDA")
@@ -170,58 +208,147 @@ if _backend._triton_ok():  # the "cuda" backend's backward is the Triton kernel
     _backend.KERNEL_OPS.setdefault("cuda", {})["itc"] = "itc_fwd"
 
 
-def _fwd_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
-              alpha, idx, idx_queue, need_grad):
+def _fwd_fake(
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx,
+    idx_queue,
+    need_grad,
+):
     B, D = image_feat.shape
-    return (image_feat.new_empty(()),
-            image_feat.new_empty((2, B, 3 + D), dtype=_acc_dtype(image_feat.dtype)))
+    return (
+        image_feat.new_empty(()),
+        image_feat.new_empty((2, B, 3 + D), dtype=_acc_dtype(image_feat.dtype)),
+    )
 
 
-def _bwd_fake(dloss, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-              temp, alpha, idx, idx_queue, need_grad, stats):
-    return (torch.empty_like(image_feat, memory_format=torch.contiguous_format),
-            torch.empty_like(text_feat, memory_format=torch.contiguous_format),
-            torch.empty_like(temp, memory_format=torch.contiguous_format))
+def _bwd_fake(
+    dloss,
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx,
+    idx_queue,
+    need_grad,
+    stats,
+):
+    return (
+        torch.empty_like(image_feat, memory_format=torch.contiguous_format),
+        torch.empty_like(text_feat, memory_format=torch.contiguous_format),
+        torch.empty_like(temp, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    (image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
-     idx, idx_queue, need_grad) = inputs
+    (
+        image_feat,
+        text_feat,
+        image_feat_m,
+        text_feat_m,
+        image_queue,
+        text_queue,
+        temp,
+        alpha,
+        idx,
+        idx_queue,
+        need_grad,
+    ) = inputs
     stats = output[1]
     ctx.mark_non_differentiable(stats)  # auxiliary output for the backward, not a result
-    ctx.save_for_backward(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
-                          text_queue, temp, idx, idx_queue, stats)
+    ctx.save_for_backward(
+        image_feat,
+        text_feat,
+        image_feat_m,
+        text_feat_m,
+        image_queue,
+        text_queue,
+        temp,
+        idx,
+        idx_queue,
+        stats,
+    )
     ctx.alpha, ctx.need_grad = alpha, need_grad
 
 
 def _make_backward(bwd_name):
     def _backward(ctx, dloss, _dstats):
-        (image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, idx,
-         idx_queue, stats) = ctx.saved_tensors
+        (
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            image_queue,
+            text_queue,
+            temp,
+            idx,
+            idx_queue,
+            stats,
+        ) = ctx.saved_tensors
         d_img, d_txt, d_temp = getattr(torch.ops.blip_fast, bwd_name)(
-            dloss, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-            temp, ctx.alpha, idx, idx_queue, ctx.need_grad, stats)
+            dloss,
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            image_queue,
+            text_queue,
+            temp,
+            ctx.alpha,
+            idx,
+            idx_queue,
+            ctx.need_grad,
+            stats,
+        )
         # momentum features, queues, alpha and ids get no gradient
         return d_img, d_txt, None, None, None, None, d_temp, None, None, None, None
+
     return _backward
 
 
 def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("blip_fast::itc_bwd has no backward: double backward through "
-                              "itc_loss is not supported")
+    raise NotImplementedError(
+        "blip_fast::itc_bwd has no backward: double backward through itc_loss is not supported"
+    )
 
 
 for _suffix, (_fwd, _bwd) in _FAMILIES.items():
     torch.library.register_fake(f"blip_fast::{_fwd}", _fwd_fake, lib=lib)
     torch.library.register_fake(f"blip_fast::{_bwd}", _bwd_fake, lib=lib)
-    torch.library.register_autograd(f"blip_fast::{_fwd}", _make_backward(_bwd),
-                                    setup_context=_setup_context, lib=lib)
-    torch.library.register_autograd(f"blip_fast::{_bwd}", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None, lib=lib)
+    torch.library.register_autograd(
+        f"blip_fast::{_fwd}", _make_backward(_bwd), setup_context=_setup_context, lib=lib
+    )
+    torch.library.register_autograd(
+        f"blip_fast::{_bwd}",
+        _no_double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+        lib=lib,
+    )
 
 
-def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-             temp, alpha, idx=None, idx_queue=None, backend=None):
+def itc_loss(
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha,
+    idx=None,
+    idx_queue=None,
+    backend=None,
+):
     """Scalar ITC loss, both directions averaged; gradients flow to the student features and
     temp. See ``reference.itc_loss`` for the exact math.
 
@@ -232,15 +359,37 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     """
     backend = _backend.resolve("itc", image_feat.device, backend)
     if backend == "reference":
-        return reference.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
-                                  text_queue, temp, alpha, idx, idx_queue)
+        return reference.itc_loss(
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            image_queue,
+            text_queue,
+            temp,
+            alpha,
+            idx,
+            idx_queue,
+        )
     if (idx is None) != (idx_queue is None):
         raise ValueError("itc_loss: pass both idx and idx_queue, or neither")
     if idx is not None:
         idx, idx_queue = idx.reshape(-1).long(), idx_queue.reshape(-1).long()
     # The fused forward gathers the gradient only when a backward can follow.
-    need_grad = torch.is_grad_enabled() and (image_feat.requires_grad or text_feat.requires_grad
-                                             or temp.requires_grad)
+    need_grad = torch.is_grad_enabled() and (
+        image_feat.requires_grad or text_feat.requires_grad or temp.requires_grad
+    )
     op = getattr(torch.ops.blip_fast, _backend.KERNEL_OPS[backend]["itc"])
-    return op(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
-              float(alpha), idx, idx_queue, need_grad)[0]
+    return op(
+        image_feat,
+        text_feat,
+        image_feat_m,
+        text_feat_m,
+        image_queue,
+        text_queue,
+        temp,
+        float(alpha),
+        idx,
+        idx_queue,
+        need_grad,
+    )[0]

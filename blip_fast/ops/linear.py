@@ -16,6 +16,7 @@ copied. The packed weights are a snapshot: build the copy again after the weight
 Backends (``_backend.PREFERENCE["linear"]``): ``onednn`` on CPU where torch has mkldnn, else
 ``reference`` (``prepack_linears`` returns ``module`` itself: ``F.linear``, what models run).
 """
+
 import copy
 import itertools
 
@@ -40,16 +41,22 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, activation: str | None = None, packed=None):
         super().__init__()
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
-            raise ValueError(f"PackedLinear: needs an fp32 CPU weight, got "
-                             f"{linear.weight.dtype} on {linear.weight.device}")
+            raise ValueError(
+                f"PackedLinear: needs an fp32 CPU weight, got "
+                f"{linear.weight.dtype} on {linear.weight.device}"
+            )
         if activation not in self.ACTIVATIONS:
-            raise ValueError(f"PackedLinear: activation must be one of {self.ACTIVATIONS}, "
-                             f"got {activation!r}")
+            raise ValueError(
+                f"PackedLinear: activation must be one of {self.ACTIVATIONS}, got {activation!r}"
+            )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.linear, self.activation = linear, activation  # shared, for the F.linear path
         # (out_features, in_features) in oneDNN's blocked layout; an opaque mkldnn tensor
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-                       if packed is None else packed)
+        self.packed = (
+            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+            if packed is None
+            else packed
+        )
 
     @property
     def weight(self):  # (out_features, in_features), the original
@@ -65,20 +72,24 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:  # oneDNN's own error names neither shape
-            raise ValueError(f"PackedLinear: input of shape {tuple(x.shape)} has {x.shape[-1]} "
-                             f"features, expected (..., {self.in_features})")
+            raise ValueError(
+                f"PackedLinear: input of shape {tuple(x.shape)} has {x.shape[-1]} "
+                f"features, expected (..., {self.in_features})"
+            )
         w, b = self.linear.weight, self.linear.bias
         grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
         if x.dtype != torch.float32 or grads or torch.is_autocast_enabled("cpu"):
             y = F.linear(x, w, b)
             return y if self.activation is None else F.gelu(y)
         post = ("gelu", [], "none") if self.activation == "gelu" else ("none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None if b is None else
-                                                  b.detach(), *post)
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self.packed, None if b is None else b.detach(), *post
+        )
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, onednn"
-                + (f", activation={self.activation}" if self.activation else ""))
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn" + (
+            f", activation={self.activation}" if self.activation else ""
+        )
 
 
 def _packable(m: nn.Module) -> bool:

@@ -4,6 +4,7 @@ Tests, benchmarks and the CPU fallback all import these functions; no other refe
 Shapes follow the public ops: q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk)
 bool with True = attend.
 """
+
 import math
 
 import torch
@@ -21,8 +22,10 @@ def allowed_mask(key_padding_mask, causal: bool, lq: int, lk: int, device):
     if key_padding_mask is not None:
         allowed = key_padding_mask.bool()[:, None, None, :]
     if causal:
-        seen = (torch.arange(lk, device=device)[None, :]
-                <= torch.arange(lk - lq, lk, device=device)[:, None])[None, None]
+        seen = (
+            torch.arange(lk, device=device)[None, :]
+            <= torch.arange(lk - lq, lk, device=device)[:, None]
+        )[None, None]
         allowed = seen if allowed is None else allowed & seen
     return allowed
 
@@ -100,8 +103,18 @@ def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float)
     return attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, False)
 
 
-def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-             temp, alpha: float, idx=None, idx_queue=None):
+def itc_loss(
+    image_feat,
+    text_feat,
+    image_feat_m,
+    text_feat_m,
+    image_queue,
+    text_queue,
+    temp,
+    alpha: float,
+    idx=None,
+    idx_queue=None,
+):
     """Momentum-distilled image-text contrastive loss, exactly as official BLIP.
 
     image_feat, text_feat: (B, D) normalised student features (carry grad);
@@ -115,8 +128,12 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
         image_feat_m_all = torch.cat([image_feat_m.t(), image_queue.detach()], dim=1)
         text_feat_m_all = torch.cat([text_feat_m.t(), text_queue.detach()], dim=1)
         if idx is None:
-            sim_targets = torch.zeros(image_feat.shape[0], text_feat_m_all.shape[1],
-                                      device=image_feat.device, dtype=image_feat.dtype)
+            sim_targets = torch.zeros(
+                image_feat.shape[0],
+                text_feat_m_all.shape[1],
+                device=image_feat.device,
+                dtype=image_feat.dtype,
+            )
             sim_targets.fill_diagonal_(1)
         else:
             idx = idx.view(-1, 1)

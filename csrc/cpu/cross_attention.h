@@ -24,7 +24,7 @@ struct CrossAttentionParams {
   int64_t batch, heads, q_len, k_len, head_dim;
   double scale;     // applied to q·k before the mask is added
   int num_threads;  // OpenMP threads to use (the caller passes torch's setting)
-  // [B] K / V row of each batch entry (gathered cross-attention, cpu/itm_gather.h): k / v then
+  // [B] K / V row of each batch entry (gathered cross-attention, cpu/gathered_cross_attention.h): k / v then
   // have any batch size N and entry b reads row kv_index[b]; nullptr = row b. Forward only.
   const int64_t* kv_index = nullptr;
 };

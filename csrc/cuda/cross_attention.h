@@ -34,7 +34,7 @@ struct CrossAttentionParams {
   int64_t batch, heads, q_len, k_len;
   int head_dim;                  // 1 .. kMaxHeadDim
   float scale;                   // applied to q·k before the mask is added
-  // [B] K / V row of each batch entry (gathered cross-attention, cuda/itm_gather.h): k / v then
+  // [B] K / V row of each batch entry (gathered cross-attention, cuda/gathered_cross_attention.h): k / v then
   // have any batch size N and entry b reads row kv_index[b]; nullptr = row b.
   const int64_t* kv_index = nullptr;
 };

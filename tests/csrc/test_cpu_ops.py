@@ -1,5 +1,6 @@
 """The C++ CPU kernels of blip_fast._C called directly: forward / backward vs the reference
 oracle on tile edges, strides and low precision, and the argument checks' messages."""
+
 import pytest
 import torch
 from _utils import TOL, assert_close_verbose
@@ -8,7 +9,8 @@ from blip_fast.ops import reference
 
 pytestmark = pytest.mark.skipif(
     not torch._C._dispatch_has_kernel_for_dispatch_key("blip_fast::cross_attention_fwd", "CPU"),
-    reason="blip_fast._C not built")
+    reason="blip_fast._C not built",
+)
 
 fwd = torch.ops.blip_fast.cross_attention_fwd
 bwd = torch.ops.blip_fast.cross_attention_bwd
@@ -31,23 +33,28 @@ def check_against_reference(q, k, v, mask, scale, tol):
     assert_close_verbose(lse, ref_lse, **tol, name="lse")
     dout = torch.randn_like(out)
     grads = bwd(dout, q, k, v, mask, out, lse, scale)
-    ref_grads = reference.cross_attention_bwd(dout.float(), qf, kf, vf, mask, ref_out, ref_lse, scale)
+    ref_grads = reference.cross_attention_bwd(
+        dout.float(), qf, kf, vf, mask, ref_out, ref_lse, scale
+    )
     for name, grad, ref, x in zip("qkv", grads, ref_grads, (q, k, v)):
         assert grad.dtype == x.dtype and grad.shape == x.shape
         assert_close_verbose(grad, ref, **tol, name=f"d{name}")
 
 
 # (B, H, Lq, Lk, D): tile edges of the kernel (64 queries, 64 keys, 16-wide vectors).
-@pytest.mark.parametrize("shape", [
-    (1, 1, 1, 1, 1),
-    (2, 3, 35, 577, 64),
-    (1, 2, 64, 64, 16),   # exactly one tile each way
-    (1, 2, 65, 129, 17),  # one past a tile / the vector width
-    (2, 1, 130, 63, 72),  # three query tiles, one short key tile
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 1, 1, 1),
+        (2, 3, 35, 577, 64),
+        (1, 2, 64, 64, 16),  # exactly one tile each way
+        (1, 2, 65, 129, 17),  # one past a tile / the vector width
+        (2, 1, 130, 63, 72),  # three query tiles, one short key tile
+    ],
+)
 def test_matches_reference_fp32(shape):
     b, h, lq, lk, d = shape
-    check_against_reference(*make_inputs(b, h, lq, lk, d), scale=d ** -0.5, tol=TOL[torch.float32])
+    check_against_reference(*make_inputs(b, h, lq, lk, d), scale=d**-0.5, tol=TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
@@ -92,7 +99,7 @@ def test_strided_inputs():
     v = torch.randn(b, h, d, lk).transpose(2, 3)
     mask = torch.rand(b, lk) > 0.3
     mask[:, 0] = True
-    check_against_reference(q, k, v, mask, d ** -0.5, TOL[torch.float32])
+    check_against_reference(q, k, v, mask, d**-0.5, TOL[torch.float32])
 
 
 def test_same_result_with_one_thread():
@@ -118,17 +125,23 @@ def test_no_queries():
     assert dq.shape == q.shape and torch.count_nonzero(dk) == 0 and torch.count_nonzero(dv) == 0
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda q, k, v, m: (q[0], k, v, m), r"q must be \[B, H, Lq, D\] \(rank 4\)"),
-    (lambda q, k, v, m: (q, k[..., :32], v[..., :32], m), r"head dim mismatch: q has D = 64 but k"),
-    (lambda q, k, v, m: (q, k, v[:, :, :5], m), r"v must have k's shape"),
-    (lambda q, k, v, m: (q, k[:1], v[:1], m), r"batch and heads of k"),
-    (lambda q, k, v, m: (q, k, v, m[:, :5]), r"key_padding_mask must be \[B, Lk\] = \[2, 13\]"),
-    (lambda q, k, v, m: (q, k, v, m.float()), r"key_padding_mask must be bool"),
-    (lambda q, k, v, m: (q, k.double(), v, m), r"k has dtype Double but q has dtype Float"),
-    (lambda q, k, v, m: (q.int(), k.int(), v.int(), m), r"q must be float32, float64, float16"),
-    (lambda q, k, v, m: (q, k[:, :, :0], v[:, :, :0], m[:, :0]), r"no keys \(Lk = 0\)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, k, v, m: (q[0], k, v, m), r"q must be \[B, H, Lq, D\] \(rank 4\)"),
+        (
+            lambda q, k, v, m: (q, k[..., :32], v[..., :32], m),
+            r"head dim mismatch: q has D = 64 but k",
+        ),
+        (lambda q, k, v, m: (q, k, v[:, :, :5], m), r"v must have k's shape"),
+        (lambda q, k, v, m: (q, k[:1], v[:1], m), r"batch and heads of k"),
+        (lambda q, k, v, m: (q, k, v, m[:, :5]), r"key_padding_mask must be \[B, Lk\] = \[2, 13\]"),
+        (lambda q, k, v, m: (q, k, v, m.float()), r"key_padding_mask must be bool"),
+        (lambda q, k, v, m: (q, k.double(), v, m), r"k has dtype Double but q has dtype Float"),
+        (lambda q, k, v, m: (q.int(), k.int(), v.int(), m), r"q must be float32, float64, float16"),
+        (lambda q, k, v, m: (q, k[:, :, :0], v[:, :, :0], m[:, :0]), r"no keys \(Lk = 0\)"),
+    ],
+)
 def test_bad_inputs_name_the_problem(change, message):
     q, k, v, mask = make_inputs(2, 3, 7, 13, 64)
     with pytest.raises(RuntimeError, match=message):

@@ -1,13 +1,20 @@
 """The DALI graph on DALI's CPU operators (device_id=None) against the CPU loader; the same
 graph with the ``mixed`` decoder runs on a GPU (marked ``gpu``)."""
+
 import json
 
 import pytest
 import torch
 
-from blip_fast.data import (PretrainDataset, RetrievalEvalDataset, RetrievalTrainDataset,
-                            Uint8TestTransform, Uint8TrainTransform, make_loader)
-from blip_fast.data import dali
+from blip_fast.data import (
+    PretrainDataset,
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    Uint8TestTransform,
+    Uint8TrainTransform,
+    dali,
+    make_loader,
+)
 from blip_fast.data.loader import read_corrupt_report
 from blip_fast.data.transforms import MEAN, STD
 
@@ -40,8 +47,9 @@ def test_test_transform_matches_cpu_loader(size, tmp_path, synthetic_jpegs, phot
 
 
 def _train_loader(synthetic, seed, **kw):
-    ds = RetrievalTrainDataset(synthetic["train"], synthetic["image_root"],
-                               Uint8TrainTransform(64, **kw))
+    ds = RetrievalTrainDataset(
+        synthetic["train"], synthetic["image_root"], Uint8TrainTransform(64, **kw)
+    )
     return dali.DaliLoader(ds, 8, device_id=None, num_threads=2, seed=seed)
 
 
@@ -63,11 +71,13 @@ def test_train_flip_happens(synthetic, tmp_path):
     resize of its image or that mirrored, and both occur."""
     ann = [{"image": "images/train/000000.jpg", "caption": "x"}] * 16
     (tmp_path / "one.json").write_text(json.dumps(ann))
-    ds = PretrainDataset(tmp_path / "one.json", synthetic["image_root"],
-                         Uint8TrainTransform(64, min_scale=1.0))
+    ds = PretrainDataset(
+        tmp_path / "one.json", synthetic["image_root"], Uint8TrainTransform(64, min_scale=1.0)
+    )
     images, captions = next(iter(dali.DaliLoader(ds, 16, device_id=None, num_threads=2)))
-    whole = next(iter(dali.DaliLoader(_eval_dataset(tmp_path, [ds.entry(0)[0]], 64), 1,
-                                      device_id=None)))[0]
+    whole = next(
+        iter(dali.DaliLoader(_eval_dataset(tmp_path, [ds.entry(0)[0]], 64), 1, device_id=None))
+    )[0]
     plain = (images - whole).abs().amax(dim=(1, 2, 3)) < 1e-5
     mirrored = (images - whole.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
     assert (plain | mirrored).all() and 0 < mirrored.sum() < 16
@@ -86,17 +96,21 @@ def test_sampler_order_fields_and_epochs(synthetic):
         img_idx = torch.cat([b[2] for b in batches]).tolist()
         assert captions == [ds.entry(i)[1][0] for i in order]
         assert img_idx == [ds.entry(i)[1][1] for i in order]
-    assert [len(b[1]) for b in dali.DaliLoader(ds, 2, sampler=order, drop_last=True,
-                                               device_id=None)] == [2, 2]
+    assert [
+        len(b[1]) for b in dali.DaliLoader(ds, 2, sampler=order, drop_last=True, device_id=None)
+    ] == [2, 2]
 
 
 def test_missing_images_skipped_and_recorded(synthetic, tmp_path):
-    ann = [{"image": "images/train/000000.jpg", "caption": "a"},
-           {"image": "images/train/nope.jpg", "caption": "b"},
-           {"image": "images/train/000001.jpg", "caption": "c"}]
+    ann = [
+        {"image": "images/train/000000.jpg", "caption": "a"},
+        {"image": "images/train/nope.jpg", "caption": "b"},
+        {"image": "images/train/000001.jpg", "caption": "c"},
+    ]
     (tmp_path / "p.json").write_text(json.dumps(ann))
-    ds = PretrainDataset(tmp_path / "p.json", synthetic["image_root"], Uint8TestTransform(32),
-                         skip_corrupt=True)
+    ds = PretrainDataset(
+        tmp_path / "p.json", synthetic["image_root"], Uint8TestTransform(32), skip_corrupt=True
+    )
     report = tmp_path / "corrupt.tsv"
     batches = list(dali.DaliLoader(ds, 2, device_id=None, corrupt_report=report))
     assert [c for b in batches for c in b[1]] == ["a", "c"]
@@ -123,6 +137,7 @@ def test_mixed_decoder_matches_cpu_operators(tmp_path, synthetic_jpegs):
 
 def test_sampler_read_after_set_epoch(synthetic):
     """Epoch e's order comes from the sampler as set_epoch(e) left it (no early prefetch)."""
+
     class EpochSampler:
         def __init__(self):
             self.epoch = 0

@@ -1,5 +1,6 @@
 """Datasets over the official annotation formats (DESIGN §4): numbering as official BLIP, and
 every malformed input raises with a message that names the problem."""
+
 import json
 
 import numpy as np
@@ -7,8 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_fast.data.datasets import (MissingKeyError, PretrainDataset, RetrievalEvalDataset,
-                                     RetrievalTrainDataset, load_image)
+from blip_fast.data.datasets import (
+    MissingKeyError,
+    PretrainDataset,
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    load_image,
+)
 from blip_fast.data.transforms import test_transform as eval_tf
 
 
@@ -26,12 +32,15 @@ def _write(path, obj):
 
 
 def test_retrieval_train_numbering(root):
-    ann = [{"image": "img/1.jpg", "caption": "A Dog.", "image_id": "b"},
-           {"image": "img/0.jpg", "caption": "a cat", "image_id": "a"},
-           {"image": "img/1.jpg", "caption": "Dog   running!", "image_id": "b"}]
+    ann = [
+        {"image": "img/1.jpg", "caption": "A Dog.", "image_id": "b"},
+        {"image": "img/0.jpg", "caption": "a cat", "image_id": "a"},
+        {"image": "img/1.jpg", "caption": "Dog   running!", "image_id": "b"},
+    ]
     more = [{"image": "img/2.jpg", "caption": "a bird", "image_id": 7}]
-    ds = RetrievalTrainDataset([_write(root / "t1.json", ann), _write(root / "t2.json", more)],
-                               root, eval_tf(8))
+    ds = RetrievalTrainDataset(
+        [_write(root / "t1.json", ann), _write(root / "t2.json", more)], root, eval_tf(8)
+    )
     assert len(ds) == 4
     assert ds.img_ids == {"b": 0, "a": 1, 7: 2}  # order of first appearance, as official img_ids
     image, caption, idx = ds[2]
@@ -41,13 +50,18 @@ def test_retrieval_train_numbering(root):
 
 def test_retrieval_train_max_words(root):
     ann = [{"image": "img/0.jpg", "caption": " ".join(["w"] * 40), "image_id": "a"}]
-    assert len(RetrievalTrainDataset(_write(root / "t.json", ann), root, eval_tf(8))[0][1].split()) == 30
+    assert (
+        len(RetrievalTrainDataset(_write(root / "t.json", ann), root, eval_tf(8))[0][1].split())
+        == 30
+    )
 
 
 def test_retrieval_eval_maps(root):
-    ann = [{"image": "img/0.jpg", "caption": ["A red image.", "red"]},
-           {"image": "img/1.jpg", "caption": ["green", "Green!", "GREEN (bright)"]},
-           {"image": "img/2.jpg", "caption": ["blue"]}]
+    ann = [
+        {"image": "img/0.jpg", "caption": ["A red image.", "red"]},
+        {"image": "img/1.jpg", "caption": ["green", "Green!", "GREEN (bright)"]},
+        {"image": "img/2.jpg", "caption": ["blue"]},
+    ]
     ds = RetrievalEvalDataset(_write(root / "test.json", ann), root, eval_tf(8))
     assert len(ds) == 3
     assert ds.text == ["a red image", "red", "green", "green", "green bright", "blue"]
@@ -60,8 +74,10 @@ def test_retrieval_eval_maps(root):
 
 
 def test_pretrain_str_and_list_captions(root):
-    ann = [{"image": str(root / "img/0.jpg"), "caption": "An absolute path."},
-           {"image": "img/1.jpg", "caption": ["one", "two", "three"]}]
+    ann = [
+        {"image": str(root / "img/0.jpg"), "caption": "An absolute path."},
+        {"image": "img/1.jpg", "caption": ["one", "two", "three"]},
+    ]
     ds = PretrainDataset(_write(root / "p.json", ann), transform=eval_tf(8))
     assert ds[0][1] == "an absolute path" and ds[0][0].shape == (3, 8, 8)
     ds = PretrainDataset(_write(root / "p.json", ann), image_root=root, transform=eval_tf(8))
@@ -91,16 +107,21 @@ def test_top_level_not_a_list(root):
         PretrainDataset(_write(root / "d.json", {"image": "x", "caption": "y"}), root)
 
 
-@pytest.mark.parametrize("cls, entry, key", [
-    (RetrievalTrainDataset, {"image": "img/0.jpg", "caption": "x"}, "image_id"),
-    (RetrievalTrainDataset, {"caption": "x", "image_id": "a"}, "image"),
-    (RetrievalEvalDataset, {"image": "img/0.jpg"}, "caption"),
-    (PretrainDataset, {"image": "img/0.jpg", "captions": "x"}, "caption"),
-])
+@pytest.mark.parametrize(
+    "cls, entry, key",
+    [
+        (RetrievalTrainDataset, {"image": "img/0.jpg", "caption": "x"}, "image_id"),
+        (RetrievalTrainDataset, {"caption": "x", "image_id": "a"}, "image"),
+        (RetrievalEvalDataset, {"image": "img/0.jpg"}, "caption"),
+        (PretrainDataset, {"image": "img/0.jpg", "captions": "x"}, "caption"),
+    ],
+)
 def test_missing_key_names_file_entry_and_key(root, cls, entry, key):
-    good = {RetrievalTrainDataset: {"image": "img/0.jpg", "caption": "x", "image_id": "a"},
-            RetrievalEvalDataset: {"image": "img/0.jpg", "caption": ["x"]},
-            PretrainDataset: {"image": "img/0.jpg", "caption": "x"}}[cls]
+    good = {
+        RetrievalTrainDataset: {"image": "img/0.jpg", "caption": "x", "image_id": "a"},
+        RetrievalEvalDataset: {"image": "img/0.jpg", "caption": ["x"]},
+        PretrainDataset: {"image": "img/0.jpg", "caption": "x"},
+    }[cls]
     path = _write(root / "a.json", [good, good, entry])
     with pytest.raises(MissingKeyError) as err:
         cls(path, root, eval_tf(8))
@@ -109,20 +130,38 @@ def test_missing_key_names_file_entry_and_key(root, cls, entry, key):
     assert isinstance(err.value, KeyError)
 
 
-@pytest.mark.parametrize("cls, entry, expect", [
-    (RetrievalTrainDataset, {"image": "img/0.jpg", "caption": ["x"], "image_id": "a"},
-     "'caption' must be str, got list"),
-    (RetrievalTrainDataset, {"image": "img/0.jpg", "caption": "x", "image_id": 1.5},
-     "'image_id' must be str or int, got float"),
-    (RetrievalEvalDataset, {"image": "img/0.jpg", "caption": "x"},
-     "'caption' must be list of str, got str"),
-    (RetrievalEvalDataset, {"image": "img/0.jpg", "caption": ["x", 3]},
-     r"'caption'\[1\] must be str, got int"),
-    (PretrainDataset, {"image": "img/0.jpg", "caption": None},
-     "'caption' must be str or list of str, got NoneType"),
-    (PretrainDataset, {"image": 0, "caption": "x"}, "'image' must be str, got int"),
-    (PretrainDataset, "img/0.jpg", "entry 0 must be an object, got str"),
-])
+@pytest.mark.parametrize(
+    "cls, entry, expect",
+    [
+        (
+            RetrievalTrainDataset,
+            {"image": "img/0.jpg", "caption": ["x"], "image_id": "a"},
+            "'caption' must be str, got list",
+        ),
+        (
+            RetrievalTrainDataset,
+            {"image": "img/0.jpg", "caption": "x", "image_id": 1.5},
+            "'image_id' must be str or int, got float",
+        ),
+        (
+            RetrievalEvalDataset,
+            {"image": "img/0.jpg", "caption": "x"},
+            "'caption' must be list of str, got str",
+        ),
+        (
+            RetrievalEvalDataset,
+            {"image": "img/0.jpg", "caption": ["x", 3]},
+            r"'caption'\[1\] must be str, got int",
+        ),
+        (
+            PretrainDataset,
+            {"image": "img/0.jpg", "caption": None},
+            "'caption' must be str or list of str, got NoneType",
+        ),
+        (PretrainDataset, {"image": 0, "caption": "x"}, "'image' must be str, got int"),
+        (PretrainDataset, "img/0.jpg", "entry 0 must be an object, got str"),
+    ],
+)
 def test_wrong_type_names_it(root, cls, entry, expect):
     path = _write(root / "a.json", [entry])
     with pytest.raises(TypeError, match=expect) as err:
@@ -149,11 +188,16 @@ def test_missing_image_raises_with_full_path(root):
 def test_undecodable_image_raises_with_full_path(root, content):
     bad = root / "img" / "bad.jpg"
     if content == "truncated":
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(bad)
+        Image.fromarray(
+            np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        ).save(bad)
         content = bad.read_bytes()[:400]
     bad.write_bytes(content)
-    ds = RetrievalTrainDataset(_write(root / "a.json", [{"image": "img/bad.jpg", "caption": "x",
-                                                         "image_id": "a"}]), root, eval_tf(8))
+    ds = RetrievalTrainDataset(
+        _write(root / "a.json", [{"image": "img/bad.jpg", "caption": "x", "image_id": "a"}]),
+        root,
+        eval_tf(8),
+    )
     with pytest.raises(OSError, match="cannot decode image") as err:
         ds[0]
     assert str(bad) in str(err.value)

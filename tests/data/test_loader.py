@@ -1,4 +1,5 @@
 """The fast CPU loader against the official PIL transforms, and the corrupt-image policy."""
+
 import io
 import json
 
@@ -7,9 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_fast.data import (PretrainDataset, RetrievalEvalDataset, RetrievalTrainDataset,
-                            SkipCorrupt, Uint8TestTransform, Uint8TrainTransform, collate,
-                            load_image, make_loader, test_transform as official_test_transform)
+from blip_fast.data import (
+    PretrainDataset,
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    SkipCorrupt,
+    Uint8TestTransform,
+    Uint8TrainTransform,
+    collate,
+    load_image,
+    make_loader,
+)
+from blip_fast.data import test_transform as official_test_transform
 from blip_fast.data.loader import read_corrupt_report
 from blip_fast.data.transforms import STD
 
@@ -47,7 +57,9 @@ def test_test_transform_matches_official(size, synthetic_jpegs, photos):
 
 def test_train_transform(synthetic_jpegs):
     img = load_image(synthetic_jpegs[0])
-    outs = [Uint8TrainTransform(96, generator=torch.Generator().manual_seed(s))(img) for s in range(8)]
+    outs = [
+        Uint8TrainTransform(96, generator=torch.Generator().manual_seed(s))(img) for s in range(8)
+    ]
     assert all(o.shape == (3, 96, 96) and o.dtype == torch.uint8 for o in outs)
     again = Uint8TrainTransform(96, generator=torch.Generator().manual_seed(3))(img)
     assert torch.equal(again, outs[3])
@@ -70,8 +82,9 @@ def test_make_loader_workers_and_sampler(synthetic):
     images = torch.cat([b[0] for b in batches])
     captions = [c for b in batches for c in b[1]]
     img_idx = torch.cat([b[2] for b in batches])
-    official = RetrievalTrainDataset(synthetic["train"], synthetic["image_root"],
-                                     official_test_transform(64))
+    official = RetrievalTrainDataset(
+        synthetic["train"], synthetic["image_root"], official_test_transform(64)
+    )
     for k, i in enumerate(order):
         image, caption, idx = official[i]
         assert torch.equal(images[k], image) and captions[k] == caption and img_idx[k] == idx
@@ -83,10 +96,16 @@ def _corrupt_pretrain_json(synthetic, tmp_path):
     """pretrain.json over 4 good images, plus one missing and one truncated file."""
     truncated = tmp_path / "truncated.jpg"
     data = (synthetic["root"] / "images" / "train" / "000000.jpg").read_bytes()
-    truncated.write_bytes(data[:len(data) // 2])
+    truncated.write_bytes(data[: len(data) // 2])
     good = [{"image": f"images/train/{i:06d}.jpg", "caption": f"image {i}"} for i in range(4)]
-    ann = good[:2] + [{"image": str(tmp_path / "missing.jpg"), "caption": "gone"},
-                      {"image": str(truncated), "caption": "half"}] + good[2:]
+    ann = (
+        good[:2]
+        + [
+            {"image": str(tmp_path / "missing.jpg"), "caption": "gone"},
+            {"image": str(truncated), "caption": "half"},
+        ]
+        + good[2:]
+    )
     path = tmp_path / "dirty.json"
     path.write_text(json.dumps(ann))
     return path, truncated
@@ -100,8 +119,10 @@ def test_skip_corrupt_drops_and_records(synthetic, tmp_path):
     captions = [c for images, caps in loader for c in caps]
     assert captions == ["image 0", "image 1", "image 2", "image 3"]
     rows = sorted(read_corrupt_report(report), key=lambda r: r["index"])
-    assert [(r["index"], r["path"]) for r in rows] == [(2, str(tmp_path / "missing.jpg")),
-                                                      (3, str(truncated))]
+    assert [(r["index"], r["path"]) for r in rows] == [
+        (2, str(tmp_path / "missing.jpg")),
+        (3, str(truncated)),
+    ]
     assert "not found" in rows[0]["error"] and "cannot decode" in rows[1]["error"]
     assert SkipCorrupt(report)([ds[2], ds[3]]) is None  # nothing left to collate
 
@@ -114,7 +135,8 @@ def test_corrupt_images_raise_without_opt_in(synthetic, tmp_path):
     with pytest.raises(OSError, match=str(truncated)):
         ds[3]
     # evaluation never skips: the file is named in the error
-    (tmp_path / "test.json").write_text(json.dumps(
-        [{"image": str(truncated), "caption": ["half"]}]))
+    (tmp_path / "test.json").write_text(
+        json.dumps([{"image": str(truncated), "caption": ["half"]}])
+    )
     with pytest.raises(OSError, match="cannot decode image .*truncated.jpg"):
         RetrievalEvalDataset(tmp_path / "test.json", tmp_path, official_test_transform(32))[0]

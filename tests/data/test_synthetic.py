@@ -1,4 +1,5 @@
 """The synthetic data set: official formats, real JPEGs, unique scenes, deterministic bytes."""
+
 import hashlib
 import json
 
@@ -11,8 +12,9 @@ from blip_fast.data.datasets import PretrainDataset, RetrievalEvalDataset, Retri
 from blip_fast.data.synthetic import make_synthetic
 from blip_fast.data.transforms import test_transform as eval_tf
 
-SMALL = dict(n_train_images=40, n_test_images=20, n_val_images=10, image_size=48,
-             captions_per_train_image=3)
+SMALL = dict(
+    n_train_images=40, n_test_images=20, n_val_images=10, image_size=48, captions_per_train_image=3
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,11 @@ def test_noisy_pretrain_captions_belong_elsewhere(data):
 
     def objects(caption):  # the (size, colour, shape) triples a caption names, order-free
         w = caption.replace(",", "").split()
-        return {(size[a], b, c) for a, b, c in zip(w, w[1:], w[2:])
-                if a in size and b in synthetic.COLOURS and c in synthetic.SHAPES}
+        return {
+            (size[a], b, c)
+            for a, b, c in zip(w, w[1:], w[2:])
+            if a in size and b in synthetic.COLOURS and c in synthetic.SHAPES
+        }
 
     own = {e["image"]: objects(e["caption"]) for e in _load(data["train"])}
     for i, e in enumerate(pretrain):
@@ -93,7 +98,9 @@ def test_noisy_pretrain_captions_belong_elsewhere(data):
 
 
 def test_scene_caption_content():
-    scene = synthetic.Scene(("white", "gray"), (("small", "red", "circle"), ("large", "blue", "square")))
+    scene = synthetic.Scene(
+        ("white", "gray"), (("small", "red", "circle"), ("large", "blue", "square"))
+    )
     caps = synthetic.scene_captions(scene, np.random.default_rng(0), 7)
     assert len(set(caps)) == 7
     for c in caps:
@@ -117,7 +124,8 @@ def test_deterministic_bytes(tmp_path, data):
     other = make_synthetic(tmp_path / "b", **{**SMALL, "n_train_images": 5}, seed=0)
     # test images depend only on the seed and n_test_images
     assert _load(other["test"]) == _load(data["test"])
-    assert (other["root"] / "images/test/000003.jpg").read_bytes() == \
-        (data["root"] / "images/test/000003.jpg").read_bytes()
+    assert (other["root"] / "images/test/000003.jpg").read_bytes() == (
+        data["root"] / "images/test/000003.jpg"
+    ).read_bytes()
     reseeded = make_synthetic(tmp_path / "c", **SMALL, seed=1)
     assert _load(reseeded["test"]) != _load(data["test"])

@@ -1,4 +1,5 @@
 """Image transforms (DESIGN §1): test = bicubic resize + normalise; train = BLIP's augmentation."""
+
 import numpy as np
 import pytest
 import torch
@@ -37,7 +38,9 @@ def test_train_transform_shape_and_finite():
 
 def test_train_transform_deterministic_with_generator():
     img = _image()
-    outs = [T.train_transform(32, generator=torch.Generator().manual_seed(7))(img) for _ in range(2)]
+    outs = [
+        T.train_transform(32, generator=torch.Generator().manual_seed(7))(img) for _ in range(2)
+    ]
     assert torch.equal(outs[0], outs[1])
     tf = T.train_transform(32, generator=torch.Generator().manual_seed(7))
     assert not torch.equal(tf(img), tf(img))  # the generator advances between calls

@@ -1,4 +1,5 @@
 """Fast retrieval reranking (blip_fast.eval.fast) == the official reference loop."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,9 @@ from blip_fast.ops import PackedLinear
 def setup(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("syn")
-    paths = make_synthetic(root, n_train_images=2, n_test_images=8, n_val_images=1,
-                           image_size=64, seed=0)
+    paths = make_synthetic(
+        root, n_train_images=2, n_test_images=8, n_val_images=1, image_size=64, seed=0
+    )
     model = create_model("retrieval", "blip_tiny", backend="reference").eval()
     ds = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(64))
     return model, ds, paths
@@ -82,8 +84,9 @@ def test_bf16_fast_matches_reference_candidates_and_scores(setup):
     """Under bf16 autocast both modes select the same candidates (the same fp32 similarity
     matrix) and their ITM scores agree to bf16 rounding; scores come back in fp32."""
     model, ds, _ = setup
-    ref = evaluate(model, ds, tokenizer(), k_test=5, mode="reference", precision="bf16",
-                   return_scores=True)
+    ref = evaluate(
+        model, ds, tokenizer(), k_test=5, mode="reference", precision="bf16", return_scores=True
+    )
     fast = evaluate(model, ds, tokenizer(), k_test=5, precision="bf16", return_scores=True)
     fp32 = evaluate(model, ds, tokenizer(), k_test=5, return_scores=True)
     assert fast["precision"] == "bf16"
@@ -118,8 +121,10 @@ def test_trimmed_batches_on_mixed_lengths_equal_padded_reference(setup, monkeypa
     torch.manual_seed(0)
     model = create_model("retrieval", "blip_tiny").eval()
     words = "a dog runs on the green grass near two small red houses by the sea".split()
-    texts = [" ".join(words[i % len(words)] for i in range(n))
-             for n in (1, 40, 2, 16, 4, 33, 8, 1, 23, 5, 11, 40)]
+    texts = [
+        " ".join(words[i % len(words)] for i in range(n))
+        for n in (1, 40, 2, 16, 4, 33, 8, 1, 23, 5, 11, 40)
+    ]
     t_embed, ids, mask = encode_texts(model, tokenizer(), texts)
     assert mask.sum(1).min() == 3 and mask.sum(1).max() == 35
     feats, i_embed = encode_images(model, torch.utils.data.DataLoader(ds, batch_size=4))
@@ -161,6 +166,7 @@ def test_gathered_itm_matches_multimodal(setup, linear):
 
 def _worker(rank, world, port, root, out):
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -168,13 +174,15 @@ def _worker(rank, world, port, root, out):
     model = create_model("retrieval", "blip_tiny", backend="reference").eval()
     ds = RetrievalEvalDataset(os.path.join(root, "test.json"), root, test_transform(64))
     res = evaluate(model, ds, tokenizer(), k_test=4, return_scores=True, itm_batch=8)
-    torch.save({k: res[k] for k in (*KEYS, "scores_i2t", "scores_t2i", "world_size")},
-               f"{out}.{rank}")
+    torch.save(
+        {k: res[k] for k in (*KEYS, "scores_i2t", "scores_t2i", "world_size")}, f"{out}.{rank}"
+    )
     dist.destroy_process_group()
 
 
 def _free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -197,16 +205,31 @@ def test_two_process_gloo_equals_single(setup, tmp_path):
 
 def test_cli_eval_retrieval(setup, tmp_path):
     import blip_fast
+
     model, ds, paths = setup
     ckpt = tmp_path / "tiny.pth"
     blip_fast.save(model, ckpt, format="official")
     cfg = tmp_path / "retrieval_flickr.yaml"
-    cfg.write_text(f"image_root: '{paths['image_root']}'\nann_root: 'x'\nimage_size: 64\n"
-                   f"k_test: 3\nbatch_size_test: 4\nvit: 'base'\n")
+    cfg.write_text(
+        f"image_root: '{paths['image_root']}'\nann_root: 'x'\nimage_size: 64\n"
+        f"k_test: 3\nbatch_size_test: 4\nvit: 'base'\n"
+    )
     out = tmp_path / "results.json"
-    cmd = [sys.executable, "-m", "blip_fast.cli", "eval-retrieval", "--config", str(cfg),
-           "--checkpoint", str(ckpt), "--ann-file", str(paths["test"]), "--out", str(out),
-           "--save-scores"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blip_fast.cli",
+        "eval-retrieval",
+        "--config",
+        str(cfg),
+        "--checkpoint",
+        str(ckpt),
+        "--ann-file",
+        str(paths["test"]),
+        "--out",
+        str(out),
+        "--save-scores",
+    ]
     subprocess.run(cmd + ["--k-test", "5"], check=True, capture_output=True, text=True)
     res = json.loads(out.read_text())
     assert res["k_test"] == 5 and res["mode"] == "fast" and res["image_size"] == 64

@@ -32,8 +32,17 @@ def test_vectorised_metrics_equal_official_loop_with_ties():
     got = retrieval_metrics(torch.from_numpy(s_i2t), torch.from_numpy(s_t2i), txt2img, img2txt)
     want = _official_itm_eval(s_i2t, s_t2i, txt2img, img2txt)
     np.testing.assert_allclose(list(got.values()), want, rtol=0, atol=1e-9)
-    assert list(got) == ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5",
-                         "img_r10", "img_r_mean", "r_mean"]
+    assert list(got) == [
+        "txt_r1",
+        "txt_r5",
+        "txt_r10",
+        "txt_r_mean",
+        "img_r1",
+        "img_r5",
+        "img_r10",
+        "img_r_mean",
+        "r_mean",
+    ]
 
 
 def test_perfect_scores_give_100():

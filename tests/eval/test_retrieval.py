@@ -9,8 +9,14 @@ from blip_fast.eval.retrieval import encode_images, encode_texts, evaluate, refe
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.manual_seed(0)
-    paths = make_synthetic(tmp_path_factory.mktemp("syn"), n_train_images=4, n_test_images=6,
-                           n_val_images=2, image_size=64, seed=0)
+    paths = make_synthetic(
+        tmp_path_factory.mktemp("syn"),
+        n_train_images=4,
+        n_test_images=6,
+        n_val_images=2,
+        image_size=64,
+        seed=0,
+    )
     model = create_model("retrieval", "blip_tiny", backend="reference").eval()
     ds = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(64))
     return model, ds
@@ -30,8 +36,9 @@ def test_reference_scores_follow_official_procedure(setup):
     with torch.no_grad():
         enc = ids[topk].clone()
         enc[:, 0] = 30523
-        out = model.text_encoder(enc, mask[topk], feats[i:i + 1].expand(k, -1, -1),
-                                 mode="multimodal")
+        out = model.text_encoder(
+            enc, mask[topk], feats[i : i + 1].expand(k, -1, -1), mode="multimodal"
+        )
         want = model.itm_head(out[:, 0])[:, 1] + sims[i, topk]
     torch.testing.assert_close(s_i2t[i, topk], want, rtol=1e-5, atol=1e-5)
 

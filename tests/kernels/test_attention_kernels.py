@@ -3,6 +3,7 @@ on CPU tensors under TRITON_INTERPRET=1 at small sizes, natively at BLIP's sizes
 Bidirectional attention with a padding mask (text encoder), causal attention with Lq == Lk
 (decoder training) and Lq < Lk (decoding over a KV cache, bottom-right aligned). Outputs are
 pre-filled with NaN, so an element the kernels never write fails."""
+
 import pytest
 import torch
 from _utils import TOL, assert_close_verbose, assert_lowp_close
@@ -14,16 +15,23 @@ from blip_fast.ops import reference
 NAMES = ("out", "lse", "dq", "dk", "dv")
 # (lq, lk, causal, masked): text encoder, decoder training, one decoding step and a chunk of
 # them over a KV cache, a single key tile and keys spanning two tiles.
-CASES = [(35, 35, False, True), (35, 35, True, False), (35, 35, True, True),
-         (1, 13, True, True), (7, 70, True, True), (13, 13, True, True)]
+CASES = [
+    (35, 35, False, True),
+    (35, 35, True, False),
+    (35, 35, True, True),
+    (1, 13, True, True),
+    (7, 70, True, True),
+    (13, 13, True, True),
+]
 DTYPES = (torch.float32, torch.float16)  # bf16 is wrong under the interpreter (DESIGN §5)
 
 
 def run_kernels(q, k, v, dout, mask, scale, causal):
     out, lse = poisoned(q, q[..., 0].float())
     out, lse = ca_kernels.attention_fwd(q, k, v, mask, scale, causal, out=out, lse=lse)
-    grads = ca_kernels.attention_bwd(dout, q, k, v, mask, out, lse, scale, causal,
-                                     grads=poisoned(q, k, v))
+    grads = ca_kernels.attention_bwd(
+        dout, q, k, v, mask, out, lse, scale, causal, grads=poisoned(q, k, v)
+    )
     return (out, lse, *grads)
 
 
@@ -46,8 +54,9 @@ def check(inputs, causal, tol=TOL[torch.float32]):
     low = reference.attention(*leaves, inputs[4], causal, scale=scale)
     low_grads = torch.autograd.grad(low, leaves, inputs[3])
     assert_close_verbose(got[1], exact[1], rtol=1e-5, atol=1e-5, name="lse")
-    for name, g, w, r in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], exact[:1] + exact[2:],
-                             (low, *low_grads)):
+    for name, g, w, r in zip(
+        ("out", "dq", "dk", "dv"), got[:1] + got[2:], exact[:1] + exact[2:], (low, *low_grads)
+    ):
         assert_lowp_close(name, g, w, r, eps=1e-4)  # eps: a few fp16 ulps of values near 0.1
 
 
@@ -83,13 +92,15 @@ def test_opcheck_triton_ops(causal):
     """attention_*_triton schemas, fakes and autograd (CPU runs their reference kernels)."""
     q, k, v, dout, mask = make_inputs(2, 2, 5, 9, 16)
     leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.blip_fast.attention_fwd_triton.default,
-                          (*leaves, mask, 0.25, causal))
+    torch.library.opcheck(
+        torch.ops.blip_fast.attention_fwd_triton.default, (*leaves, mask, 0.25, causal)
+    )
     out, lse = torch.ops.blip_fast.attention_fwd_triton(q, k, v, mask, 0.25, causal)
-    torch.library.opcheck(torch.ops.blip_fast.attention_bwd_triton.default,
-                          (dout, q, k, v, mask, out, lse, 0.25, causal),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.blip_fast.attention_bwd_triton.default,
+        (dout, q, k, v, mask, out, lse, 0.25, causal),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def test_op_autograd_matches_reference_attention():
@@ -97,8 +108,10 @@ def test_op_autograd_matches_reference_attention():
     reference.attention, causal and padded."""
     q, k, v, dout, mask = make_inputs(2, 2, 7, 11, 16)
     grads = []
-    for fn in (lambda *t: torch.ops.blip_fast.attention_fwd_triton(*t, mask, 0.25, True)[0],
-               lambda *t: reference.attention(*t, mask, True, scale=0.25)):
+    for fn in (
+        lambda *t: torch.ops.blip_fast.attention_fwd_triton(*t, mask, 0.25, True)[0],
+        lambda *t: reference.attention(*t, mask, True, scale=0.25),
+    ):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
         grads.append((out, *torch.autograd.grad(out, leaves, dout)))
@@ -108,12 +121,13 @@ def test_op_autograd_matches_reference_attention():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("lq,lk,causal", [(35, 35, False), (35, 35, True), (1, 40, True),
-                                          (197, 197, False)])
+@pytest.mark.parametrize(
+    "lq,lk,causal", [(35, 35, False), (35, 35, True), (1, 40, True), (197, 197, False)]
+)
 def test_gpu_matches_reference(lq, lk, causal, dtype):
     inputs = make_inputs(32, 12, lq, lk, 64, device="cuda", dtype=dtype)
     if dtype == torch.bfloat16:  # no fp16-style rule for bf16: 1e-2 vs the fp32 reference
-        scale = 64 ** -0.5
+        scale = 64**-0.5
         got = run_kernels(*inputs, scale, causal)
         want = run_reference(*(t.float() for t in inputs[:4]), inputs[4], scale, causal)
         for name, g, w in zip(NAMES, got, want):

@@ -1,13 +1,13 @@
 """Triton launchers of kernels/cross_attention.py called directly: on CPU tensors under
 TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA) at small sizes, natively at BLIP's
 sizes on a GPU. Outputs are pre-filled with NaN, so an element the kernel never writes fails."""
+
 import pytest
 import torch
 from _utils import TOL, assert_close_verbose, assert_lowp_close
 
-from blip_fast.ops import reference
-
 from blip_fast.kernels import cross_attention as ca_kernels
+from blip_fast.ops import reference
 
 Q_LENS = (1, 7, 35)  # a decoding step, a short caption, BLIP's retrieval text length
 K_LENS = (13, 197)  # below one key tile, ViT-B at 224 px (577 once below: interpreter time)
@@ -28,16 +28,16 @@ def make_inputs(batch, heads, lq, lk, d, *, device="cpu", dtype=torch.float32, m
 
 
 def poisoned(*tensors):
-    return tuple(torch.full(t.shape, float("nan"), device=t.device, dtype=t.dtype)
-                 for t in tensors)
+    return tuple(torch.full(t.shape, float("nan"), device=t.device, dtype=t.dtype) for t in tensors)
 
 
 def run_kernels(q, k, v, dout, mask, scale):
     """fwd + bwd through the launchers, every output buffer pre-filled with NaN."""
     out, lse = poisoned(q, q[..., 0].float())
     out, lse = ca_kernels.cross_attention_fwd(q, k, v, mask, scale, out=out, lse=lse)
-    grads = ca_kernels.cross_attention_bwd(dout, q, k, v, mask, out, lse, scale,
-                                           grads=poisoned(q, k, v))
+    grads = ca_kernels.cross_attention_bwd(
+        dout, q, k, v, mask, out, lse, scale, grads=poisoned(q, k, v)
+    )
     return (out, lse, *grads)
 
 
@@ -69,8 +69,9 @@ def check_low_precision(q, k, v, dout, mask, *, eps):
     low_grads = torch.autograd.grad(low, leaves, dout)
     # lse is fp32 from exactly representable fp16 inputs: only fp32 accumulation error.
     assert_close_verbose(got[1], exact[1], rtol=1e-5, atol=1e-5, name="lse")
-    for name, g, w, r in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], exact[:1] + exact[2:],
-                             (low, *low_grads)):
+    for name, g, w, r in zip(
+        ("out", "dq", "dk", "dv"), got[:1] + got[2:], exact[:1] + exact[2:], (low, *low_grads)
+    ):
         assert_lowp_close(name, g, w, r, eps)
 
 
@@ -118,7 +119,7 @@ def test_gpu_matches_reference(lk, dtype):
     if dtype == torch.float32:
         check_fp32(*inputs)
         return
-    scale = 64 ** -0.5
+    scale = 64**-0.5
     got = run_kernels(*inputs, scale)
     want = run_reference(*(t.float() for t in inputs[:4]), inputs[4], scale)
     for name, g, w in zip(NAMES, got, want):
@@ -147,10 +148,12 @@ def test_opcheck_triton_ops(with_mask):
     q, k, v, dout, mask = make_inputs(2, 2, 7, 70, 40)
     mask = mask if with_mask else None
     leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.blip_fast.cross_attention_fwd_triton.default,
-                          (*leaves, mask, 40 ** -0.5))
-    out, lse = torch.ops.blip_fast.cross_attention_fwd_triton(q, k, v, mask, 40 ** -0.5)
-    torch.library.opcheck(torch.ops.blip_fast.cross_attention_bwd_triton.default,
-                          (dout, q, k, v, mask, out, lse, 40 ** -0.5),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.blip_fast.cross_attention_fwd_triton.default, (*leaves, mask, 40**-0.5)
+    )
+    out, lse = torch.ops.blip_fast.cross_attention_fwd_triton(q, k, v, mask, 40**-0.5)
+    torch.library.opcheck(
+        torch.ops.blip_fast.cross_attention_bwd_triton.default,
+        (dout, q, k, v, mask, out, lse, 40**-0.5),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )

@@ -1,5 +1,6 @@
 """blip_fast.checkpoint: formats, inference of task / config, what load reports, and every bad
 input failing with a message that names the problem."""
+
 import os
 import pickle
 
@@ -32,6 +33,7 @@ def same_state(a, b):
 
 # ------------------------------------------------------------------------------ good inputs
 
+
 @pytest.mark.parametrize("task", ["retrieval", "pretrain", "caption"])
 def test_official_pth_round_trip_infers_task(task, tmp_path):
     model = tiny(task)
@@ -48,13 +50,20 @@ def test_official_pth_round_trip_infers_task(task, tmp_path):
 
 def test_bare_state_dict_and_official_safetensors(tmp_path):
     from safetensors.torch import save_file
+
     model = tiny("caption")
     sd = model.state_dict()
     again = checkpoint.load(save_sd(tmp_path / "bare.pt", sd, wrap=False), config="blip_tiny")
     assert same_state(again, model) and again.load_report.config_source == "argument"
-    dedup = {k: v.contiguous() for k, v in sd.items()
-             if k not in ("text_decoder.cls.predictions.decoder.weight",
-                          "text_decoder.cls.predictions.decoder.bias")}
+    dedup = {
+        k: v.contiguous()
+        for k, v in sd.items()
+        if k
+        not in (
+            "text_decoder.cls.predictions.decoder.weight",
+            "text_decoder.cls.predictions.decoder.bias",
+        )
+    }
     save_file(dedup, str(tmp_path / "m.safetensors"))
     again = checkpoint.load(tmp_path / "m.safetensors", config="blip_tiny")
     assert same_state(again, model) and again.load_report.source_format == "official"
@@ -67,24 +76,42 @@ def test_config_inferred_from_shapes(tmp_path):
     assert r.config_source == "shapes"
     v, t = again.cfg.vision, again.cfg.text
     assert (v.width, v.depth, v.heads, v.image_size, v.patch_size) == (64, 2, 1, 64, 16)
-    assert (t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size,
-            t.max_position_embeddings) == (64, 2, 1, 128, 64)
+    assert (
+        t.hidden_size,
+        t.num_layers,
+        t.num_heads,
+        t.intermediate_size,
+        t.max_position_embeddings,
+    ) == (64, 2, 1, 128, 64)
     assert again.cfg.embed_dim == 32 and again.cfg.queue_size == 64
     # official checkpoints carry their YAML config: training fields come from it
-    official_yaml = {"image_size": 64, "vit": "base", "alpha": 0.3, "k_test": 128,
-                     "vit_grad_ckpt": True, "vit_ckpt_layer": 1, "negative_all_rank": True}
-    torch.save({"model": model.state_dict(), "config": official_yaml, "epoch": 3},
-               tmp_path / "o.pth")
+    official_yaml = {
+        "image_size": 64,
+        "vit": "base",
+        "alpha": 0.3,
+        "k_test": 128,
+        "vit_grad_ckpt": True,
+        "vit_ckpt_layer": 1,
+        "negative_all_rank": True,
+    }
+    torch.save(
+        {"model": model.state_dict(), "config": official_yaml, "epoch": 3}, tmp_path / "o.pth"
+    )
     again = checkpoint.load(tmp_path / "o.pth")
-    assert again.cfg.alpha == 0.3 and again.cfg.negative_all_rank and again.cfg.extra["k_test"] == 128
+    assert (
+        again.cfg.alpha == 0.3 and again.cfg.negative_all_rank and again.cfg.extra["k_test"] == 128
+    )
     assert again.cfg.vision.grad_checkpointing and again.cfg.vision.ckpt_layer == 1
 
 
 def test_missing_momentum_copied_and_queues_kept(tmp_path):
     model = tiny("retrieval")
-    sd = {k: v for k, v in model.state_dict().items()
-          if "_m." not in k and k not in ("image_queue", "text_queue", "idx_queue",
-                                          "ptr_queue", "temp")}
+    sd = {
+        k: v
+        for k, v in model.state_dict().items()
+        if "_m." not in k
+        and k not in ("image_queue", "text_queue", "idx_queue", "ptr_queue", "temp")
+    }
     again = checkpoint.load(save_sd(tmp_path / "m.pth", sd), config="blip_tiny")
     r = again.load_report
     assert r.initialised_from_online and all("_m." in k for k in r.initialised_from_online)
@@ -98,21 +125,24 @@ def test_missing_momentum_copied_and_queues_kept(tmp_path):
 
 
 def test_pos_embed_interpolated_into_larger_image(tmp_path):
-    model = tiny("retrieval", image_size=64)   # 4x4 grid, 17 tokens
+    model = tiny("retrieval", image_size=64)  # 4x4 grid, 17 tokens
     path = checkpoint.save(model, tmp_path / "m.pth")
     cfg = BlipConfig.preset("blip_tiny")
-    cfg.vision.image_size = 96                 # 6x6 grid, 37 tokens
+    cfg.vision.image_size = 96  # 6x6 grid, 37 tokens
     again = checkpoint.load(path, config=cfg)
-    assert sorted(again.load_report.interpolated) == ["visual_encoder.pos_embed",
-                                                      "visual_encoder_m.pos_embed"]
+    assert sorted(again.load_report.interpolated) == [
+        "visual_encoder.pos_embed",
+        "visual_encoder_m.pos_embed",
+    ]
     for name in ("visual_encoder", "visual_encoder_m"):
         old, new = getattr(model, name).pos_embed, getattr(again, name).pos_embed
         assert new.shape == (1, 37, 64)
         assert torch.equal(new[:, 0], old[:, 0])  # [CLS] kept
         grid = old[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
         want = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
-        torch.testing.assert_close(new[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 36, 64),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            new[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 36, 64), rtol=0, atol=0
+        )
     assert again.image_embeds(torch.randn(1, 3, 96, 96)).shape == (1, 37, 64)
 
 
@@ -136,6 +166,7 @@ def test_convert_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------- bad inputs
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
@@ -200,18 +231,25 @@ def test_code_pickles_refused(tmp_path, kind):
 def test_mis_shaped_key(tmp_path):
     sd = dict(tiny("retrieval").state_dict())
     sd["itm_head.weight"] = torch.zeros(3, 64)
-    with pytest.raises(CheckpointError, match=r"'itm_head\.weight'.*expected \(2, 64\).*got \(3, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'itm_head\.weight'.*expected \(2, 64\).*got \(3, 64\)"
+    ):
         checkpoint.load(save_sd(tmp_path / "m.pth", sd), config="blip_tiny")
 
 
 def test_unexpected_and_missing_under_strict(tmp_path):
     sd = dict(tiny("retrieval").state_dict())
     sd["surprise.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"does not fit task retrieval.*1 unexpected keys: surprise\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"does not fit task retrieval.*1 unexpected keys: surprise\.weight"
+    ):
         checkpoint.load(save_sd(tmp_path / "u.pth", sd), config="blip_tiny")
     del sd["surprise.weight"], sd["text_proj.weight"], sd["visual_encoder.norm.bias"]
-    with pytest.raises(CheckpointError, match=r"2 required keys missing: text_proj\.weight.*"
-                                              r"visual_encoder\.norm\.bias"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 required keys missing: text_proj\.weight.*"
+        r"visual_encoder\.norm\.bias",
+    ):
         checkpoint.load(save_sd(tmp_path / "m.pth", sd), config="blip_tiny")
 
 
@@ -233,8 +271,11 @@ def test_shared_tensors_must_agree(tmp_path):
     sd = dict(tiny("pretrain").state_dict())
     key = "text_decoder.bert.encoder.layer.0.output.dense.weight"
     sd[key] = sd[key] + 1
-    with pytest.raises(CheckpointError, match=r"text_encoder\.encoder\.layer\.0\.output\.dense"
-                                              r"\.weight.*text_decoder.*differ"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"text_encoder\.encoder\.layer\.0\.output\.dense"
+        r"\.weight.*text_decoder.*differ",
+    ):
         checkpoint.load(save_sd(tmp_path / "m.pth", sd), config="blip_tiny")
 
 
@@ -246,6 +287,9 @@ def test_bad_task_and_format_arguments(tmp_path):
     with pytest.raises(ValueError, match="format must be"):
         checkpoint.save(model, tmp_path / "x", format="onnx")
     # a caption checkpoint has no ITM head: loading it as retrieval names what is missing
-    with pytest.raises(CheckpointError, match=r"missing.*itm_head\.weight.*unexpected keys: "
-                                              r"text_decoder"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing.*itm_head\.weight.*unexpected keys: "
+        r"text_decoder",
+    ):
         checkpoint.load(path, task="retrieval")

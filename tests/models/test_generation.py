@@ -18,9 +18,9 @@ def test_greedy_equals_full_recompute_argmax():
     prompt = m.prompt_ids(2, "cpu")
     got = sample(m.text_decoder, img, prompt, max_length=12, min_length=6)
     for b in range(2):
-        seq = prompt[b:b + 1]
+        seq = prompt[b : b + 1]
         while seq.shape[1] < 12:
-            logits = m.text_decoder(seq, torch.ones_like(seq), img[b:b + 1])[0, -1]
+            logits = m.text_decoder(seq, torch.ones_like(seq), img[b : b + 1])[0, -1]
             if seq.shape[1] < 6:
                 logits[102] = -float("inf")
             nxt = int(logits.argmax())

@@ -54,7 +54,7 @@ def test_decoder_is_causal_and_kv_cache_exact():
     cache = [dict() for _ in dec.bert.encoder.layer]
     steps = [dec(ids[:, :3], mask[:, :3], img, cache=cache)]
     for t in range(3, 8):
-        steps.append(dec(ids[:, t:t + 1], mask[:, :t + 1], img, cache=cache))
+        steps.append(dec(ids[:, t : t + 1], mask[:, : t + 1], img, cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -78,13 +78,17 @@ def test_initializer_range_sets_text_init_std():
     """TextConfig.initializer_range (BertConfig's name) is the std of every text Linear /
     Embedding weight at random init, encoder and decoder (incl. its LM head transform)."""
     import dataclasses
+
     cfg = BlipConfig.preset("blip_tiny")
     for std in (0.02, 0.1):
         torch.manual_seed(0)
         text = dataclasses.replace(cfg.text, initializer_range=std)
         m = create_model("caption", dataclasses.replace(cfg, text=text))
-        weights = [mod.weight for mod in m.text_decoder.modules()
-                   if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))]
+        weights = [
+            mod.weight
+            for mod in m.text_decoder.modules()
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))
+        ]
         assert len(weights) > 10
         for w in weights:
             assert abs(float(w.std()) / std - 1) < 0.15, (std, tuple(w.shape), float(w.std()))
@@ -96,11 +100,15 @@ def test_scratch_init_flags_uniform_attention_and_silent_itm_head():
     unmasked tokens: [CLS]'s self-attention context is the mean of their values.
     ``zero_init_itm_head``: the ITM logits start at exactly zero. Both off by default."""
     import dataclasses
+
     cfg = BlipConfig.preset("blip_tiny")
     text = dataclasses.replace(cfg.text, zero_init_attention_qk=True)
     torch.manual_seed(0)
-    model = create_model("pretrain", dataclasses.replace(cfg, text=text, zero_init_itm_head=True),
-                         backend="reference").eval()
+    model = create_model(
+        "pretrain",
+        dataclasses.replace(cfg, text=text, zero_init_itm_head=True),
+        backend="reference",
+    ).eval()
     for bert in (model.text_encoder, model.text_decoder.bert):
         for layer in bert.encoder.layer:
             for attn in (layer.attention.self, layer.crossattention.self):
@@ -139,10 +147,16 @@ def test_decoder_loss_equals_lm_loss_of_logits():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("backends", [{"attention": "sdpa", "cross_attention": "sdpa"},
-                                      {"attention": "sdpa", "cross_attention": "cpu"}])
+@pytest.mark.parametrize(
+    "backends",
+    [
+        {"attention": "sdpa", "cross_attention": "sdpa"},
+        {"attention": "sdpa", "cross_attention": "cpu"},
+    ],
+)
 def test_attention_backend_switch_keeps_itm_logits(backends):
     from blip_fast.ops import available
+
     if not all(available(op, b, "cpu") for op, b in backends.items()):
         pytest.fail(f"backend not built on this CPU install: {backends}")
     torch.manual_seed(0)
@@ -171,9 +185,11 @@ def test_itm_replaces_first_token_with_enc_and_broadcasts(model):
 
 def test_official_yaml_keys(tmp_path):
     y = tmp_path / "retrieval_flickr.yaml"
-    y.write_text("image_root: x\nvit: large\nimage_size: 384\nvit_grad_ckpt: True\n"
-                 "vit_ckpt_layer: 10\nqueue_size: 57600\nalpha: 0.4\nk_test: 128\n"
-                 "negative_all_rank: False\ninit_lr: 1e-5\n")
+    y.write_text(
+        "image_root: x\nvit: large\nimage_size: 384\nvit_grad_ckpt: True\n"
+        "vit_ckpt_layer: 10\nqueue_size: 57600\nalpha: 0.4\nk_test: 128\n"
+        "negative_all_rank: False\ninit_lr: 1e-5\n"
+    )
     cfg = BlipConfig.from_yaml(y)
     assert (cfg.vision.width, cfg.vision.depth, cfg.vision.heads) == (1024, 24, 16)
     assert cfg.vision.grad_checkpointing and cfg.vision.ckpt_layer == 10

@@ -4,14 +4,14 @@ embeds, ITC features, ITM logits, decoder logits, greedy and beam-search token i
 official <-> HF conversion round trips and save / load round trips in both formats.
 
 Relative error here = max |ours - HF| / max |HF| over the tensor (fp32, bound 1e-5)."""
+
 import pytest
 import torch
+import transformers
 
 from blip_fast import checkpoint
 from blip_fast.models import convert
 from blip_fast.tokenization import tokenizer
-
-import transformers
 
 ENC, DEC, CLS, SEP = 30523, 30522, 101, 102
 REL_TOL = 1e-5
@@ -25,12 +25,25 @@ def rel_err(a, b) -> float:
 
 def hf_config():
     return transformers.BlipConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=64, patch_size=16),
-        text_config=dict(vocab_size=30524, hidden_size=64, encoder_hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=64),
-        image_text_hidden_size=32)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
+        text_config=dict(
+            vocab_size=30524,
+            hidden_size=64,
+            encoder_hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        ),
+        image_text_hidden_size=32,
+    )
 
 
 def reinit(model, seed, std=0.02):
@@ -93,9 +106,17 @@ def pixels():
 
 @pytest.fixture(scope="module")
 def text():
-    enc = tokenizer()(["a dog on a beach", "two cats sleeping on a red couch",
-                       "a man riding a wave", "pizza", "a b c d e f g h i j k", "x"],
-                      padding="longest")
+    enc = tokenizer()(
+        [
+            "a dog on a beach",
+            "two cats sleeping on a red couch",
+            "a man riding a wave",
+            "pizza",
+            "a b c d e f g h i j k",
+            "x",
+        ],
+        padding="longest",
+    )
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -109,8 +130,10 @@ def test_load_hf_report(ours_retrieval, ours_caption):
     assert ours_retrieval.cfg.vision.layer_norm_eps == 1e-5  # HF's value, not official 1e-6
     # momentum copies = online weights (official copy_params)
     sd = ours_retrieval.state_dict()
-    assert torch.equal(sd["visual_encoder_m.blocks.1.attn.qkv.weight"],
-                       sd["visual_encoder.blocks.1.attn.qkv.weight"])
+    assert torch.equal(
+        sd["visual_encoder_m.blocks.1.attn.qkv.weight"],
+        sd["visual_encoder.blocks.1.attn.qkv.weight"],
+    )
 
 
 @torch.no_grad()
@@ -121,22 +144,35 @@ def test_image_embeds(hf_retrieval, ours_retrieval, hf_caption, ours_caption, pi
         err = rel_err(got, ref)
         print(f"image_embeds rel err {err:.3g}")
         assert err <= REL_TOL
-    assert rel_err(ours_retrieval.image_embeds(pixels),
-                   hf_retrieval.vision_model(pixel_values=pixels).last_hidden_state) <= REL_TOL
+    assert (
+        rel_err(
+            ours_retrieval.image_embeds(pixels),
+            hf_retrieval.vision_model(pixel_values=pixels).last_hidden_state,
+        )
+        <= REL_TOL
+    )
 
 
 @torch.no_grad()
 def test_itc_features(hf_retrieval, ours_retrieval, pixels, text):
     ids, mask = text
-    sims = hf_retrieval(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                        use_itm_head=False).itm_score
+    sims = hf_retrieval(
+        input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False
+    ).itm_score
     # the normalised features as HF's use_itm_head=False path computes them
     img = hf_retrieval.vision_model(pixel_values=pixels).last_hidden_state
     q = hf_retrieval.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     ref_img = torch.nn.functional.normalize(hf_retrieval.vision_proj(img[:, 0]), dim=-1)
     ref_txt = torch.nn.functional.normalize(hf_retrieval.text_proj(q[:, 0]), dim=-1)
-    got_img, got_txt = ours_retrieval.image_features(pixels), ours_retrieval.text_features(ids, mask)
-    errs = [rel_err(got_img, ref_img), rel_err(got_txt, ref_txt), rel_err(got_img @ got_txt.T, sims)]
+    got_img, got_txt = (
+        ours_retrieval.image_features(pixels),
+        ours_retrieval.text_features(ids, mask),
+    )
+    errs = [
+        rel_err(got_img, ref_img),
+        rel_err(got_txt, ref_txt),
+        rel_err(got_img @ got_txt.T, sims),
+    ]
     print(f"ITC image feat / text feat / sims rel err {errs}")
     assert max(errs) <= REL_TOL
 
@@ -146,8 +182,9 @@ def test_itm_logits(hf_retrieval, ours_retrieval, pixels, text):
     ids, mask = text
     enc_ids = ids.clone()
     enc_ids[:, 0] = ENC
-    ref = hf_retrieval(input_ids=enc_ids, pixel_values=pixels, attention_mask=mask,
-                       use_itm_head=True).itm_score
+    ref = hf_retrieval(
+        input_ids=enc_ids, pixel_values=pixels, attention_mask=mask, use_itm_head=True
+    ).itm_score
     got = ours_retrieval.itm_logits(ids, mask, ours_retrieval.image_embeds(pixels))
     err = rel_err(got, ref)
     print(f"ITM logits rel err {err:.3g}")
@@ -170,7 +207,7 @@ def _trim(row, prompt_len):
     row = row.tolist()
     for i in range(prompt_len, len(row)):
         if row[i] == SEP:
-            return row[:i + 1]
+            return row[: i + 1]
     return row
 
 
@@ -179,8 +216,14 @@ def _trim(row, prompt_len):
 def test_generate_ids(hf_caption, ours_caption, pixels, num_beams):
     prompt = tokenizer()("a picture of ")["input_ids"]  # [CLS] a picture of [SEP]
     assert prompt[0, 1:].tolist() == [1037, 3861, 1997, SEP]
-    ref = hf_caption.generate(pixels, input_ids=prompt.repeat(len(pixels), 1), num_beams=num_beams,
-                              max_length=20, min_length=5, do_sample=False)
+    ref = hf_caption.generate(
+        pixels,
+        input_ids=prompt.repeat(len(pixels), 1),
+        num_beams=num_beams,
+        max_length=20,
+        min_length=5,
+        do_sample=False,
+    )
     got = ours_caption.generate_ids(pixels, num_beams=num_beams, max_length=20, min_length=5)
     for i in range(len(pixels)):
         assert got[i] == _trim(ref[i], 4), f"image {i}, {num_beams} beams"
@@ -193,6 +236,7 @@ def test_generate_ids(hf_caption, ours_caption, pixels, num_beams):
 def _random_official(task, seed):
     torch.manual_seed(seed)
     from blip_fast.models import create_model
+
     model = create_model(task, "blip_tiny")
     with torch.no_grad():  # make momentum differ from online, queues non-default
         for k, v in model.state_dict().items():
@@ -242,7 +286,9 @@ def test_save_load_round_trip(fmt, ours_retrieval, ours_caption, pixels, text, t
             assert torch.equal(again.itm_logits(ids, mask, emb), model.itm_logits(ids, mask, emb))
             assert torch.equal(again.text_features(ids, mask), model.text_features(ids, mask))
         else:
-            assert again.generate_ids(pixels, num_beams=3) == model.generate_ids(pixels, num_beams=3)
+            assert again.generate_ids(pixels, num_beams=3) == model.generate_ids(
+                pixels, num_beams=3
+            )
 
 
 def test_hf_save_is_hf_loadable_and_lossless(tmp_path, pixels):
@@ -251,14 +297,12 @@ def test_hf_save_is_hf_loadable_and_lossless(tmp_path, pixels):
     model = _random_official("retrieval", 5).eval()
     out = checkpoint.save(model, tmp_path / "hf", format="hf")
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "blip_fast_extra.safetensors",
-            "vocab.txt"} <= names
+    assert {"config.json", "model.safetensors", "blip_fast_extra.safetensors", "vocab.txt"} <= names
     again = checkpoint.load(out)
     assert not again.load_report.initialised_from_online and not again.load_report.kept_random
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    hf, info = transformers.BlipForImageTextRetrieval.from_pretrained(
-        out, output_loading_info=True)
+    hf, info = transformers.BlipForImageTextRetrieval.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         ref = hf.eval().vision_model(pixel_values=pixels).last_hidden_state

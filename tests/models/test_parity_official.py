@@ -2,6 +2,7 @@
 have exactly the state-dict names, shapes and dtypes of the official ViT-B/384 retrieval,
 pre-training and caption models (``shared/official-keys/*.tsv``), the pre-training model ties
 exactly the encoder / decoder tensors official BLIP ties, and shapes alone give back the config."""
+
 import json
 from pathlib import Path
 
@@ -16,9 +17,11 @@ if not KEYS.is_dir():  # the checkout may live elsewhere than next to shared/
     KEYS = Path("/work/shared/official-keys")
 pytestmark = pytest.mark.skipif(not KEYS.is_dir(), reason="official key layouts not available")
 
-CASES = {"BLIP_Retrieval": ("retrieval", "blip_base_vit_b16_384"),
-         "BLIP_Pretrain": ("pretrain", "blip_base_vit_b16_224"),
-         "BLIP_Decoder": ("caption", "blip_base_vit_b16_384")}
+CASES = {
+    "BLIP_Retrieval": ("retrieval", "blip_base_vit_b16_384"),
+    "BLIP_Pretrain": ("pretrain", "blip_base_vit_b16_224"),
+    "BLIP_Decoder": ("caption", "blip_base_vit_b16_384"),
+}
 
 
 def read_tsv(name):
@@ -30,8 +33,10 @@ def read_tsv(name):
 
 
 def layout(model):
-    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-            for k, v in model.state_dict().items()}
+    return {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in model.state_dict().items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,9 @@ def test_pretrain_tied_params(meta_models):
     assert {n for n, _ in dec.named_parameters()} == set(shared) | set(not_shared)
     word = enc.embeddings.word_embeddings.weight
     assert model.text_decoder.cls.predictions.decoder.weight is word
-    assert model.text_decoder.cls.predictions.decoder.bias is model.text_decoder.cls.predictions.bias
+    assert (
+        model.text_decoder.cls.predictions.decoder.bias is model.text_decoder.cls.predictions.bias
+    )
     # the LM head sits outside the shared trunk
     assert not any(n.startswith("cls.") for n in shared)
 

@@ -1,12 +1,15 @@
 """blip_fast.ops.attention (ViT / text self-attention): every available CPU backend vs the
 reference, forward and gradients, and where the C++ kernel hands over to sdpa."""
+
 import pytest
 import torch
 from _utils import TOL, assert_close_verbose
 
 from blip_fast.ops import _backend, attention, reference
 
-CPU_BACKENDS = [b for b in ("reference", "sdpa", "cpu") if _backend.available("attention", b, "cpu")]
+CPU_BACKENDS = [
+    b for b in ("reference", "sdpa", "cpu") if _backend.available("attention", b, "cpu")
+]
 # (batch, heads, length, head_dim): the ITM reranker's text (23 tokens), the demo ViT (65),
 # ViT-B/224 (197: several query tiles of the C++ kernel), and odd sizes.
 SHAPES = [(3, 4, 23, 64), (2, 2, 65, 64), (1, 3, 197, 64), (2, 3, 7, 40)]
@@ -35,8 +38,9 @@ def test_backends_match_reference_forward_and_grads(shape, masked):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = attention(*leaves, mask, backend=backend)
         out.backward(dout)
-        for name, got, exp in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in leaves],
-                                  want):
+        for name, got, exp in zip(
+            ("out", "dq", "dk", "dv"), [out] + [t.grad for t in leaves], want
+        ):
             assert torch.isfinite(got).all(), f"{backend} {name}"
             assert_close_verbose(got, exp, **TOL[torch.float32], name=f"{backend} {name}")
 
@@ -45,9 +49,12 @@ def test_backends_match_reference_forward_and_grads(shape, masked):
 def test_cpu_is_the_default_and_hands_causal_and_dropout_to_sdpa():
     assert _backend.resolve("attention", "cpu") == "cpu"
     q, k, v, mask = make_inputs(2, 2, 9, 16, masked=True)
-    torch.testing.assert_close(attention(q, k, v, mask, causal=True),
-                               reference.attention(q, k, v, mask, causal=True),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, mask, causal=True),
+        reference.attention(q, k, v, mask, causal=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     torch.manual_seed(0)
     dropped = attention(q, k, v, mask, dropout_p=0.5)
     assert not torch.allclose(dropped, attention(q, k, v, mask))  # dropout did run

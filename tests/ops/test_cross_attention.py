@@ -1,5 +1,6 @@
 """blip_fast.ops.cross_attention: every available backend vs the reference, the registered ops
 (opcheck, gradcheck, torch.compile)."""
+
 import pytest
 import torch
 from _utils import TOL, assert_close_verbose
@@ -62,8 +63,12 @@ def test_no_mask_matches_reference(device):
     q, k, v, _ = make_inputs(7, 197, 64, device)
     expected = reference.cross_attention(q, k, v)
     for backend in backends_for(device):
-        assert_close_verbose(cross_attention(q, k, v, backend=backend), expected,
-                             **TOL[torch.float32], name=f"{backend} out")
+        assert_close_verbose(
+            cross_attention(q, k, v, backend=backend),
+            expected,
+            **TOL[torch.float32],
+            name=f"{backend} out",
+        )
 
 
 def test_backends_on_cpu_include_reference_and_sdpa():
@@ -80,20 +85,24 @@ def test_cpu_backend_available_when_built():
 def test_opcheck_fwd(with_mask):
     q, k, v, mask = make_inputs(7, 70, 40)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.blip_fast.cross_attention_fwd.default,
-                          (q, k, v, mask if with_mask else None, 40 ** -0.5))
+    torch.library.opcheck(
+        torch.ops.blip_fast.cross_attention_fwd.default,
+        (q, k, v, mask if with_mask else None, 40**-0.5),
+    )
 
 
 @pytest.mark.parametrize("with_mask", (True, False))
 def test_opcheck_bwd(with_mask):
     q, k, v, mask = make_inputs(7, 70, 40)
     mask = mask if with_mask else None
-    out, lse = torch.ops.blip_fast.cross_attention_fwd(q, k, v, mask, 40 ** -0.5)
+    out, lse = torch.ops.blip_fast.cross_attention_fwd(q, k, v, mask, 40**-0.5)
     # No input requires grad: the op's own backward only raises (test_double_backward_raises),
     # so opcheck's autograd checks do not apply.
-    torch.library.opcheck(torch.ops.blip_fast.cross_attention_bwd.default,
-                          (torch.randn_like(q), q, k, v, mask, out, lse, 40 ** -0.5),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.blip_fast.cross_attention_bwd.default,
+        (torch.randn_like(q), q, k, v, mask, out, lse, 40**-0.5),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def test_double_backward_raises():

@@ -1,5 +1,6 @@
 """xformers / flash_attn backends of cross_attention and attention vs the reference (GPU only;
 the packages do not install on a CPU machine, so each test imports them inside its body)."""
+
 import pytest
 import torch
 from _utils import assert_close_verbose

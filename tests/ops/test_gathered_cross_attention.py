@@ -1,5 +1,6 @@
 """blip_fast.ops.gathered_cross_attention: every available backend vs "copy K / V per pair, then
 reference.cross_attention", the registered op (opcheck) and the shape / index checks."""
+
 import pytest
 import torch
 from _utils import TOL, assert_close_verbose
@@ -16,8 +17,7 @@ HEADS = 3
 
 def make_inputs(pairs, images, lq, lk, d, device="cpu", dtype=torch.float32):
     q = torch.randn(pairs, HEADS, lq, d, device=device, dtype=dtype)
-    k_cache, v_cache = (torch.randn(images, HEADS, lk, d, device=device, dtype=dtype)
-                        for _ in "kv")
+    k_cache, v_cache = (torch.randn(images, HEADS, lk, d, device=device, dtype=dtype) for _ in "kv")
     # repeated and out-of-order indices: pairs share images, as i2t / t2i candidates do
     index = torch.randint(0, images, (pairs,), device=device)
     return q, k_cache, v_cache, index
@@ -65,24 +65,34 @@ def test_automatic_backend_with_grad_falls_back_to_reference():
 
 def test_opcheck():
     q, k_cache, v_cache, index = make_inputs(4, 3, 7, 13, 40)
-    torch.library.opcheck(torch.ops.blip_fast.gathered_cross_attention_triton.default,
-                          (q, k_cache, v_cache, index, 40 ** -0.5),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.blip_fast.gathered_cross_attention_triton.default,
+        (q, k_cache, v_cache, index, 40**-0.5),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(q=torch.randn(4, 3, 7)), r"must be 4-D; got q \(4, 3, 7\)"),
-    (dict(v_cache=torch.randn(2, 3, 12, 40)),
-     r"k_cache \(2, 3, 13, 40\) and v_cache \(2, 3, 12, 40\)"),
-    (dict(q=torch.randn(4, 2, 7, 40)), r"heads and head_dim of q \(4, 2, 7, 40\)"),
-    (dict(image_index=torch.zeros(3, dtype=torch.long)),
-     r"shape \(P,\) = \(4,\); got torch.int64 \(3,\)"),
-    (dict(image_index=torch.zeros(4, dtype=torch.int32)), r"must be int64"),
-    (dict(image_index=torch.tensor([0, 1, 2, 1])),
-     r"\[0, 2\] but k_cache \(2, 3, 13, 40\) has 2 images"),
-    (dict(image_index=torch.tensor([0, -1, 1, 1])), r"\[-1, 1\]"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(q=torch.randn(4, 3, 7)), r"must be 4-D; got q \(4, 3, 7\)"),
+        (
+            dict(v_cache=torch.randn(2, 3, 12, 40)),
+            r"k_cache \(2, 3, 13, 40\) and v_cache \(2, 3, 12, 40\)",
+        ),
+        (dict(q=torch.randn(4, 2, 7, 40)), r"heads and head_dim of q \(4, 2, 7, 40\)"),
+        (
+            dict(image_index=torch.zeros(3, dtype=torch.long)),
+            r"shape \(P,\) = \(4,\); got torch.int64 \(3,\)",
+        ),
+        (dict(image_index=torch.zeros(4, dtype=torch.int32)), r"must be int64"),
+        (
+            dict(image_index=torch.tensor([0, 1, 2, 1])),
+            r"\[0, 2\] but k_cache \(2, 3, 13, 40\) has 2 images",
+        ),
+        (dict(image_index=torch.tensor([0, -1, 1, 1])), r"\[-1, 1\]"),
+    ],
+)
 def test_bad_inputs_raise_with_shapes(bad, match):
     q, k_cache, v_cache, index = make_inputs(4, 2, 7, 13, 40)
     args = dict(q=q, k_cache=k_cache, v_cache=v_cache, image_index=index) | bad
@@ -105,7 +115,8 @@ def test_gpu_triton_refuses_grad():
 
 needs_cpu_kernel = pytest.mark.skipif(
     not _backend.available("gathered_cross_attention", "cpu", "cpu"),
-    reason="blip_fast._C built without the CPU gathered_cross_attention_fwd kernel")
+    reason="blip_fast._C built without the CPU gathered_cross_attention_fwd kernel",
+)
 
 
 @needs_cpu_kernel
@@ -116,9 +127,10 @@ def test_cpu_kernel_repeated_and_out_of_order_indices(index, dtype):
     and all-the-same image rows, a head_dim that is not a power of two, Lk over two key tiles."""
     q, k_cache, v_cache, _ = make_inputs(6, 3, 9, 77, 40, dtype=dtype)
     index = torch.tensor(index)
-    out = torch.ops.blip_fast.gathered_cross_attention_fwd(q, k_cache, v_cache, index, 40 ** -0.5)
-    assert_close_verbose(out, copied(q, k_cache, v_cache, index), **TOL[torch.float32],
-                         name="cpu out")
+    out = torch.ops.blip_fast.gathered_cross_attention_fwd(q, k_cache, v_cache, index, 40**-0.5)
+    assert_close_verbose(
+        out, copied(q, k_cache, v_cache, index), **TOL[torch.float32], name="cpu out"
+    )
 
 
 @needs_cpu_kernel
@@ -129,14 +141,19 @@ def test_cpu_kernel_fp16_and_strided():
     k_cache, v_cache = (torch.randn(images, lk, HEADS, d).transpose(1, 2) for _ in "kv")
     index = torch.tensor([2, 0, 0, 1, 2])
     want = copied(q, k_cache, v_cache, index)
-    out = torch.ops.blip_fast.gathered_cross_attention_fwd(q, k_cache, v_cache, index, d ** -0.5)
+    out = torch.ops.blip_fast.gathered_cross_attention_fwd(q, k_cache, v_cache, index, d**-0.5)
     assert_close_verbose(out, want, **TOL[torch.float32], name="cpu fp32 strided")
     half = [t.half() for t in (q, k_cache, v_cache)]
-    out16 = torch.ops.blip_fast.gathered_cross_attention_fwd(*half, index, d ** -0.5)
+    out16 = torch.ops.blip_fast.gathered_cross_attention_fwd(*half, index, d**-0.5)
     assert out16.dtype == torch.float16
     # fp16 inputs, fp32 compute, one rounding of the output: a few fp16 ulps of |out| < 1
-    assert_close_verbose(out16.float(), copied(*(t.float() for t in half), index), rtol=2e-3,
-                         atol=2e-3, name="cpu fp16")
+    assert_close_verbose(
+        out16.float(),
+        copied(*(t.float() for t in half), index),
+        rtol=2e-3,
+        atol=2e-3,
+        name="cpu fp16",
+    )
 
 
 @needs_cpu_kernel
@@ -159,20 +176,23 @@ def test_cpu_backend_through_public_op():
 def test_cpu_kernel_rejects_out_of_range_index():
     q, k_cache, v_cache, _ = make_inputs(4, 2, 7, 13, 40)
     with pytest.raises(RuntimeError, match=r"image_index holds values in \[0, 2\]"):
-        torch.ops.blip_fast.gathered_cross_attention_fwd(q, k_cache, v_cache,
-                                                         torch.tensor([0, 1, 2, 1]), 0.1)
+        torch.ops.blip_fast.gathered_cross_attention_fwd(
+            q, k_cache, v_cache, torch.tensor([0, 1, 2, 1]), 0.1
+        )
     with pytest.raises(RuntimeError, match="image_index must be int64"):
-        torch.ops.blip_fast.gathered_cross_attention_fwd(q, k_cache, v_cache,
-                                                         torch.zeros(4, dtype=torch.int32), 0.1)
+        torch.ops.blip_fast.gathered_cross_attention_fwd(
+            q, k_cache, v_cache, torch.zeros(4, dtype=torch.int32), 0.1
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_fwd_op(device):
     q, k_cache, v_cache, index = make_inputs(4, 3, 7, 13, 40, device=device)
-    torch.library.opcheck(torch.ops.blip_fast.gathered_cross_attention_fwd.default,
-                          (q, k_cache, v_cache, index, 40 ** -0.5),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.blip_fast.gathered_cross_attention_fwd.default,
+        (q, k_cache, v_cache, index, 40**-0.5),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """blip_fast.ops.itc_loss: every available backend vs the reference, the registered ops
 (opcheck, torch.compile) and the shape errors of the C++ kernel."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,12 +28,19 @@ needs_cpu_op = pytest.mark.skipif(not cpu_op_built(), reason="blip_fast._C not b
 def make_inputs(B, Q, *, with_idx, device="cpu", dtype=torch.float32, temp=0.07):
     """Normalised features; ids drawn from a small range so that they repeat inside the batch,
     inside the queue and across both."""
+
     def feat(n):
         return F.normalize(torch.randn(n, D, device=device, dtype=torch.float64), dim=-1).to(dtype)
 
-    inputs = dict(image_feat=feat(B), text_feat=feat(B), image_feat_m=feat(B), text_feat_m=feat(B),
-                  image_queue=feat(Q).t(), text_queue=feat(Q).t(),  # (D, Q) views, as stored
-                  temp=torch.tensor(temp, device=device, dtype=dtype))
+    inputs = dict(
+        image_feat=feat(B),
+        text_feat=feat(B),
+        image_feat_m=feat(B),
+        text_feat_m=feat(B),
+        image_queue=feat(Q).t(),
+        text_queue=feat(Q).t(),  # (D, Q) views, as stored
+        temp=torch.tensor(temp, device=device, dtype=dtype),
+    )
     if with_idx:
         inputs["idx"] = torch.randint(0, 4, (B,), device=device)
         inputs["idx_queue"] = torch.randint(0, 4, (1, Q), device=device)
@@ -44,8 +52,11 @@ def backends_for(device):
 
 
 def loss_and_grads(inputs, alpha, backend):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()
-              if k in ("image_feat", "text_feat", "temp")}
+    leaves = {
+        k: v.clone().requires_grad_()
+        for k, v in inputs.items()
+        if k in ("image_feat", "text_feat", "temp")
+    }
     loss = itc_loss(**{**inputs, **leaves}, alpha=alpha, backend=backend)
     return loss, torch.autograd.grad(loss, list(leaves.values()))
 
@@ -81,8 +92,9 @@ def test_backends_match_reference(B, Q, temp, alpha, with_idx, dtype, device):
         loss, grads = loss_and_grads(inputs, alpha, backend)
         assert torch.isfinite(loss), f"{backend}: loss {loss}"
         check(f"{backend} loss", loss, expected, exact)
-        for name, grad, ref, ref_exact in zip(("d_image_feat", "d_text_feat", "d_temp"), grads,
-                                              expected_grads, exact_grads):
+        for name, grad, ref, ref_exact in zip(
+            ("d_image_feat", "d_text_feat", "d_temp"), grads, expected_grads, exact_grads
+        ):
             assert bool(torch.isfinite(grad).all()), f"{backend} {name} not finite"
             check(f"{backend} {name}", grad, ref, ref_exact)
 
@@ -97,9 +109,12 @@ def test_cpu_low_precision(dtype, with_idx):
     expected, expected_grads = loss_and_grads(to32(inputs), 0.4, "reference")
     loss, grads = loss_and_grads(inputs, 0.4, "cpu")
     assert loss.dtype == dtype and grads[0].dtype == dtype
-    eps = 2 ** -11 if dtype == torch.float16 else 2 ** -8  # output rounding, relative
-    for name, actual, ref in zip(("loss", "d_image_feat", "d_text_feat", "d_temp"),
-                                 (loss, *grads), (expected, *expected_grads)):
+    eps = 2**-11 if dtype == torch.float16 else 2**-8  # output rounding, relative
+    for name, actual, ref in zip(
+        ("loss", "d_image_feat", "d_text_feat", "d_temp"),
+        (loss, *grads),
+        (expected, *expected_grads),
+    ):
         atol = 1e-5 + eps * float(ref.detach().abs().max())
         assert_close_verbose(actual.float(), ref, rtol=eps, atol=atol, name=f"cpu {name}")
 
@@ -119,14 +134,41 @@ def test_eager_default_kernels_match_reference(with_idx):
     idx = args.get("idx")
     idx_queue = args["idx_queue"].reshape(-1) if with_idx else None
     from blip_fast.ops import itc as itc_mod
-    loss, stats = itc_mod.itc_fwd_eager(args["image_feat"], args["text_feat"],
-                                        args["image_feat_m"], args["text_feat_m"],
-                                        args["image_queue"], args["text_queue"], args["temp"],
-                                        0.4, idx, idx_queue, True)
+
+    loss, stats = itc_mod.itc_fwd_eager(
+        args["image_feat"],
+        args["text_feat"],
+        args["image_feat_m"],
+        args["text_feat_m"],
+        args["image_queue"],
+        args["text_queue"],
+        args["temp"],
+        0.4,
+        idx,
+        idx_queue,
+        True,
+    )
     assert_close_verbose(loss, expected, **TOL[torch.float64], name="eager loss")
-    grads = itc_mod.itc_bwd_eager(torch.tensor(1.0, dtype=torch.float64), *(
-        args[k] for k in ("image_feat", "text_feat", "image_feat_m", "text_feat_m",
-                          "image_queue", "text_queue", "temp")), 0.4, idx, idx_queue, True, stats)
+    grads = itc_mod.itc_bwd_eager(
+        torch.tensor(1.0, dtype=torch.float64),
+        *(
+            args[k]
+            for k in (
+                "image_feat",
+                "text_feat",
+                "image_feat_m",
+                "text_feat_m",
+                "image_queue",
+                "text_queue",
+                "temp",
+            )
+        ),
+        0.4,
+        idx,
+        idx_queue,
+        True,
+        stats,
+    )
     for grad, ref in zip(grads, expected_grads):
         assert_close_verbose(grad, ref, **TOL[torch.float64], name="eager grad")
 
@@ -134,9 +176,19 @@ def test_eager_default_kernels_match_reference(with_idx):
 def op_args(inputs, alpha=0.4):
     idx = inputs.get("idx")
     idx_queue = inputs["idx_queue"].reshape(-1) if "idx_queue" in inputs else None
-    return (inputs["image_feat"], inputs["text_feat"], inputs["image_feat_m"],
-            inputs["text_feat_m"], inputs["image_queue"], inputs["text_queue"], inputs["temp"],
-            alpha, idx, idx_queue, True)
+    return (
+        inputs["image_feat"],
+        inputs["text_feat"],
+        inputs["image_feat_m"],
+        inputs["text_feat_m"],
+        inputs["image_queue"],
+        inputs["text_queue"],
+        inputs["temp"],
+        alpha,
+        idx,
+        idx_queue,
+        True,
+    )
 
 
 @pytest.mark.parametrize("op_name", ("itc_fwd", "itc_fwd_triton"))
@@ -150,12 +202,18 @@ def test_opcheck(op_name, with_idx):
     fwd = getattr(torch.ops.blip_fast, op_name)
     _, stats = fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     bwd = getattr(torch.ops.blip_fast, op_name.replace("fwd", "bwd"))
-    torch.library.opcheck(bwd, (torch.tensor(1.0, dtype=torch.float64),
-                                *(a.detach() if isinstance(a, torch.Tensor) else a
-                                  for a in args), stats))
+    torch.library.opcheck(
+        bwd,
+        (
+            torch.tensor(1.0, dtype=torch.float64),
+            *(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            stats,
+        ),
+    )
     # without need_grad (no backward can follow) the forward skips the gradient gathering
-    torch.library.opcheck(fwd, tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                     for a in args[:-1]) + (False,))
+    torch.library.opcheck(
+        fwd, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]) + (False,)
+    )
 
 
 @needs_cpu_op
@@ -177,9 +235,19 @@ def test_torch_compile_matches_eager():
     inputs = make_inputs(7, 100, with_idx=True)
 
     def step(image_feat, text_feat, temp):
-        return itc_loss(image_feat, text_feat, inputs["image_feat_m"], inputs["text_feat_m"],
-                        inputs["image_queue"], inputs["text_queue"], temp, 0.4,
-                        inputs["idx"], inputs["idx_queue"], backend="cpu")
+        return itc_loss(
+            image_feat,
+            text_feat,
+            inputs["image_feat_m"],
+            inputs["text_feat_m"],
+            inputs["image_queue"],
+            inputs["text_queue"],
+            temp,
+            0.4,
+            inputs["idx"],
+            inputs["idx_queue"],
+            backend="cpu",
+        )
 
     def run(fn):
         leaves = [inputs[k].clone().requires_grad_() for k in ("image_feat", "text_feat", "temp")]
@@ -195,12 +263,19 @@ def test_torch_compile_matches_eager():
 
 
 @needs_cpu_op
-@pytest.mark.parametrize("field,bad,message", [
-    ("image_queue", torch.zeros(16, 37), r"image_queue must be \[D, Q\] with D = 32, got \[16, 37\]"),
-    ("text_feat", torch.zeros(5, 16), r"text_feat must have shape \[5, 32\], got \[5, 16\]"),
-    ("text_queue", torch.zeros(32, 36), r"same queue length Q"),
-    ("idx", torch.zeros(4, dtype=torch.long), r"idx must be \[B\] with B = 5, got \[4\]"),
-])
+@pytest.mark.parametrize(
+    "field,bad,message",
+    [
+        (
+            "image_queue",
+            torch.zeros(16, 37),
+            r"image_queue must be \[D, Q\] with D = 32, got \[16, 37\]",
+        ),
+        ("text_feat", torch.zeros(5, 16), r"text_feat must have shape \[5, 32\], got \[5, 16\]"),
+        ("text_queue", torch.zeros(32, 36), r"same queue length Q"),
+        ("idx", torch.zeros(4, dtype=torch.long), r"idx must be \[B\] with B = 5, got \[4\]"),
+    ],
+)
 def test_bad_shapes_are_named(field, bad, message):
     inputs = make_inputs(5, 37, with_idx=True)
     inputs[field] = bad

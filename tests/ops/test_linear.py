@@ -1,5 +1,6 @@
 """blip_fast.ops.linear: PackedLinear (oneDNN prepacked GEMM) vs the nn.Linear it replaces, the
 paths that fall back to F.linear, and prepack_linears' copy semantics."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,13 @@ ONEDNN = _backend.available("linear", "onednn", "cpu")
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without mkldnn")
 # (input shape, out_features): the ITM reranker's (pairs x tokens, 256 -> 1024), odd sizes
 # below one oneDNN block, a single row, and 3-D / 4-D inputs as the model passes them.
-CASES = [((2944, 256), 1024), ((37, 129), 67), ((1, 64), 3), ((5, 23, 64), 128),
-         ((2, 3, 7, 40), 40)]
+CASES = [
+    ((2944, 256), 1024),
+    ((37, 129), 67),
+    ((1, 64), 3),
+    ((5, 23, 64), 128),
+    ((2, 3, 7, 40), 40),
+]
 
 
 class OpsSeen(TorchDispatchMode):
@@ -46,8 +52,9 @@ def test_packed_matches_linear(case, bias):
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert_close_verbose(got, want, **TOL[torch.float32], name="packed linear")
     # and no less accurate than MKL's fp32 GEMM against the fp64 product
-    exact = nn.functional.linear(x.double(), linear.weight.double(),
-                                 None if linear.bias is None else linear.bias.double())
+    exact = nn.functional.linear(
+        x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
+    )
     err, mkl_err = ((t.double() - exact).abs().max().item() for t in (got, want))
     assert err <= 2 * mkl_err + 1e-7, (err, mkl_err)
 
@@ -109,19 +116,35 @@ def test_packed_linear_rejects_non_fp32_weights():
 
 @needs_onednn
 def test_wrong_input_width_names_both_shapes():
-    with torch.no_grad(), pytest.raises(ValueError, match=r"\(5, 30\) has 30 features, "
-                                        r"expected \(\.\.\., 32\)"):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            ValueError,
+            match=r"\(5, 30\) has 30 features, "
+            r"expected \(\.\.\., 32\)",
+        ),
+    ):
         PackedLinear(nn.Linear(32, 16))(torch.randn(5, 30))
 
 
 @needs_onednn
 def test_prepack_copies_modules_shares_tensors_leaves_original():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64),
-                          nn.Sequential(nn.Linear(64, 16)), nn.Linear(16, 8).bfloat16())
+    model = nn.Sequential(
+        nn.Linear(32, 64),
+        nn.GELU(),
+        nn.LayerNorm(64),
+        nn.Sequential(nn.Linear(64, 16)),
+        nn.Linear(16, 8).bfloat16(),
+    )
     packed = prepack_linears(model)
-    assert [type(m) for m in packed] == [PackedLinear, nn.GELU, nn.LayerNorm, nn.Sequential,
-                                         nn.Linear]  # the bf16 layer is kept
+    assert [type(m) for m in packed] == [
+        PackedLinear,
+        nn.GELU,
+        nn.LayerNorm,
+        nn.Sequential,
+        nn.Linear,
+    ]  # the bf16 layer is kept
     assert type(packed[3][0]) is PackedLinear
     assert all(type(m) is not PackedLinear for m in model.modules())
     ids = {id(p) for p in model.parameters()}

@@ -1,4 +1,5 @@
 """Properties of the reference oracle itself (the fast paths are tested against it)."""
+
 import torch
 
 from blip_fast.models import create_model
@@ -19,7 +20,7 @@ def test_attention_mask_semantics_match_official():
     add = reference.additive_mask(pad, True, 3, 5, torch.float32, "cpu")
     assert set(add.unique().tolist()) == {0.0, -10000.0}  # never -20000
     out = reference.attention(q, k, v, pad, causal=True)
-    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5 + add
+    scores = (q @ k.transpose(-1, -2)) / 8**0.5 + add
     torch.testing.assert_close(out, scores.softmax(-1) @ v)
 
 
@@ -32,9 +33,9 @@ def test_cross_attention_fwd_bwd_pair_matches_autograd():
     out = reference.cross_attention(q, k, v, pad)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    o2, lse = reference.cross_attention_fwd(q, k, v, pad, 8 ** -0.5)
+    o2, lse = reference.cross_attention_fwd(q, k, v, pad, 8**-0.5)
     torch.testing.assert_close(o2, out)
-    got = reference.cross_attention_bwd(dout, q, k, v, pad, o2, lse, 8 ** -0.5)
+    got = reference.cross_attention_bwd(dout, q, k, v, pad, o2, lse, 8**-0.5)
     for g, w in zip(got, (dq, dk, dv)):
         torch.testing.assert_close(g, w)
 
@@ -45,8 +46,9 @@ def test_itc_idx_with_unique_ids_equals_identity_targets():
     iq, tq = _feats(Q).T.contiguous(), _feats(Q).T.contiguous()
     temp = torch.tensor(0.07, dtype=torch.float64)
     a = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, 0.4)
-    b = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, 0.4, torch.arange(B),
-                           torch.full((1, Q), -100))
+    b = reference.itc_loss(
+        img, txt, img_m, txt_m, iq, tq, temp, 0.4, torch.arange(B), torch.full((1, Q), -100)
+    )
     torch.testing.assert_close(a, b)
 
 

@@ -1,5 +1,6 @@
 """torchrun worker of test_distributed_training.py: STEPS real DDP steps on gloo, then rank 0
 saves the model state to argv[1]."""
+
 import sys
 
 import torch
@@ -17,9 +18,16 @@ def main(out):
     info = init_distributed("cpu")
     assert info.world_size == _ranks.WORLD, info
     model = _ranks.make_model()
-    trainer = Trainer(ContrastiveTask(model, negative_all_rank=True), None, None,
-                      build_optimizer(model, _ranks.LR), LRSchedule("cosine", _ranks.LR),
-                      _ranks.loop_config(), info, out + ".d")
+    trainer = Trainer(
+        ContrastiveTask(model, negative_all_rank=True),
+        None,
+        None,
+        build_optimizer(model, _ranks.LR),
+        LRSchedule("cosine", _ranks.LR),
+        _ranks.loop_config(),
+        info,
+        out + ".d",
+    )
     for step in range(_ranks.STEPS):
         trainer.step(_ranks.batch(info.rank, step))
         trainer.global_step += 1

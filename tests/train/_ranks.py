@@ -1,5 +1,6 @@
 """Shared by the distributed-training test and its torchrun worker: the model, the per-rank
 batches and the loop settings, so both sides build exactly the same run."""
+
 import dataclasses
 
 import torch
@@ -33,9 +34,15 @@ def batch(rank: int, step: int) -> dict:
     ids[:, 0] = 101
     lengths = torch.randint(4, L + 1, (BATCH,), generator=g)
     mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
-    return {"image": torch.randn(BATCH, 3, 64, 64, generator=g), "ids": ids * mask,
-            "mask": mask, "idx": torch.randint(0, 6, (BATCH,), generator=g)}
+    return {
+        "image": torch.randn(BATCH, 3, 64, 64, generator=g),
+        "ids": ids * mask,
+        "mask": mask,
+        "idx": torch.randint(0, 6, (BATCH,), generator=g),
+    }
 
 
 def loop_config() -> LoopConfig:
-    return LoopConfig(max_epoch=1, alpha=0.4, alpha_ramp=False, seed=SEED, itc_warmup_steps=ITC_WARMUP)
+    return LoopConfig(
+        max_epoch=1, alpha=0.4, alpha_ramp=False, seed=SEED, itc_warmup_steps=ITC_WARMUP
+    )

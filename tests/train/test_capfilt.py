@@ -2,6 +2,7 @@
 equal to a direct ITM computation, corrupt images skipped, and resume equivalence, for a
 pre-training JSON and for webdataset shards (through the CLI, alone and as 2 gloo ranks under
 torchrun)."""
+
 import json
 import os
 import shutil
@@ -27,8 +28,14 @@ BAD = 4  # shard input: sample 4 (first of the second input shard) is not an ima
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("capfilt")
-    paths = make_synthetic(root / "data", n_train_images=N_IMAGES - 1, n_test_images=1,
-                           n_val_images=1, image_size=64, captions_per_train_image=1)
+    paths = make_synthetic(
+        root / "data",
+        n_train_images=N_IMAGES - 1,
+        n_test_images=1,
+        n_val_images=1,
+        image_size=64,
+        captions_per_train_image=1,
+    )
     ann = json.loads(paths["pretrain"].read_text())
     ann.append({"image": "images/train/missing.jpg", "caption": "a lost image"})
     ann[0]["caption"] = [ann[0]["caption"], "a second web caption"]
@@ -43,9 +50,20 @@ def setup(tmp_path_factory):
 
 def _run(setup, out, **kw):
     root, image_root, models = setup
-    return capfilt(models["caption"], models["retrieval"], blip_fast.tokenizer(), root / "web.json",
-                   out, image_root=image_root, chunk_size=CHUNK, batch_size=BATCH, num_workers=0,
-                   max_length=10, min_length=3, **kw)  # short captions: a quick test
+    return capfilt(
+        models["caption"],
+        models["retrieval"],
+        blip_fast.tokenizer(),
+        root / "web.json",
+        out,
+        image_root=image_root,
+        chunk_size=CHUNK,
+        batch_size=BATCH,
+        num_workers=0,
+        max_length=10,
+        min_length=3,
+        **kw,
+    )  # short captions: a quick test
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +73,11 @@ def full_run(setup):
 
 
 def _entries(out):
-    return [e for c in sorted((out / "chunks").glob("*.json"))
-            for e in json.loads(c.read_text())["entries"]]
+    return [
+        e
+        for c in sorted((out / "chunks").glob("*.json"))
+        for e in json.loads(c.read_text())["entries"]
+    ]
 
 
 def test_decisions_equal_direct_itm(setup, full_run, tmp_path):
@@ -71,9 +92,12 @@ def test_decisions_equal_direct_itm(setup, full_run, tmp_path):
     for e in entries:
         pixels = test_transform(64)(load_image(image_root / e["image"]))[None]
         texts = [pre_caption(t, 30) for t in e["web"] + [e["synthetic"]]]
-        direct = itm_match_prob(filt, tok, texts, filt.image_embeds(pixels).expand(len(texts), -1, -1))
-        torch.testing.assert_close(torch.tensor(e["p_web"] + [e["p_synthetic"]]), direct,
-                                   atol=1e-5, rtol=0)
+        direct = itm_match_prob(
+            filt, tok, texts, filt.image_embeds(pixels).expand(len(texts), -1, -1)
+        )
+        torch.testing.assert_close(
+            torch.tensor(e["p_web"] + [e["p_synthetic"]]), direct, atol=1e-5, rtol=0
+        )
         probs += direct.tolist()
     # random models put every probability near one value: filter at its median, then compare
     threshold = sorted(probs)[len(probs) // 2]
@@ -81,8 +105,11 @@ def test_decisions_equal_direct_itm(setup, full_run, tmp_path):
     boot = json.loads((out / "bootstrapped.json").read_text())
     expect = []
     for e in entries:
-        kept = [t for t, p in zip(e["web"] + [e["synthetic"]], e["p_web"] + [e["p_synthetic"]])
-                if p > threshold]
+        kept = [
+            t
+            for t, p in zip(e["web"] + [e["synthetic"]], e["p_web"] + [e["p_synthetic"]])
+            if p > threshold
+        ]
         expect += [{"image": e["image"], "caption": kept}] if kept else []
     assert boot == expect
     n_web_kept = sum(p > threshold for e in entries for p in e["p_web"])
@@ -99,7 +126,11 @@ def test_output_format_and_counts(setup, full_run):
     assert counts == N_IMAGES  # 9 images, one with two web captions; the missing one scores none
     assert summary["synthetic"]["kept"] + summary["synthetic"]["removed"] == N_IMAGES - 1
     corrupt = (out / "corrupt.tsv").read_text().splitlines()
-    assert len(corrupt) == 1 and corrupt[0].startswith(f"{N_IMAGES - 1}\t") and "missing.jpg" in corrupt[0]
+    assert (
+        len(corrupt) == 1
+        and corrupt[0].startswith(f"{N_IMAGES - 1}\t")
+        and "missing.jpg" in corrupt[0]
+    )
     entry = _entries(out)[0]
     assert len(entry["web"]) == len(entry["p_web"]) == 2 and isinstance(entry["synthetic"], str)
     # the bootstrapped JSON is a pre-training JSON
@@ -123,8 +154,9 @@ def _interrupt_then_resume(monkeypatch, out, run):
     assert sorted(p.name for p in (out / "chunks").iterdir()) == ["000000.json"]
     monkeypatch.setattr(capfilt_mod, "write_json_atomic", write)
     redone, process_batch = [], capfilt_mod._process_batch
-    monkeypatch.setattr(capfilt_mod, "_process_batch",
-                        lambda *a: redone.append(a[4]) or process_batch(*a))
+    monkeypatch.setattr(
+        capfilt_mod, "_process_batch", lambda *a: redone.append(a[4]) or process_batch(*a)
+    )
     run()
     assert min(i for batch in redone for i in batch) >= CHUNK  # chunk 0 was not redone
 
@@ -143,14 +175,17 @@ def test_resume_after_interrupt_is_identical(setup, full_run, monkeypatch):
 
 # --- webdataset shards in, bootstrapped shards out (through the CLI) --------------------------
 
+
 @pytest.fixture(scope="module")
 def shard_spec(setup):
     """The JSON's 9 readable images as 3 shards of 4, 4, 2 samples (sample 0's caption a JSON
     list of two web texts), sample BAD's image bytes replaced by garbage."""
     root, image_root, _ = setup
-    ann = json.loads((root / "web.json").read_text())[:N_IMAGES - 1]
-    samples = [(f"{i:06d}", (image_root / a["image"]).read_bytes(), a["caption"])
-               for i, a in enumerate(ann)]
+    ann = json.loads((root / "web.json").read_text())[: N_IMAGES - 1]
+    samples = [
+        (f"{i:06d}", (image_root / a["image"]).read_bytes(), a["caption"])
+        for i, a in enumerate(ann)
+    ]
     samples.insert(BAD, (f"{N_IMAGES - 1:06d}", b"not an image", "a broken image"))
     write_shards(samples, str(root / "web-%06d.tar"), per_shard=4)
     return str(root / "web-{000000..000002}.tar")
@@ -158,10 +193,26 @@ def shard_spec(setup):
 
 def _cli_args(setup, spec, out, *extra):
     root = setup[0]
-    return ["capfilt", "--captioner", str(root / "caption.pth"), "--filter",
-            str(root / "retrieval.pth"), "--shards", spec, "--out", str(out), "--chunk-size",
-            str(CHUNK), "--batch-size", str(BATCH), "--num-workers", "0", "--per-shard", "3",
-            *extra]
+    return [
+        "capfilt",
+        "--captioner",
+        str(root / "caption.pth"),
+        "--filter",
+        str(root / "retrieval.pth"),
+        "--shards",
+        spec,
+        "--out",
+        str(out),
+        "--chunk-size",
+        str(CHUNK),
+        "--batch-size",
+        str(BATCH),
+        "--num-workers",
+        "0",
+        "--per-shard",
+        "3",
+        *extra,
+    ]
 
 
 def _cli(setup, spec, out, *extra):
@@ -183,8 +234,9 @@ def shard_run(setup, shard_spec):
 
 def _outputs(out) -> dict:
     """Every file a run leaves, as bytes (chunks, settings, summary, corrupt list, shards)."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+    }
 
 
 def test_shard_input_corrupt_sample_reported_and_skipped(shard_run, shard_spec):
@@ -214,9 +266,12 @@ def test_shard_decisions_equal_direct_itm_and_output_loads(setup, shard_spec, sh
         assert e["web"] == ([caption] if isinstance(caption, str) else caption)
         pixels = test_transform(64)(decode_image(data, key))[None]
         texts = [pre_caption(t, 30) for t in e["web"] + [e["synthetic"]]]
-        direct = itm_match_prob(filt, tok, texts, filt.image_embeds(pixels).expand(len(texts), -1, -1))
-        torch.testing.assert_close(torch.tensor(e["p_web"] + [e["p_synthetic"]]), direct,
-                                   atol=1e-5, rtol=0)
+        direct = itm_match_prob(
+            filt, tok, texts, filt.image_embeds(pixels).expand(len(texts), -1, -1)
+        )
+        torch.testing.assert_close(
+            torch.tensor(e["p_web"] + [e["p_synthetic"]]), direct, atol=1e-5, rtol=0
+        )
         probs += direct.tolist()
     assert len(entries[0]["web"]) == 2  # the JSON list caption: both web texts scored
     # random models put every probability near one value: filter at the median (a rerun only
@@ -225,8 +280,11 @@ def test_shard_decisions_equal_direct_itm_and_output_loads(setup, shard_spec, sh
     summary = _cli(setup, shard_spec, out, "--threshold", repr(threshold), "--per-shard", "2")
     expect = []
     for e in entries:
-        kept = [t for t, p in zip(e["web"] + [e["synthetic"]], e["p_web"] + [e["p_synthetic"]])
-                if p > threshold]
+        kept = [
+            t
+            for t, p in zip(e["web"] + [e["synthetic"]], e["p_web"] + [e["p_synthetic"]])
+            if p > threshold
+        ]
         expect += [(e["index"], kept)] if kept else []
     assert 0 < len(expect) < len(entries) and summary["images_kept"] == len(expect)
     names = [f"bootstrapped-{i:06d}.tar" for i in range(-(-len(expect) // 2))]
@@ -253,8 +311,17 @@ def test_shard_resume_after_interrupt_is_identical(setup, shard_spec, shard_run,
 
 def test_shard_two_gloo_ranks_under_torchrun_equal_one_process(setup, shard_spec, shard_run):
     out = setup[0] / "shards_torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "blip_fast.cli", *_cli_args(setup, shard_spec, out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "blip_fast.cli",
+        *_cli_args(setup, shard_spec, out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -265,8 +332,10 @@ def test_shard_two_gloo_ranks_under_torchrun_equal_one_process(setup, shard_spec
 def test_cli_needs_exactly_one_input(setup, shard_spec, tmp_path, capsys):
     args = _cli_args(setup, shard_spec, tmp_path / "x")
     neither = args[:5] + args[7:]
-    for argv, message in ((neither, "one of the arguments --ann --shards is required"),
-                          (args + ["--ann", "web.json"], "not allowed with argument")):
+    for argv, message in (
+        (neither, "one of the arguments --ann --shards is required"),
+        (args + ["--ann", "web.json"], "not allowed with argument"),
+    ):
         with pytest.raises(SystemExit):
             cli_main(argv)
         assert message in capsys.readouterr().err

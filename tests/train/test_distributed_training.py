@@ -2,18 +2,18 @@
 (issue 6): same per-rank batches, gradients averaged, queues written with the gathered
 momentum features in rank order, ITM hard negatives drawn from both ranks; the first step
 trains ITC alone (``itc_warmup_steps``)."""
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from _utils import assert_trained_states_close
 
 from blip_fast.train.loop import negative_uniforms
 from blip_fast.train.optim import build_optimizer
 from blip_fast.train.task import ContrastiveTask
-
-from _utils import assert_trained_states_close
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ranks  # noqa: E402
@@ -36,8 +36,10 @@ def simulate() -> dict:
         model.clamp_temp()
         model.momentum_update()
         local = [task.encode(b) for b in batches]
-        world = {k: torch.cat([loc[k] for loc in local])
-                 for k in ("image_feat", "text_feat", "ids", "mask", "idx", "image_embeds")}
+        world = {
+            k: torch.cat([loc[k] for loc in local])
+            for k in ("image_feat", "text_feat", "ids", "mask", "idx", "image_embeds")
+        }
         world = {k: v.detach() if k != "image_embeds" else v for k, v in world.items()}
         losses = [task.objectives(loc, world, b) for loc, b in zip(local, batches)]
         (sum(out["loss"] for out in losses) / _ranks.WORLD).backward()
@@ -50,8 +52,16 @@ def simulate() -> dict:
 def test_two_rank_gloo_run_matches_single_process_simulation(tmp_path):
     out = tmp_path / "rank0.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(_ranks.WORLD), str(HERE / "_dist_worker.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(_ranks.WORLD),
+        str(HERE / "_dist_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     dist_state = torch.load(out, weights_only=True)

@@ -1,4 +1,5 @@
 """The official learning-rate schedules (BLIP utils.py) at chosen points."""
+
 import math
 
 import pytest
@@ -7,13 +8,20 @@ from blip_fast.train.optim import LRSchedule
 
 
 def test_pretrain_warmup_then_step_decay():
-    s = LRSchedule("step", init_lr=3e-4, min_lr=1e-6, max_epoch=20, warmup_lr=1e-6,
-                   warmup_steps=3000, lr_decay_rate=0.9)
+    s = LRSchedule(
+        "step",
+        init_lr=3e-4,
+        min_lr=1e-6,
+        max_epoch=20,
+        warmup_lr=1e-6,
+        warmup_steps=3000,
+        lr_decay_rate=0.9,
+    )
     assert s(0, 0) == pytest.approx(1e-6)
     assert s(0, 1500) == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)
     assert s(0, 3000) == s(0, 9000) == pytest.approx(3e-4)
     assert s(1, 0) == pytest.approx(3e-4 * 0.9)
-    assert s(5, 123) == pytest.approx(3e-4 * 0.9 ** 5)
+    assert s(5, 123) == pytest.approx(3e-4 * 0.9**5)
     assert s(200, 0) == 1e-6  # floor
 
 
@@ -37,16 +45,24 @@ def test_fused_adamw_matches_torch_default_adamw():
 
     from blip_fast import create_model
     from blip_fast.train.optim import build_optimizer
+
     torch.manual_seed(0)
     fused_model = create_model("retrieval", "blip_tiny")
     plain_model = create_model("retrieval", "blip_tiny")
     plain_model.load_state_dict(fused_model.state_dict())
     fused = build_optimizer(fused_model, 1e-3, 0.05)
-    plain = torch.optim.AdamW([q for q in plain_model.parameters() if q.requires_grad], lr=1e-3,
-                              weight_decay=0.05, foreach=False)
+    plain = torch.optim.AdamW(
+        [q for q in plain_model.parameters() if q.requires_grad],
+        lr=1e-3,
+        weight_decay=0.05,
+        foreach=False,
+    )
     assert fused.defaults["fused"] and not any(
-        q is r for g in fused.param_groups for q in g["params"]
-        for r in fused_model.visual_encoder_m.parameters())
+        q is r
+        for g in fused.param_groups
+        for q in g["params"]
+        for r in fused_model.visual_encoder_m.parameters()
+    )
     init = {k: v.clone() for k, v in fused_model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     for _ in range(5):

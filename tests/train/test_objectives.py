@@ -1,5 +1,6 @@
 """ITM hard negatives and LM labels (DESIGN §2), and the contrastive task's losses against the
 official formulas written out in eager PyTorch."""
+
 import torch
 import torch.nn.functional as F
 
@@ -11,8 +12,9 @@ from blip_fast.train.task import ContrastiveTask
 def test_sample_rows_follows_the_weights_and_never_draws_zero_weight():
     w = torch.tensor([[0.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 2.0]])
     u = torch.rand(200_000)
-    picks = torch.stack([objectives.sample_rows(w[i:i + 1].expand(len(u), -1), u)
-                         for i in range(2)])
+    picks = torch.stack(
+        [objectives.sample_rows(w[i : i + 1].expand(len(u), -1), u) for i in range(2)]
+    )
     freq = torch.stack([torch.bincount(p, minlength=4) for p in picks]).float() / len(u)
     torch.testing.assert_close(freq, w / w.sum(1, keepdim=True), atol=5e-3, rtol=0)
     assert freq[0, 0] == freq[0, 3] == freq[1, 1] == freq[1, 2] == 0
@@ -33,8 +35,10 @@ def test_decoder_labels_mask_padding_and_prompt():
     ids = torch.tensor([[101, 1037, 3861, 1997, 2417, 102, 0], [101, 1037, 3861, 1997, 102, 0, 0]])
     dec, labels = objectives.decoder_labels(ids, prompt_length=4)
     assert dec[:, 0].tolist() == [30522, 30522] and torch.equal(dec[:, 1:], ids[:, 1:])
-    assert labels.tolist() == [[-100, -100, -100, -100, 2417, 102, -100],
-                               [-100, -100, -100, -100, 102, -100, -100]]
+    assert labels.tolist() == [
+        [-100, -100, -100, -100, 2417, 102, -100],
+        [-100, -100, -100, -100, 102, -100, -100],
+    ]
 
 
 def _official_losses(model, batch, neg_image, neg_text):
@@ -49,9 +53,12 @@ def _official_losses(model, batch, neg_image, neg_text):
     pos = torch.eq(idx, idx_all).float()
     targets = pos / pos.sum(1, keepdim=True)
     with torch.no_grad():
-        image_feat_m = F.normalize(m.vision_proj_m(m.visual_encoder_m(batch["image"])[:, 0]), dim=-1)
-        text_feat_m = F.normalize(m.text_proj_m(
-            m.text_encoder_m(batch["ids"], batch["mask"], mode="text")[:, 0]), dim=-1)
+        image_feat_m = F.normalize(
+            m.vision_proj_m(m.visual_encoder_m(batch["image"])[:, 0]), dim=-1
+        )
+        text_feat_m = F.normalize(
+            m.text_proj_m(m.text_encoder_m(batch["ids"], batch["mask"], mode="text")[:, 0]), dim=-1
+        )
         image_all = torch.cat([image_feat_m.t(), m.image_queue], dim=1)
         text_all = torch.cat([text_feat_m.t(), m.text_queue], dim=1)
         t_i2t = alpha * F.softmax(image_feat_m @ text_all / temp, 1) + (1 - alpha) * targets
@@ -61,9 +68,12 @@ def _official_losses(model, batch, neg_image, neg_text):
     ids_enc = batch["ids"].clone()
     ids_enc[:, 0] = 30523
     out_pos = m.text_encoder(ids_enc, batch["mask"], image_embeds, mode="multimodal")
-    out_neg = m.text_encoder(torch.cat([ids_enc, ids_enc[neg_text]]),
-                             torch.cat([batch["mask"], batch["mask"][neg_text]]),
-                             torch.cat([image_embeds[neg_image], image_embeds]), mode="multimodal")
+    out_neg = m.text_encoder(
+        torch.cat([ids_enc, ids_enc[neg_text]]),
+        torch.cat([batch["mask"], batch["mask"][neg_text]]),
+        torch.cat([image_embeds[neg_image], image_embeds]),
+        mode="multimodal",
+    )
     logits = m.itm_head(torch.cat([out_pos[:, 0], out_neg[:, 0]]))
     B = idx.shape[0]
     labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
@@ -81,8 +91,14 @@ def test_retrieval_losses_match_the_official_formulas():
     ids = torch.randint(1000, 5000, (B, L))
     ids[:, 0] = 101
     mask = (torch.arange(L)[None] < torch.tensor([10, 4, 7, 10, 5, 8])[:, None]).long()
-    batch = {"image": torch.randn(B, 3, 64, 64), "ids": ids * mask, "mask": mask,
-             "idx": torch.tensor([0, 1, 0, 2, 3, 1]), "alpha": 0.4, "neg_u": torch.rand(2, B)}
+    batch = {
+        "image": torch.randn(B, 3, 64, 64),
+        "ids": ids * mask,
+        "mask": mask,
+        "idx": torch.tensor([0, 1, 0, 2, 3, 1]),
+        "alpha": 0.4,
+        "neg_u": torch.rand(2, B),
+    }
     out = ContrastiveTask(model)(batch)
     # the negatives the task drew, from the official weights and the same uniforms
     with torch.no_grad():

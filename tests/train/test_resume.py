@@ -1,5 +1,6 @@
 """Checkpoints (issue 6): a run SIGKILLed in the middle and resumed ends bit-identical to an
 uninterrupted run; a checkpoint write that dies half-way never replaces the good one."""
+
 import json
 import os
 import signal
@@ -17,9 +18,25 @@ STEPS = 8
 
 def _cmd(cfg: dict, out_dir, *extra):
     overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.items()]
-    return [sys.executable, "-m", "blip_fast.cli", "train", "retrieval", *overrides,
-            "--output-dir", str(out_dir), "--num-workers", "0", "--save-every", "2",
-            "--max-steps", str(STEPS), "--seed", "7", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "blip_fast.cli",
+        "train",
+        "retrieval",
+        *overrides,
+        "--output-dir",
+        str(out_dir),
+        "--num-workers",
+        "0",
+        "--save-every",
+        "2",
+        "--max-steps",
+        str(STEPS),
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def _steps_logged(out_dir) -> int:
@@ -34,8 +51,9 @@ def test_sigkill_then_resume_is_bit_exact(tiny_config, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cmd(tiny_config, full), env=env, check=True, capture_output=True, timeout=300)
 
-    proc = subprocess.Popen(_cmd(tiny_config, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(tiny_config, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while _steps_logged(killed) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -45,8 +63,13 @@ def test_sigkill_then_resume_is_bit_exact(tiny_config, tmp_path):
     saved = torch.load(killed / "checkpoint.pth", weights_only=True)
     assert 2 <= saved["global_step"] < STEPS  # killed in the middle, after a checkpoint
 
-    subprocess.run(_cmd(tiny_config, killed, "--resume", "auto"), env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(tiny_config, killed, "--resume", "auto"),
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     a = torch.load(full / "checkpoint.pth", weights_only=True)
     b = torch.load(killed / "checkpoint.pth", weights_only=True)
     assert a["global_step"] == b["global_step"] == STEPS
@@ -80,6 +103,7 @@ def test_checkpoint_dying_mid_write_keeps_the_previous_one(tmp_path, monkeypatch
 
 def test_resume_with_another_world_size_is_refused(tiny_config, tmp_path):
     from blip_fast.train.main import build_trainer
+
     trainer = build_trainer("retrieval", tiny_config, tmp_path, num_workers=0, max_steps=1)
     trainer.train()
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)

@@ -1,5 +1,6 @@
 """Training data plumbing: DistributedSampler order with resume, per-sample seeding that does
 not depend on loader workers, tokenisation per task."""
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -18,19 +19,29 @@ def test_sampler_matches_distributed_sampler_and_resumes_mid_epoch():
             ours.set_epoch(epoch)
             assert [i for _, i in ours] == list(theirs)
             ours.set_epoch(epoch, start_batch=2)
-            assert list(ours) == [(epoch, i) for i in list(theirs)[2 * batch:]]
+            assert list(ours) == [(epoch, i) for i in list(theirs)[2 * batch :]]
         assert ours.batches_per_epoch == 12 // batch
 
 
 def test_samples_do_not_depend_on_workers(synthetic_train):
-    ds = SeededSamples(RetrievalTrainDataset(synthetic_train["train"],
-                                             synthetic_train["image_root"], train_transform(64)), 9)
+    ds = SeededSamples(
+        RetrievalTrainDataset(
+            synthetic_train["train"], synthetic_train["image_root"], train_transform(64)
+        ),
+        9,
+    )
     sampler = TrainSampler(len(ds), 4, seed=1)
     collate = Collate(tokenizer(), "retrieval")
 
     def run(workers):
-        loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers,
-                            collate_fn=collate, drop_last=True)
+        loader = DataLoader(
+            ds,
+            batch_size=4,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            drop_last=True,
+        )
         return [b["image"] for b in loader]
 
     a, b = run(0), run(2)

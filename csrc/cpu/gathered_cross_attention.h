@@ -1,5 +1,5 @@
-// OpenMP gathered cross-attention forward (csrc/cpu/itm_gather.cpp), the CPU twin of
-// csrc/cuda/itm_gather.cu. Plain structs, no ATen types.
+// OpenMP gathered cross-attention forward (csrc/cpu/gathered_cross_attention.cpp), the CPU twin of
+// csrc/cuda/gathered_cross_attention.cu. Plain structs, no ATen types.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +8,7 @@
 
 namespace blip_fast::cpu {
 
-struct ItmGatherParams {
+struct GatheredCrossAttentionParams {
   Dtype dtype;                 // of q, the caches and out
   Operand q;                   // [P, H, Lq, D]
   Operand k_cache;             // [N_images, H, Lk, D]
@@ -22,6 +22,6 @@ struct ItmGatherParams {
 };
 
 // out = softmax(q kᵀ · scale) v with pair p's k / v = k_cache / v_cache[image_index[p]].
-void itm_gather_fwd(const ItmGatherParams& params);
+void gathered_cross_attention_fwd(const GatheredCrossAttentionParams& params);
 
 }  // namespace blip_fast::cpu

@@ -1,12 +1,12 @@
 // CUDA gathered cross-attention forward: the cross-attention kernel (cross_attention.cu) with its
 // K / V row index switched on, so each (pair, head, query tile) block streams the key tiles of
 // row image_index[pair] of the caches. One kernel body to tune and test, as the Triton twin
-// (kernels/itm_gather.py) shares the Triton cross-attention forward.
-#include "cuda/itm_gather.h"
+// (kernels/gathered_cross_attention.py) shares the Triton cross-attention forward.
+#include "cuda/gathered_cross_attention.h"
 
 namespace blip_fast::cuda {
 
-cudaError_t itm_gather_fwd(const ItmGatherParams& params, cudaStream_t stream) {
+cudaError_t gathered_cross_attention_fwd(const GatheredCrossAttentionParams& params, cudaStream_t stream) {
   CrossAttentionParams p{};
   p.dtype = params.dtype;
   p.q = params.q;

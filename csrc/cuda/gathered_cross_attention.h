@@ -12,7 +12,7 @@
 
 namespace blip_fast::cuda {
 
-struct ItmGatherParams {
+struct GatheredCrossAttentionParams {
   Dtype dtype;                 // of q, the caches and out; fp32 compute
   Operand q;                   // [P, H, Lq, D]
   Operand k_cache;             // [N_images, H, Lk, D]
@@ -28,6 +28,6 @@ struct ItmGatherParams {
 // out = softmax(q kᵀ · scale) v with pair p's k / v = k_cache / v_cache[image_index[p]], on
 // `stream`; one block per (pair · head, tile of kQueriesPerBlock queries). Returns the launch
 // error, if any.
-cudaError_t itm_gather_fwd(const ItmGatherParams& params, cudaStream_t stream);
+cudaError_t gathered_cross_attention_fwd(const GatheredCrossAttentionParams& params, cudaStream_t stream);
 
 }  // namespace blip_fast::cuda

@@ -1,11 +1,11 @@
 // OpenMP gathered cross-attention forward: the cross-attention forward (cross_attention.cpp,
 // parallel over (pair, head, query tile) items) with its K / V row index switched on, so each
 // item reads the key tiles of row image_index[pair] of the caches in place.
-#include "cpu/itm_gather.h"
+#include "cpu/gathered_cross_attention.h"
 
 namespace blip_fast::cpu {
 
-void itm_gather_fwd(const ItmGatherParams& params) {
+void gathered_cross_attention_fwd(const GatheredCrossAttentionParams& params) {
   CrossAttentionFwdParams p{};
   p.dtype = params.dtype;
   p.q = params.q;

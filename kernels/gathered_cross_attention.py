@@ -7,13 +7,14 @@ The kernel body is the cross-attention forward's (kernels/cross_attention.py) wi
 pointer switched on (HAS_IDX): one program per (pair·head, block of queries), online softmax over
 key tiles. No key padding mask (image tokens are all attended) and no backward (inference only).
 """
+
 from blip_fast.kernels.cross_attention import _cross_attention_fwd_kernel, attend_fwd
 
 # The same JIT function, specialised at launch by HAS_IDX=True: one body to tune and test.
-_itm_gather_fwd_kernel = _cross_attention_fwd_kernel
+_gathered_cross_attention_fwd_kernel = _cross_attention_fwd_kernel
 
 
-def itm_gather_fwd(q, k_cache, v_cache, image_index, scale, *, out=None):
+def gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale, *, out=None):
     """q (P, H, Lq, D); k_cache / v_cache (N, H, Lk, D); image_index (P,) int64 in [0, N) ->
     out (P, H, Lq, D) in q's dtype, softmax(q kᵀ · scale) v with k, v = cache[image_index[p]].
     ``out`` (tests pass a poisoned buffer) is written in full."""

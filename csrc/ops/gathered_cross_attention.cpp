@@ -1,13 +1,13 @@
 // Torch-typed host function of blip_fast::gathered_cross_attention_fwd: check the tensors, map
-// the dtype, allocate the output and call the CPU (csrc/cpu/itm_gather) or CUDA
-// (csrc/cuda/itm_gather) launcher.
+// the dtype, allocate the output and call the CPU (csrc/cpu/gathered_cross_attention) or CUDA
+// (csrc/cuda/gathered_cross_attention) launcher.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 
 #include "core/registration.h"
-#include "cpu/itm_gather.h"
+#include "cpu/gathered_cross_attention.h"
 #include "ops.h"
 
 #ifdef BLIP_FAST_WITH_CUDA
@@ -16,7 +16,7 @@
 
 #include <limits>
 
-#include "cuda/itm_gather.h"
+#include "cuda/gathered_cross_attention.h"
 #endif
 
 namespace blip_fast {
@@ -82,7 +82,7 @@ at::Tensor gathered_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k
     TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() &&
                     (q.size(2) + cuda::kQueriesPerBlock - 1) / cuda::kQueriesPerBlock <= 65535,
                 kOp, ": q ", q.sizes(), " needs more thread blocks than one launch allows");
-    cuda::ItmGatherParams p{};
+    cuda::GatheredCrossAttentionParams p{};
     p.dtype = q.scalar_type() == at::kFloat  ? cuda::Dtype::kFloat32
               : q.scalar_type() == at::kHalf ? cuda::Dtype::kFloat16
                                              : cuda::Dtype::kBFloat16;
@@ -99,13 +99,13 @@ at::Tensor gathered_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k
     p.head_dim = static_cast<int>(q.size(3));
     p.scale = static_cast<float>(scale);
     const c10::cuda::CUDAGuard guard(q.device());
-    const cudaError_t err = cuda::itm_gather_fwd(p, c10::cuda::getCurrentCUDAStream());
+    const cudaError_t err = cuda::gathered_cross_attention_fwd(p, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
     return out;
   }
 #endif
   TORCH_CHECK(q.is_cpu(), kOp, ": no kernel for device ", q.device());
-  cpu::ItmGatherParams p{};
+  cpu::GatheredCrossAttentionParams p{};
   switch (q.scalar_type()) {
     case at::kFloat: p.dtype = cpu::Dtype::kFloat32; break;
     case at::kDouble: p.dtype = cpu::Dtype::kFloat64; break;
@@ -130,7 +130,7 @@ at::Tensor gathered_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k
   p.num_threads = at::in_parallel_region()
                       ? 1
                       : static_cast<int>(std::clamp<int64_t>(work >> 20, 1, at::get_num_threads()));
-  cpu::itm_gather_fwd(p);
+  cpu::gathered_cross_attention_fwd(p);
   return out;
 }
 
