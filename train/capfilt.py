@@ -52,7 +52,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from blip_fast.data.datasets import CorruptImage, decode_image, load_annotations, load_image
+from blip_fast.data.datasets import CorruptImage, load_annotations
+from blip_fast.data.images import decode_image, load_image
 from blip_fast.data.loader import Uint8TestTransform, normalize_uint8, record_corrupt
 from blip_fast.data.shards import ShardDataset, write_shards
 from blip_fast.text import pre_caption

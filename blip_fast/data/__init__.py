@@ -8,8 +8,8 @@ from blip_fast.data.datasets import (
     RetrievalEvalDataset,
     RetrievalTrainDataset,
     load_annotations,
-    load_image,
 )
+from blip_fast.data.images import load_image
 from blip_fast.data.loader import (
     SkipCorrupt,
     Uint8TestTransform,

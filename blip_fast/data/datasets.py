@@ -13,10 +13,8 @@ without the image; the DALI loader feeds the path through its pipeline and the f
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from blip_fast.data.images import load_image
 from blip_fast.text import pre_caption
-
-try:  # libjpeg-turbo without PIL's per-image overhead; its output is bit-identical to PIL's
-    import simplejpeg
-except ImportError:
-    simplejpeg = None
 
 __all__ = [
     "CorruptImage",
@@ -38,47 +32,11 @@ __all__ = [
     "PretrainDataset",
     "RetrievalEvalDataset",
     "RetrievalTrainDataset",
-    "decode_image",
     "load_annotations",
-    "load_image",
 ]
 
 PathLike = str | os.PathLike
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def load_image(path: PathLike) -> Image.Image:
-    """Open ``path`` as RGB (decoded now, so a truncated file fails here, not later)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {os.fspath(path)}") from None
-    except OSError as err:  # a directory, no permission, an I/O error
-        raise OSError(f"cannot read image {os.fspath(path)}: {err}") from err
-    return decode_image(data, os.fspath(path))
-
-
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """Encoded image bytes as RGB; ``where`` names the source in errors.
-
-    JPEGs go through simplejpeg when it is installed (same libjpeg-turbo, same pixels as PIL,
-    tests/data/test_loader.py checks); anything it rejects (CMYK, truncated, not a JPEG) is left
-    to PIL, so PIL alone decides what decodes and what raises."""
-    if simplejpeg is not None and data[:2] == b"\xff\xd8":
-        try:
-            return Image.fromarray(
-                simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
-            )
-        except ValueError:
-            pass
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except OSError as err:  # PIL.UnidentifiedImageError and truncated data are OSErrors
-        # PIL names the BytesIO by address: dropped, so reports are reproducible
-        reason = re.sub(r" object at 0x[0-9a-fA-F]+>", " object>", str(err))
-        raise OSError(f"cannot decode image {where}: {reason}") from err
 
 
 def draw_caption(caption: str | list[str]) -> str:

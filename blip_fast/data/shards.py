@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
-from blip_fast.data.datasets import CorruptImage, decode_image, draw_caption
+from blip_fast.data.datasets import CorruptImage, draw_caption
+from blip_fast.data.images import decode_image
 from blip_fast.text import pre_caption
 
 __all__ = ["ShardDataset", "expand_shards", "write_shards"]

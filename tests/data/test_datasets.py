@@ -13,8 +13,8 @@ from blip_fast.data.datasets import (
     PretrainDataset,
     RetrievalEvalDataset,
     RetrievalTrainDataset,
-    load_image,
 )
+from blip_fast.data.images import load_image
 from blip_fast.data.transforms import test_transform as eval_tf
 
 

@@ -15,7 +15,7 @@ import torch
 import blip_fast
 from blip_fast.cli import main as cli_main
 from blip_fast.data import load_image, make_synthetic, test_transform
-from blip_fast.data.datasets import decode_image
+from blip_fast.data.images import decode_image
 from blip_fast.data.shards import ShardDataset, write_shards
 from blip_fast.text import pre_caption
 from blip_fast.train import capfilt as capfilt_mod
