@@ -7,8 +7,10 @@ renamed over the previous one (``os.replace`` is atomic on POSIX), so a crash mi
 the last good checkpoint in place. It loads with ``torch.load(weights_only=True)``.
 """
 
+import errno
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -44,13 +46,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        raise OSError(f"cannot write {path}: {_write_failure(err, path.parent)}; {kept}") from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # (unlink(missing_ok=True) raises EROFS on a read-only file system)
+            tmp.unlink()
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself reaches the disk
     finally:
         os.close(dir_fd)
+
+
+def _write_failure(err: Exception, folder: Path) -> str:
+    """What stopped a write, in words: torch's writer hides the errno of a full disk."""
+    code = getattr(err, "errno", None)
+    if code == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"no permission to write in {folder}"
+    free = shutil.disk_usage(folder).free if folder.is_dir() else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20):
+        return f"the disk is full ({free} bytes free in {folder})"
+    return str(err)
 
 
 def save_atomic(obj, path: str | os.PathLike):
@@ -90,9 +109,37 @@ def save_training(
     )
 
 
-def load_training(path, *, model, optimizer, schedule, scaler, rank: int, world_size: int) -> dict:
-    """Restore the states in place; returns the position {epoch, batch, global_step}."""
+# What a training checkpoint holds beyond the weights, and the run settings that must match for
+# the resumed run to continue exactly (the model, and the data order: samples per step).
+TRAINING_KEYS = ("model", "optimizer", "schedule", "rng", "epoch", "batch", "global_step", "config")
+SAME_ON_RESUME = ("task", "model", "vit", "image_size", "embed_dim", "queue_size", "batch_size",
+                  "batch_size_train", "train_file", "train_shards")  # fmt: skip
+
+
+def check_resumable(path, ckpt, config: dict) -> None:
+    """Raise, naming what differs, unless ``ckpt`` is a training checkpoint of ``config``'s run."""
+    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"{path} is not a training checkpoint (no {', '.join(map(repr, missing))}): to start "
+            f"from its weights, give it as 'pretrained=' instead of resuming"
+        )
+    for key in SAME_ON_RESUME:
+        old, new = ckpt["config"].get(key), config.get(key)
+        if old != new:
+            raise ValueError(
+                f"{path}: {key} was {old!r} when it was written and is {new!r} now; an exact "
+                f"resume needs the same {key} (start a new output directory to change it)"
+            )
+
+
+def load_training(
+    path, *, model, optimizer, schedule, scaler, rank: int, world_size: int, config: dict
+) -> dict:
+    """Restore the states in place; returns the position {epoch, batch, global_step}.
+    ``config`` is this run's, checked against the one the checkpoint was written with."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    check_resumable(path, ckpt, config)
     if len(ckpt["rng"]) != world_size:
         raise ValueError(
             f"{path}: written by {len(ckpt['rng'])} ranks, resumed with "

@@ -120,6 +120,7 @@ class Trainer:
             scaler=self.scaler,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            config=self.run_config,
         )
         self.epoch, self.batch, self.global_step = pos["epoch"], pos["batch"], pos["global_step"]
 

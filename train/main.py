@@ -17,11 +17,11 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from blip_fast.data import PretrainDataset, RetrievalTrainDataset, test_transform, train_transform
 from blip_fast.data.shards import ShardDataset
-from blip_fast.models.configs import BlipConfig, load_yaml
+from blip_fast.models.configs import BlipConfig, load_yaml, parse_yaml_value
+from blip_fast.train.config import validate_config
 from blip_fast.train.data import Collate, SeededSamples, TrainSampler
 from blip_fast.train.distributed import init_distributed, shutdown
 from blip_fast.train.loop import LoopConfig, Trainer
@@ -43,7 +43,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"override {pair!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml_value(value)
     return out
 
 
@@ -116,15 +116,16 @@ def build_trainer(
     backend=None,
     tensorboard=False,
     resume=None,
+    origins: dict[str, str] | None = None,
 ) -> Trainer:
-    """Everything ``blip-fast train`` runs, from a config dict ``y`` (official keys)."""
+    """Everything ``blip-fast train`` runs, from a config dict ``y`` (official keys), checked
+    first by ``validate_config`` (``origins``: where each key was set, for its messages)."""
     from blip_fast import tokenizer
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    validate_config(task, y, origins)
     itc_warmup = int(y.get("itc_warmup_steps", 0))
-    if itc_warmup and task == "caption":
-        raise ValueError("caption config: 'itc_warmup_steps' needs ITC (pretrain / retrieval only)")
     dist_info = init_distributed(device)
     torch.manual_seed(seed + dist_info.rank)  # official: seed + rank
     cfg = model_config(y)
@@ -198,6 +199,8 @@ def build_trainer(
 def main(args):
     """Entry of ``blip-fast train`` (``args`` from the CLI parser in ``blip_fast.cli``)."""
     y = load_yaml(args.config) if args.config else {}
+    origins = dict.fromkeys(y, str(args.config))
+    origins.update({pair.partition("=")[0]: f"override {pair}" for pair in args.overrides})
     y.update(parse_overrides(args.overrides))
     out_dir = Path(args.output_dir or y.get("output_dir", f"output/{args.task}"))
     resume = args.resume
@@ -217,6 +220,7 @@ def main(args):
         backend=args.backend,
         tensorboard=args.tensorboard,
         resume=resume,
+        origins=origins,
     )
     stats = trainer.train()
     if trainer.dist.is_main:

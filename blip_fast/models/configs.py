@@ -31,6 +31,11 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+def parse_yaml_value(text: str):
+    """A ``key=value`` override's value, read as the config files are (YAML 1.2 numbers)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def load_yaml(path) -> dict:
     """An official BLIP YAML config as a dict (YAML 1.2 numbers)."""
     with open(path) as f:

@@ -101,6 +101,43 @@ def test_checkpoint_dying_mid_write_keeps_the_previous_one(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temp file left
 
 
+@pytest.fixture()
+def mount_tmpfs(tmp_path):
+    """Mounts a tmpfs with the given options (a real full or read-only disk); needs root, which
+    CI runs as."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(options: str):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_full_disk_is_named_and_the_last_checkpoint_kept(mount_tmpfs):
+    disk = mount_tmpfs("size=256k")
+    path = disk / "checkpoint.pth"
+    checkpoint.save_atomic({"step": torch.tensor(1)}, path)
+    with pytest.raises(OSError, match=rf"cannot write {path}: the disk is full \(\d+ bytes free "
+                       rf"in {disk}\); the previous file is kept"):  # fmt: skip
+        checkpoint.save_atomic({"weights": torch.randn(1 << 17)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in disk.iterdir()] == ["checkpoint.pth"]
+
+
+def test_read_only_output_is_named(mount_tmpfs):
+    disk = mount_tmpfs("ro,size=64k")
+    with pytest.raises(OSError, match=rf"{disk} is on a read-only file system; nothing was"):
+        checkpoint.save_atomic({"step": torch.tensor(1)}, disk / "checkpoint.pth")
+
+
 def test_resume_with_another_world_size_is_refused(tiny_config, tmp_path):
     from blip_fast.train.main import build_trainer
 
@@ -111,3 +148,20 @@ def test_resume_with_another_world_size_is_refused(tiny_config, tmp_path):
     torch.save(ckpt, tmp_path / "two_ranks.pth")
     with pytest.raises(ValueError, match="written by 2 ranks, resumed with 1"):
         trainer.resume(tmp_path / "two_ranks.pth")
+
+
+def test_resume_with_another_batch_size_or_a_weights_file_is_refused(tiny_config, tmp_path):
+    from blip_fast.train.main import build_trainer
+
+    build_trainer("retrieval", tiny_config, tmp_path, num_workers=0, max_steps=1).train()
+    ckpt = tmp_path / "checkpoint.pth"
+    smaller = {**tiny_config, "batch_size_train": 2}
+    with pytest.raises(ValueError, match="batch_size_train was 4 when it was written and is 2 now"):
+        build_trainer("retrieval", smaller, tmp_path / "b2", num_workers=0, resume=ckpt)
+    with pytest.raises(ValueError, match="task was 'retrieval' when it was written and is 'pre"):
+        build_trainer("pretrain", tiny_config, tmp_path / "pt", num_workers=0, resume=ckpt)
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, weights)
+    with pytest.raises(ValueError, match=r"weights.pth is not a training checkpoint \(no "
+                       r"'optimizer', 'schedule', 'rng'.*give it as 'pretrained='"):  # fmt: skip
+        build_trainer("retrieval", tiny_config, tmp_path / "w", num_workers=0, resume=weights)
