@@ -91,6 +91,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out_dir / "checkpoint.pth"
         self.writer = None
+        self.saved_step: int | None = None  # global step of the last checkpoint written or read
 
     def close(self):
         """Drop the DDP / compiled wrapper (before ``distributed.shutdown``, which says why)."""
@@ -110,6 +111,7 @@ class Trainer:
             config=self.run_config,
             is_main=self.dist.is_main,
         )
+        self.saved_step = self.global_step
 
     def resume(self, path):
         pos = checkpoint.load_training(
@@ -123,6 +125,7 @@ class Trainer:
             config=self.run_config,
         )
         self.epoch, self.batch, self.global_step = pos["epoch"], pos["batch"], pos["global_step"]
+        self.saved_step = self.global_step
 
     # -- one step ------------------------------------------------------------------------
     def _alpha(self) -> float:
@@ -184,6 +187,24 @@ class Trainer:
 
             self.writer = SummaryWriter(self.out_dir / "tensorboard")
         self.task.train()
+        try:
+            stats = self._epochs()
+        except KeyboardInterrupt:  # nothing is saved now: the step may be half done
+            if self.dist.is_main:
+                print(
+                    f"interrupted at step {self.global_step}; {self._last_save()}", file=sys.stderr
+                )
+            raise
+        if self.writer is not None:
+            self.writer.close()
+        return stats
+
+    def _last_save(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"{self.ckpt_path} holds step {self.saved_step}: continue with --resume auto"
+
+    def _epochs(self) -> dict:
         stats: dict = {}
         while self.epoch < self.cfg.max_epoch and not self._done():
             self.sampler.set_epoch(self.epoch, self.batch)
@@ -215,6 +236,4 @@ class Trainer:
             if self.batch >= self.sampler.batches_per_epoch:
                 self.epoch, self.batch = self.epoch + 1, 0
             self.save()
-        if self.writer is not None:
-            self.writer.close()
         return stats
