@@ -1,4 +1,5 @@
-"""Datasets over the official BLIP annotation JSON formats (DESIGN §4).
+"""Datasets over the official BLIP annotation JSON formats (docs/architecture.md, "Annotation
+formats").
 
 Annotation files are read and validated whole at construction; a bad file, entry, key or type
 raises with the file, entry index and key in the message. Images are opened lazily in
@@ -106,7 +107,10 @@ def load_annotations(files: PathLike | Sequence[PathLike], caption: str) -> list
     out = []
     for f in files:
         path = Path(f)
-        for i, entry in enumerate(_read_json(path)):
+        entries = _read_json(path)
+        if not entries:  # an empty split would train or score nothing, and say nothing
+            raise ValueError(f"annotation file {path} has no entries")
+        for i, entry in enumerate(entries):
             where = f"{path}: entry {i}"
             if not isinstance(entry, dict):
                 raise TypeError(f"{where} must be an object, got {_type_name(entry)}")

@@ -1,4 +1,4 @@
-"""Datasets over the official annotation formats (DESIGN §4): numbering as official BLIP, and
+"""Datasets over the official annotation formats: numbering as official BLIP, and
 every malformed input raises with a message that names the problem."""
 
 import json
@@ -13,6 +13,7 @@ from blip_fast.data.datasets import (
     PretrainDataset,
     RetrievalEvalDataset,
     RetrievalTrainDataset,
+    load_annotations,
 )
 from blip_fast.data.images import load_image
 from blip_fast.data.transforms import test_transform as eval_tf
@@ -207,3 +208,11 @@ def test_load_image_converts_to_rgb(root):
     Image.new("L", (5, 4), 77).save(root / "grey.png")
     img = load_image(root / "grey.png")
     assert img.mode == "RGB" and img.size == (5, 4) and img.getpixel((0, 0)) == (77, 77, 77)
+
+
+@pytest.mark.parametrize("caption", ["str", "list", "str|list"])
+def test_empty_annotation_file_rejected(root, caption):
+    path = root / "empty.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=f"annotation file {path} has no entries"):
+        load_annotations(path, caption)
