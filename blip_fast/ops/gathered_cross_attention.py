@@ -1,4 +1,5 @@
-"""Gathered cross-attention for batched ITM reranking (DESIGN §6.3), inference only.
+"""Gathered cross-attention for batched ITM reranking, inference only (docs/architecture.md,
+"Batched ITM reranking").
 
 Each image's cross-attention K / V is computed once per layer into caches of shape
 (N_images, H, Lk, D); the P candidate (text, image) pairs then attend with their text queries
@@ -9,8 +10,8 @@ Shapes: q (P, H, Lq, D), k_cache / v_cache (N_images, H, Lk, D), image_index (P,
 independent rows whose outputs the caller ignores.
 
 Ops (schemas here; the eager reference everywhere; Triton on CUDA for the ``_triton`` one, the
-C++ kernels of ``blip_fast._C`` (csrc/{cpu,cuda}/gathered_cross_attention) on CPU / CUDA for
-the other):
+C++ cross-attention kernels of ``blip_fast._C`` with a K / V row index
+(csrc/ops/gathered_cross_attention.cpp) on CPU / CUDA for the other):
     blip_fast::gathered_cross_attention_triton(q, k_cache, v_cache, image_index, scale) -> out
     blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale) -> out
 """
@@ -21,7 +22,7 @@ from blip_fast.ops import _backend, reference
 from blip_fast.ops._library import lib
 
 _SCHEMA = "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, float scale) -> Tensor"
-# Two op names because the C++ CUDA kernel and the Triton kernel both want the CUDA key (STYLE §2).
+# Two op names because the C++ CUDA kernel and the Triton kernel both want the CUDA key.
 for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd"):
     lib.define(_name + _SCHEMA)
     lib.impl(_name, reference.gathered_cross_attention, "CompositeExplicitAutograd")

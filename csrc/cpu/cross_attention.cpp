@@ -85,7 +85,8 @@ BLIP_FAST_INLINE void store_rows(const acc_t* src, int64_t ld, int64_t rows, int
 template <typename acc_t>
 BLIP_FAST_INLINE void load_mask(const CrossAttentionParams& p, int64_t b, int64_t j0, int64_t bk,
                                 acc_t* dst) {
-  const bool* mask = p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.k_len + j0;
+  const bool* mask =
+      p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.k_len + j0;
   for (int64_t j = 0; j < bk; ++j)
     dst[j] = mask == nullptr || mask[j] ? acc_t(0) : static_cast<acc_t>(kMaskValue);
   std::fill(dst + bk, dst + kBlockK, -std::numeric_limits<acc_t>::infinity());
@@ -172,7 +173,8 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
     }
     for (int64_t i = 0; i < bq; ++i) {
       acc_t* o = w.o.data() + i * dp;
-      for (int64_t d = 0; d < dp; d += kWidth) vec::store(o + d, vec::load(o + d) * w.correction[i]);
+      for (int64_t d = 0; d < dp; d += kWidth)
+        vec::store(o + d, vec::load(o + d) * w.correction[i]);
     }
     // O += P V with P(i, j) = st[j, i]; V rows in place when they hold whole vectors
     const acc_t* v_rows = w.v.data();
@@ -205,7 +207,8 @@ struct BwdScratch {
       : dp(round_up(head_dim, kWidth)), lq_pad(round_up(q_len, kBlockQ)), q(lq_pad * dp),
         dout(lq_pad * dp), dq(lq_pad * dp), lse(lq_pad), delta(lq_pad), k(kBlockK * dp),
         kt(dp * kBlockK), vt(dp * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), mask_add(kBlockK),
-        s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), pt(kBlockK * kBlockQ), dst(kBlockK * kBlockQ) {}
+        s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), pt(kBlockK * kBlockQ),
+        dst(kBlockK * kBlockQ) {}
 };
 
 // One (batch, head) of the backward: outer loop over key tiles (their dK, dV finish inside
@@ -262,7 +265,8 @@ BLIP_FAST_TARGET_CLONES void bwd_head(const CrossAttentionBwdParams& p, int64_t 
           w.dst[j * kBlockQ + i] = ds[j];
         }
       }
-      vec::gemm<true>(bq_pad, dp, bk, w.ds.data(), kBlockK, w.k.data(), dp, w.dq.data() + i0 * dp, dp);
+      vec::gemm<true>(bq_pad, dp, bk, w.ds.data(), kBlockK, w.k.data(), dp,
+                      w.dq.data() + i0 * dp, dp);
       vec::gemm<true>(bk_pad, dp, bq, w.pt.data(), kBlockQ, dout, dp, w.dv.data(), dp);
       vec::gemm<true>(bk_pad, dp, bq, w.dst.data(), kBlockQ, q, dp, w.dk.data(), dp);
     }
@@ -293,9 +297,9 @@ BLIP_FAST_INLINE void prefetch_kv(const CrossAttentionFwdParams& p, int64_t item
 }
 
 template <typename scalar_t>
-void fwd(const CrossAttentionFwdParams& p) {
+void fwd(const CrossAttentionFwdParams& p, int num_threads) {
   const int64_t items = p.batch * p.heads * ((p.q_len + kBlockQ - 1) / kBlockQ);
-#pragma omp parallel num_threads(p.num_threads)
+#pragma omp parallel num_threads(num_threads)
   {
     FwdScratch<acc_type<scalar_t>> scratch(p.head_dim);
 #pragma omp for schedule(static)
@@ -307,9 +311,9 @@ void fwd(const CrossAttentionFwdParams& p) {
 }
 
 template <typename scalar_t>
-void bwd(const CrossAttentionBwdParams& p) {
+void bwd(const CrossAttentionBwdParams& p, int num_threads) {
   const int64_t heads = p.batch * p.heads;
-#pragma omp parallel num_threads(p.num_threads)
+#pragma omp parallel num_threads(num_threads)
   {
     BwdScratch<acc_type<scalar_t>> scratch(p.head_dim, p.q_len);
 #pragma omp for schedule(static)
@@ -317,24 +321,25 @@ void bwd(const CrossAttentionBwdParams& p) {
   }
 }
 
-}  // namespace
-
-void cross_attention_fwd(const CrossAttentionFwdParams& params) {
-  switch (params.dtype) {
-    case Dtype::kFloat32: return fwd<float>(params);
-    case Dtype::kFloat64: return fwd<double>(params);
-    case Dtype::kFloat16: return fwd<c10::Half>(params);
-    case Dtype::kBFloat16: return fwd<c10::BFloat16>(params);
+// Calls run(scalar_t{}) with scalar_t the element type of dtype.
+template <typename Run>
+void dispatch_dtype(Dtype dtype, Run&& run) {
+  switch (dtype) {
+    case Dtype::kFloat32: return run(float{});
+    case Dtype::kFloat64: return run(double{});
+    case Dtype::kFloat16: return run(c10::Half{});
+    case Dtype::kBFloat16: return run(c10::BFloat16{});
   }
 }
 
-void cross_attention_bwd(const CrossAttentionBwdParams& params) {
-  switch (params.dtype) {
-    case Dtype::kFloat32: return bwd<float>(params);
-    case Dtype::kFloat64: return bwd<double>(params);
-    case Dtype::kFloat16: return bwd<c10::Half>(params);
-    case Dtype::kBFloat16: return bwd<c10::BFloat16>(params);
-  }
+}  // namespace
+
+void cross_attention_fwd(const CrossAttentionFwdParams& params, int num_threads) {
+  dispatch_dtype(params.dtype, [&](auto zero) { fwd<decltype(zero)>(params, num_threads); });
+}
+
+void cross_attention_bwd(const CrossAttentionBwdParams& params, int num_threads) {
+  dispatch_dtype(params.dtype, [&](auto zero) { bwd<decltype(zero)>(params, num_threads); });
 }
 
 }  // namespace blip_fast::cpu

@@ -6,10 +6,9 @@
 // and have not been tuned on a GPU yet.
 #include "cuda/cross_attention.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
+
+#include "cuda/dtype.h"
 
 namespace blip_fast::cuda {
 namespace {
@@ -24,23 +23,9 @@ constexpr int kColsPerThread = kMaxHeadDim / kThreadsPerRow;  // output columns 
 // Official BERT adds (1 − mask) · −10000 to the scores instead of −inf.
 constexpr float kMaskValue = -10000.0f;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 __device__ __forceinline__ float warp_max(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  for (int offset = 16; offset > 0; offset >>= 1)
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
@@ -67,9 +52,11 @@ __host__ __device__ constexpr int smem_floats(int D) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cross_attention_kernel(const CrossAttentionParams p) {
+__global__ void __launch_bounds__(kThreads)
+    cross_attention_kernel(const CrossAttentionFwdParams p) {
   extern __shared__ float smem[];
-  const int D = p.head_dim;
+  const int D = static_cast<int>(p.head_dim);
+  const float scale = static_cast<float>(p.scale);
   float* q_s = smem;
   float* k_s = q_s + kBlockM * D;
   float* v_s = k_s + kBlockN * (D + 1);
@@ -111,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_kernel(const CrossAt
       const int row = warp * kRowsPerWarp + r;
       float dot = 0.0f;
       for (int d = 0; d < D; ++d) dot += q_s[row * D + d] * k_s[lane * (D + 1) + d];
-      const float score = key < p.k_len ? dot * p.scale + mask_add : -INFINITY;
+      const float score = key < p.k_len ? dot * scale + mask_add : -INFINITY;
       const float new_max = fmaxf(row_max[r], warp_max(score));
       const float prob = expf(score - new_max);
       const float correction = expf(row_max[r] - new_max);  // 0 on the first tile
@@ -157,11 +144,11 @@ __global__ void __launch_bounds__(kThreads) cross_attention_kernel(const CrossAt
 }
 
 template <typename T>
-cudaError_t launch(const CrossAttentionParams& p, cudaStream_t stream) {
+cudaError_t launch(const CrossAttentionFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.heads),
                   static_cast<unsigned>((p.q_len + kBlockM - 1) / kBlockM));
   // At kMaxHeadDim this is 43 KiB, under the 48 KiB a kernel gets without opting in.
-  const size_t smem = smem_floats(p.head_dim) * sizeof(float);
+  const size_t smem = smem_floats(static_cast<int>(p.head_dim)) * sizeof(float);
   cross_attention_kernel<T><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -174,14 +161,10 @@ static_assert(kMaxHeadDim % kThreadsPerRow == 0, "output columns must split even
 
 }  // namespace
 
-cudaError_t cross_attention_fwd(const CrossAttentionParams& params, cudaStream_t stream) {
+cudaError_t cross_attention_fwd(const CrossAttentionFwdParams& params, cudaStream_t stream) {
   if (params.batch * params.heads == 0 || params.q_len == 0) return cudaSuccess;
-  switch (params.dtype) {
-    case Dtype::kFloat32: return launch<float>(params, stream);
-    case Dtype::kFloat16: return launch<__half>(params, stream);
-    case Dtype::kBFloat16: return launch<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(params.dtype,
+                        [&](auto zero) { return launch<decltype(zero)>(params, stream); });
 }
 
 }  // namespace blip_fast::cuda

@@ -3,13 +3,11 @@
 // also compile on their own (CMakeLists.txt compile check for sm_90a).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
 
-namespace blip_fast::cuda {
+#include "core/cross_attention.h"
 
-enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+namespace blip_fast::cuda {
 
 // Largest head_dim the kernel accepts: its per-thread accumulators are sized for it.
 constexpr int kMaxHeadDim = 128;
@@ -17,30 +15,10 @@ constexpr int kMaxHeadDim = 128;
 // limited to 65535 by CUDA.
 constexpr int kQueriesPerBlock = 16;
 
-// A [B, H, L, D] tensor whose last dim is contiguous; strides in elements.
-struct Operand {
-  const void* data;
-  int64_t batch_stride, head_stride, row_stride;
-};
-
-struct CrossAttentionParams {
-  Dtype dtype;                   // of q, k, v and out; the kernel computes in fp32
-  Operand q;                     // [B, H, Lq, D]
-  Operand k;                     // [B, H, Lk, D]
-  Operand v;                     // [B, H, Lk, D]
-  const bool* key_padding_mask;  // [B, Lk] contiguous, true = attend; nullptr = attend to all
-  void* out;                     // [B, H, Lq, D] contiguous
-  float* lse;                    // [B, H, Lq] contiguous: log Σ_j exp(score_ij)
-  int64_t batch, heads, q_len, k_len;
-  int head_dim;                  // 1 .. kMaxHeadDim
-  float scale;                   // applied to q·k before the mask is added
-  // [B] K / V row of each batch entry (gathered cross-attention, cuda/gathered_cross_attention.h): k / v then
-  // have any batch size N and entry b reads row kv_index[b]; nullptr = row b.
-  const int64_t* kv_index = nullptr;
-};
-
-// out, lse = softmax(q kᵀ · scale + mask) v and its row log-sum-exp on `stream`; masked keys
-// get score − 10000 (official BERT). Returns the launch error, if any.
-cudaError_t cross_attention_fwd(const CrossAttentionParams& params, cudaStream_t stream);
+// out, lse = softmax(q kᵀ · scale + mask) v and its row log-sum-exp on `stream`, in fp32 for
+// fp32 / fp16 / bf16 (fp64: cudaErrorInvalidValue); masked keys get score − 10000 (official
+// BERT). With kv_index, batch entry b attends over K / V row kv_index[b] (a device pointer).
+// Needs head_dim <= kMaxHeadDim. Returns the launch error, if any.
+cudaError_t cross_attention_fwd(const CrossAttentionFwdParams& params, cudaStream_t stream);
 
 }  // namespace blip_fast::cuda

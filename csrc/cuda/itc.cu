@@ -5,19 +5,14 @@
 // reduction merges at the end. No torch headers: see itc.h.
 #include "cuda/itc.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
+
+#include "cuda/dtype.h"
 
 namespace blip_fast::cuda {
 namespace {
 
 constexpr int kWarps = kItcThreads / 32;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Running state of one row: max / scaled exp-sum of the student and of the teacher, the
 // teacher-weighted Σ s (scaled like the teacher's sum), Σ hard·s and the hard count.
@@ -166,12 +161,8 @@ cudaError_t launch(const ItcFwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t itc_fwd(const ItcFwdParams& params, cudaStream_t stream) {
-  switch (params.dtype) {
-    case ItcDtype::kFloat32: return launch<float>(params, stream);
-    case ItcDtype::kFloat16: return launch<__half>(params, stream);
-    case ItcDtype::kBFloat16: return launch<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(params.dtype,
+                        [&](auto zero) { return launch<decltype(zero)>(params, stream); });
 }
 
 }  // namespace blip_fast::cuda

@@ -8,9 +8,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace blip_fast::cuda {
+#include "core/types.h"
 
-enum class ItcDtype { kFloat32, kFloat16, kBFloat16 };
+namespace blip_fast::cuda {
 
 // Rows per thread block (each column is read once per block and used for all its rows) and
 // threads per block (one column per thread per step). Not tuned on hardware yet.
@@ -19,7 +19,7 @@ constexpr int kItcThreads = 256;
 
 // One direction (i2t or t2i) of the loss.
 struct ItcFwdParams {
-  ItcDtype dtype;            // of x, x_m, feat_m and queue; the kernel computes in fp32
+  Dtype dtype;               // of x, x_m, feat_m and queue; fp32 compute (fp64: no kernel)
   const void* x;             // [B, D] student rows, row stride x_stride, last dim contiguous
   const void* x_m;           // [B, D] teacher rows, row stride x_m_stride
   const void* feat_m;        // [B, D] batch part of the columns, row stride feat_m_stride
@@ -36,7 +36,7 @@ struct ItcFwdParams {
   float* rows;               // [B]: lse_s − alpha·Σ softmax(t)·s − (1 − alpha)·Σ hard·s / count
 };
 
-// Runs one direction on `stream`; returns the launch error, if any.
+// Runs one direction on `stream`; returns the launch error, if any (fp64 has no kernel).
 cudaError_t itc_fwd(const ItcFwdParams& params, cudaStream_t stream);
 
 }  // namespace blip_fast::cuda

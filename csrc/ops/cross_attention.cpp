@@ -1,19 +1,16 @@
-// Torch-typed host functions of blip_fast::cross_attention_fwd / _bwd: check the tensors, map
-// the dtype, allocate the outputs and call the CPU (csrc/cpu) or CUDA (csrc/cuda) launcher.
-#include "ops.h"
+// Torch-typed host functions of blip_fast::cross_attention_fwd / _bwd, and the forward they
+// share with gathered_cross_attention_fwd: check the tensors, fill the kernel parameters,
+// allocate the outputs and call the CPU (csrc/cpu) or CUDA (csrc/cuda) launcher.
+#include "ops/cross_attention.h"
 
-#include <algorithm>
-
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "core/registration.h"
 #include "cpu/cross_attention.h"
+#include "ops.h"
+#include "ops/common.h"
 
 #ifdef BLIP_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <limits>
 
 #include "cuda/cross_attention.h"
@@ -22,8 +19,9 @@
 namespace blip_fast {
 namespace {
 
-// The kernels read rows with arbitrary batch / head / row strides but need contiguous rows.
-at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+// Multiply-adds per OpenMP thread (~20 µs of one core's work) below which a call uses fewer
+// threads (cpu_threads).
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 
 // q [B, H, Lq, D], k / v [B, H, Lk, D], key_padding_mask [B, Lk] bool.
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -38,10 +36,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
               " but k and v have D = ", k.size(3));
   TORCH_CHECK(k.size(2) > 0, op, ": k and v have no keys (Lk = 0)");
   TORCH_CHECK(q.size(3) > 0, op, ": head dim D must be positive, got q shape ", q.sizes());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": q must be float32, float64, float16 or bfloat16, got ", dtype);
+  kernel_dtype(op, "q", q);  // throws for a dtype no kernel takes
   CHECK_DTYPE(op, k, q);
   CHECK_DTYPE(op, v, q);
   CHECK_DEVICE(op, k, q);
@@ -57,105 +52,71 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   }
 }
 
-template <typename Operand>
-Operand operand(const at::Tensor& x) {
-  return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
-}
-
-template <typename Params>
-void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& mask, double scale) {
-  using Operand = decltype(p.q);
-  p.q = operand<Operand>(q);
-  p.k = operand<Operand>(k);
-  p.v = operand<Operand>(v);
+// The fields every launcher reads, from checked tensors with contiguous rows (kv_index: none).
+void fill_inputs(const char* op, CrossAttentionParams& p, const at::Tensor& q,
+                 const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                 double scale) {
+  p.dtype = kernel_dtype(op, "q", q);
+  p.q = operand(q);
+  p.k = operand(k);
+  p.v = operand(v);
   p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   p.batch = q.size(0);
   p.heads = q.size(1);
   p.q_len = q.size(2);
   p.k_len = k.size(2);
-  p.head_dim = static_cast<decltype(p.head_dim)>(q.size(3));
-  p.scale = static_cast<decltype(p.scale)>(scale);
-}
-
-cpu::Dtype cpu_dtype(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return cpu::Dtype::kFloat32;
-    case at::kDouble: return cpu::Dtype::kFloat64;
-    case at::kHalf: return cpu::Dtype::kFloat16;
-    default: return cpu::Dtype::kBFloat16;  // check_inputs admits no other dtype
-  }
-}
-
-// Multiply-adds per OpenMP thread (~20 µs of one core's work) below which a call uses fewer
-// threads: waking idle workers can cost far more than that (on the 2-core dev VM each tiny
-// gradcheck call took 7-16 ms with 2 threads and 30 µs with 1).
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
-
-// Threads for a call doing `work` multiply-adds: torch's setting at most, 1 inside an
-// at::parallel_for region.
-int cpu_threads(int64_t work) {
-  if (at::in_parallel_region()) return 1;
-  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, at::get_num_threads()));
+  p.head_dim = q.size(3);
+  p.scale = scale;
 }
 
 int64_t attention_work(const at::Tensor& q, const at::Tensor& k) {
   return q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3);
 }
 
-#ifdef BLIP_FAST_WITH_CUDA
-void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const std::optional<at::Tensor>& mask, double scale, at::Tensor& out,
-              at::Tensor& lse) {
-  const char* op = "cross_attention_fwd";
-  TORCH_CHECK(q.scalar_type() != at::kDouble, op,
-              ": the CUDA kernel takes float32, float16 or bfloat16, got float64");
-  TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, op, ": the CUDA kernel takes head dim <= ",
-              cuda::kMaxHeadDim, ", got ", q.size(3));
-  TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() &&
-                  (q.size(2) + cuda::kQueriesPerBlock - 1) / cuda::kQueriesPerBlock <= 65535,
-              op, ": q ", q.sizes(), " needs more thread blocks than one launch allows");
-  cuda::CrossAttentionParams p{};
-  fill_common(p, q, k, v, mask, scale);
-  p.dtype = q.scalar_type() == at::kFloat  ? cuda::Dtype::kFloat32
-            : q.scalar_type() == at::kHalf ? cuda::Dtype::kFloat16
-                                           : cuda::Dtype::kBFloat16;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaError_t err = cuda::cross_attention_fwd(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-#endif
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  check_inputs("cross_attention_fwd", q, k, v, key_padding_mask);
+std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
+    const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_index,
+    double scale) {
   const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
   const at::Tensor v_rows = rows_contiguous(v);
   std::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  const at::Tensor index = kv_index.has_value() ? kv_index->contiguous() : at::Tensor();
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};  // no (batch, head, query) rows
 
+  CrossAttentionFwdParams p{};
+  fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
+  p.kv_index = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
 #ifdef BLIP_FAST_WITH_CUDA
   if (q.is_cuda()) {
-    cuda_fwd(q_rows, k_rows, v_rows, mask, scale, out, lse);
+    check_cuda_dtype(op, p.dtype);
+    TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, op, ": the CUDA kernel takes head dim <= ",
+                cuda::kMaxHeadDim, ", got ", q.size(3));
+    TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() &&
+                    (q.size(2) + cuda::kQueriesPerBlock - 1) / cuda::kQueriesPerBlock <= 65535,
+                op, ": q ", q.sizes(), " needs more thread blocks than one launch allows");
+    launch_on(op, q.device(),
+              [&](cudaStream_t stream) { return cuda::cross_attention_fwd(p, stream); });
     return {out, lse};
   }
 #endif
-  cpu::CrossAttentionFwdParams p{};
-  fill_common(p, q_rows, k_rows, v_rows, mask, scale);
-  p.dtype = cpu_dtype(q.scalar_type());
-  p.num_threads = cpu_threads(attention_work(q, k));
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  cpu::cross_attention_fwd(p);
+  TORCH_CHECK(q.is_cpu(), op, ": no kernel for device ", q.device());
+  cpu::cross_attention_fwd(p, cpu_threads(attention_work(q, k), kMinWorkPerThread));
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const char* op = "cross_attention_fwd";
+  check_inputs(op, q, k, v, key_padding_mask);
+  return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
@@ -189,16 +150,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};  // no queries: no gradient
 
   cpu::CrossAttentionBwdParams p{};
-  fill_common(p, q_rows, k_rows, v_rows, mask, scale);
-  p.dtype = cpu_dtype(q.scalar_type());
-  p.num_threads = cpu_threads(attention_work(q, k));
-  p.dout = operand<cpu::Operand>(dout_rows);
-  p.out = operand<cpu::Operand>(out_rows);
+  fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
+  p.dout = operand(dout_rows);
+  p.out = operand(out_rows);
   p.lse = lse_c.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  cpu::cross_attention_bwd(p);
+  cpu::cross_attention_bwd(p, cpu_threads(attention_work(q, k), kMinWorkPerThread));
   return {dq, dk, dv};
 }
 

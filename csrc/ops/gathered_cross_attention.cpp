@@ -1,30 +1,15 @@
-// Torch-typed host function of blip_fast::gathered_cross_attention_fwd: check the tensors, map
-// the dtype, allocate the output and call the CPU (csrc/cpu/gathered_cross_attention) or CUDA
-// (csrc/cuda/gathered_cross_attention) launcher.
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-
-#include <algorithm>
-
+// Torch-typed host function of blip_fast::gathered_cross_attention_fwd: checks the tensors and
+// the image indices, then runs the cross-attention forward with the indices as its K / V row
+// index (ops/cross_attention.h), so each pair reads its image's cache rows in place.
 #include "core/registration.h"
-#include "cpu/gathered_cross_attention.h"
 #include "ops.h"
-
-#ifdef BLIP_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <limits>
-
-#include "cuda/gathered_cross_attention.h"
-#endif
+#include "ops/common.h"
+#include "ops/cross_attention.h"
 
 namespace blip_fast {
 namespace {
 
 constexpr const char* kOp = "gathered_cross_attention_fwd";
-
-at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& image_index) {
@@ -37,10 +22,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               ": heads and head dim of k_cache ", k_cache.sizes(), " must match q ", q.sizes());
   TORCH_CHECK(k_cache.size(2) > 0, kOp, ": the caches have no keys (Lk = 0)");
   TORCH_CHECK(q.size(3) > 0, kOp, ": head dim D must be positive, got q shape ", q.sizes());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              kOp, ": q must be float32, float64, float16 or bfloat16, got ", dtype);
+  kernel_dtype(kOp, "q", q);  // throws for a dtype no kernel takes
   CHECK_DTYPE(kOp, k_cache, q);
   CHECK_DTYPE(kOp, v_cache, q);
   CHECK_DEVICE(kOp, k_cache, q);
@@ -67,71 +49,9 @@ at::Tensor gathered_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k
                                         double scale) {
   check_inputs(q, k_cache, v_cache, image_index);
   check_index_range(image_index, k_cache.size(0));
-  const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k_cache);
-  const at::Tensor v_rows = rows_contiguous(v_cache), index = image_index.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  if (q.numel() == 0) return out;
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-
-#ifdef BLIP_FAST_WITH_CUDA
-  if (q.is_cuda()) {
-    TORCH_CHECK(q.scalar_type() != at::kDouble, kOp,
-                ": the CUDA kernel takes float32, float16 or bfloat16, got float64");
-    TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, kOp, ": the CUDA kernel takes head dim <= ",
-                cuda::kMaxHeadDim, ", got ", q.size(3));
-    TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() &&
-                    (q.size(2) + cuda::kQueriesPerBlock - 1) / cuda::kQueriesPerBlock <= 65535,
-                kOp, ": q ", q.sizes(), " needs more thread blocks than one launch allows");
-    cuda::GatheredCrossAttentionParams p{};
-    p.dtype = q.scalar_type() == at::kFloat  ? cuda::Dtype::kFloat32
-              : q.scalar_type() == at::kHalf ? cuda::Dtype::kFloat16
-                                             : cuda::Dtype::kBFloat16;
-    p.q = {q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), q_rows.stride(2)};
-    p.k_cache = {k_rows.data_ptr(), k_rows.stride(0), k_rows.stride(1), k_rows.stride(2)};
-    p.v_cache = {v_rows.data_ptr(), v_rows.stride(0), v_rows.stride(1), v_rows.stride(2)};
-    p.image_index = index.data_ptr<int64_t>();
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr<float>();
-    p.pairs = q.size(0);
-    p.heads = q.size(1);
-    p.q_len = q.size(2);
-    p.k_len = k_cache.size(2);
-    p.head_dim = static_cast<int>(q.size(3));
-    p.scale = static_cast<float>(scale);
-    const c10::cuda::CUDAGuard guard(q.device());
-    const cudaError_t err = cuda::gathered_cross_attention_fwd(p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
-    return out;
-  }
-#endif
-  TORCH_CHECK(q.is_cpu(), kOp, ": no kernel for device ", q.device());
-  cpu::GatheredCrossAttentionParams p{};
-  switch (q.scalar_type()) {
-    case at::kFloat: p.dtype = cpu::Dtype::kFloat32; break;
-    case at::kDouble: p.dtype = cpu::Dtype::kFloat64; break;
-    case at::kHalf: p.dtype = cpu::Dtype::kFloat16; break;
-    default: p.dtype = cpu::Dtype::kBFloat16;  // check_inputs admits no other dtype
-  }
-  p.q = {q_rows.data_ptr(), q_rows.stride(0), q_rows.stride(1), q_rows.stride(2)};
-  p.k_cache = {k_rows.data_ptr(), k_rows.stride(0), k_rows.stride(1), k_rows.stride(2)};
-  p.v_cache = {v_rows.data_ptr(), v_rows.stride(0), v_rows.stride(1), v_rows.stride(2)};
-  p.image_index = index.data_ptr<int64_t>();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.pairs = q.size(0);
-  p.heads = q.size(1);
-  p.q_len = q.size(2);
-  p.k_len = k_cache.size(2);
-  p.head_dim = q.size(3);
-  p.scale = scale;
-  // Same thread policy as cross_attention_fwd: 1 inside a parallel region, else torch's setting
-  // capped so that each thread gets ~1M multiply-adds.
-  const int64_t work = q.size(0) * q.size(1) * q.size(2) * k_cache.size(2) * q.size(3);
-  p.num_threads = at::in_parallel_region()
-                      ? 1
-                      : static_cast<int>(std::clamp<int64_t>(work >> 20, 1, at::get_num_threads()));
-  cpu::gathered_cross_attention_fwd(p);
-  return out;
+  // image tokens are all attended: no key padding mask
+  return std::get<0>(
+      run_cross_attention_fwd(kOp, q, k_cache, v_cache, std::nullopt, image_index, scale));
 }
 
 }  // namespace blip_fast

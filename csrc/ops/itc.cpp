@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -21,11 +20,9 @@
 
 #include "core/registration.h"
 #include "cpu/itc.h"
+#include "ops/common.h"
 
 #ifdef BLIP_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "cuda/itc.h"
 #endif
 
@@ -42,13 +39,8 @@ int64_t tile_cols(int64_t batch) {
   return n;
 }
 
-// Multiply-adds per OpenMP thread below which fewer threads are used (as cross_attention).
+// Multiply-adds per OpenMP thread below which a call uses fewer threads (cpu_threads).
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 18;
-
-int cpu_threads(int64_t work) {
-  if (at::in_parallel_region()) return 1;
-  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, at::get_num_threads()));
-}
 
 void check_inputs(const char* op, const at::Tensor& image_feat, const at::Tensor& text_feat,
                   const at::Tensor& image_feat_m, const at::Tensor& text_feat_m,
@@ -71,10 +63,8 @@ void check_inputs(const char* op, const at::Tensor& image_feat, const at::Tensor
               ": text_queue ", text_queue.sizes(), " and image_queue ", image_queue.sizes(),
               " must have the same queue length Q");
   TORCH_CHECK(temp.numel() == 1, op, ": temp must be a 0-d tensor, got shape ", temp.sizes());
+  kernel_dtype(op, "image_feat", image_feat);  // throws for a dtype no kernel takes
   const auto dtype = image_feat.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": image_feat must be float32, float64, float16 or bfloat16, got ", dtype);
   for (const at::Tensor* t : {&text_feat, &image_feat_m, &text_feat_m, &image_queue,
                               &text_queue}) {
     TORCH_CHECK(t->scalar_type() == dtype, op, ": all features and queues must have "
@@ -156,7 +146,7 @@ at::Tensor fwd_impl(const std::vector<Direction>& dirs, double inv_t, double alp
                                   idx ? idx_all.data_ptr<int64_t>() : nullptr,
                                   teacher, need_grad, rescale.data_ptr<acc_t>(),
                                   need_grad ? hard_sum.data() : nullptr,
-                                  cpu_threads(B * n * 16)};
+                                  cpu_threads(B * n * 16, kMinWorkPerThread)};
       cpu::itc_fwd_tile(p, state.data());
       if (need_grad) {  // the flash-attention forward's accumulator update
         o.mul_(rescale.unsqueeze(1));
@@ -189,22 +179,19 @@ std::tuple<at::Tensor, at::Tensor> cuda_fwd(const std::vector<Direction>& dirs,
                                             const at::Tensor& idx_all) {
   const char* op = "itc_fwd";
   const at::Tensor& x0 = dirs[0].x;
-  TORCH_CHECK(x0.scalar_type() != at::kDouble, op,
-              ": the CUDA kernel takes float32, float16 or bfloat16, got float64");
+  const Dtype dtype = kernel_dtype(op, "image_feat", x0);
+  check_cuda_dtype(op, dtype);
   const int64_t B = x0.size(0);
   // lse_s, lse_t, count per row; the gradient columns stay 0 (itc_bwd on CUDA recomputes)
   at::Tensor stats = at::zeros({2, B, 3 + x0.size(1)}, x0.options().dtype(at::kFloat));
   at::Tensor rows = at::empty({2, B}, x0.options().dtype(at::kFloat));
   const at::Tensor temp_f = temp.to(at::kFloat).contiguous();
-  const c10::cuda::CUDAGuard guard(x0.device());
   for (size_t d = 0; d < dirs.size(); ++d) {
     const Direction& dir = dirs[d];
     const at::Tensor x = dir.x.contiguous(), x_m = dir.x_m.contiguous();
     const at::Tensor feat_m = dir.feat_m.contiguous();
     cuda::ItcFwdParams p{};
-    p.dtype = x.scalar_type() == at::kFloat  ? cuda::ItcDtype::kFloat32
-              : x.scalar_type() == at::kHalf ? cuda::ItcDtype::kFloat16
-                                             : cuda::ItcDtype::kBFloat16;
+    p.dtype = dtype;
     p.x = x.data_ptr();
     p.x_m = x_m.data_ptr();
     p.feat_m = feat_m.data_ptr();
@@ -224,8 +211,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_fwd(const std::vector<Direction>& dirs,
     p.stats = stats[d].data_ptr<float>();
     p.stats_ld = stats.stride(1);
     p.rows = rows[d].data_ptr<float>();
-    const cudaError_t err = cuda::itc_fwd(p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+    launch_on(op, x0.device(), [&](cudaStream_t stream) { return cuda::itc_fwd(p, stream); });
   }
   return {rows.mean(1).sum().div(2.0).to(x0.scalar_type()), stats};
 }
