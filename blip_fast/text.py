@@ -1,4 +1,4 @@
-"""Caption normalisation, identical to official BLIP's ``pre_caption`` (DESIGN §1)."""
+"""Caption normalisation, identical to official BLIP's ``pre_caption``."""
 
 import re
 

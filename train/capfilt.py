@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,10 +53,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from blip_fast.data.corrupt_report import record_corrupt
 from blip_fast.data.datasets import CorruptImage, load_annotations
 from blip_fast.data.images import decode_image, load_image
-from blip_fast.data.loader import Uint8TestTransform, normalize_uint8, record_corrupt
 from blip_fast.data.shards import ShardDataset, write_shards
+from blip_fast.data.uint8_transforms import Uint8TestTransform, normalize_uint8
 from blip_fast.text import pre_caption
 from blip_fast.train.checkpoint import atomic_write
 
@@ -362,9 +364,13 @@ def capfilt(
         _check_settings(out / "settings.json", settings)
 
     n_chunks = -(-n_entries // chunk_size)
-    todo = [
-        c for c in range(rank, n_chunks, world) if not (out / "chunks" / f"{c:06d}.json").exists()
-    ]
+    mine = range(rank, n_chunks, world)
+    todo = [c for c in mine if not (out / "chunks" / f"{c:06d}.json").exists()]
+    print(
+        f"capfilt rank {rank} of {world}: {len(todo)} chunks to compute, "
+        f"{len(mine) - len(todo)} already written, of {n_chunks}",
+        file=sys.stderr,
+    )
     batches = {
         c: _batches(c * chunk_size, min((c + 1) * chunk_size, n_entries), batch_size) for c in todo
     }

@@ -11,10 +11,10 @@ import math
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from blip_fast.data.corrupt_report import record_corrupt
 from blip_fast.data.datasets import CorruptImage
-from blip_fast.data.loader import record_corrupt
 
-# (padding, max_length) per task, as the official models tokenise (DESIGN §1, §4)
+# (padding, max_length) per task, as the official models tokenise
 TOKENISATION = {
     "pretrain": ("max_length", 30),
     "retrieval": ("max_length", 35),

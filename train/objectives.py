@@ -1,4 +1,5 @@
-"""The BLIP training objectives beyond ITC (DESIGN §2): ITM with hard negatives and LM.
+"""The BLIP training objectives beyond ITC: ITM with hard negatives and LM (docs/architecture.md,
+"Training objectives").
 
 ITC is ``BlipITMMixin.itc_loss`` (the fused op, reading the queues in place)."""
 

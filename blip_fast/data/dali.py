@@ -1,5 +1,6 @@
 """NVIDIA DALI loader: JPEG decode on the GPU (``mixed`` decoder) and the uint8 transforms of
-``blip_fast.data.loader`` as DALI operators, fed by an external source in sampler order.
+``blip_fast.data.uint8_transforms`` as DALI operators, fed by an external source in sampler
+order.
 
     external_source (JPEG bytes, dataset index) -> decode [random crop] -> resize (bicubic)
       -> crop_mirror_normalize [flip] -> float32 (B, 3, S, S) on the GPU
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, default_collate
 
+from blip_fast.data.corrupt_report import record_corrupt
 from blip_fast.data.datasets import CorruptImage
-from blip_fast.data.loader import Uint8TestTransform, Uint8TrainTransform, record_corrupt
 from blip_fast.data.transforms import MEAN, STD
+from blip_fast.data.uint8_transforms import Uint8TestTransform, Uint8TrainTransform
 
 try:
     from nvidia.dali import fn, pipeline_def, types

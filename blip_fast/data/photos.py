@@ -1,5 +1,5 @@
-"""Real JPEG photos shipped inside PyPI wheels (DESIGN §5), for tests and benchmarks that need
-camera images rather than synthetic scenes, offline."""
+"""Real JPEG photos shipped inside PyPI wheels (scikit-image, scikit-learn), for tests and
+benchmarks that need camera images rather than synthetic scenes, offline."""
 
 import importlib
 import os

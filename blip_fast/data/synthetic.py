@@ -1,4 +1,4 @@
-"""A synthetic image-text data set in the official BLIP formats (DESIGN §4), for tests, smoke
+"""A synthetic image-text data set in the official BLIP annotation formats, for tests, smoke
 training and convergence checks without downloads.
 
 Each image is a scene of 2-3 coloured shapes (6 shapes x 8 colours x 2 sizes) standing left to

@@ -1,4 +1,5 @@
-"""Image transforms of official BLIP (DESIGN §1), on PIL + torch only (no torchvision / timm).
+"""Image transforms of official BLIP (docs/architecture.md, "Image preprocessing"), on PIL +
+torch only (no torchvision / timm).
 
 Randomness comes from a ``torch.Generator`` when one is given, else from torch's global RNG,
 which ``DataLoader`` seeds differently in every worker. (Official BLIP's RandomAugment draws from

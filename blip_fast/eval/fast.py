@@ -1,4 +1,5 @@
-"""Fast retrieval reranking (DESIGN §3, §6.3): the official scores, computed with less work.
+"""Fast retrieval reranking: the official scores, computed with less work (docs/architecture.md,
+"Retrieval evaluation" and "Batched ITM reranking").
 
 Same candidates and the same score formula as ``reference_scores`` (score = ITM logit[1] +
 similarity, every other entry -100), but:
@@ -8,16 +9,18 @@ similarity, every other entry -100), but:
   sized from a byte budget, so memory stays bounded), and pairs read them by image index through
   ``ops.gathered_cross_attention`` instead of recomputing them per pair;
 - pairs run in large batches (sorted by text length, then text, inside a chunk), each trimmed
-  to its longest text (dropping padding changes a logit by < 4e-7, DESIGN §3); inside a batch
+  to its longest text (dropping padding changes a logit by < 4e-7); inside a batch
   the text-only part of the first layer (self-attention, cross-attention queries) runs once per
   distinct text, and the last layer only for the [ENC] token the ITM head reads
   (``blip_fast.models.blip_retrieval.GatheredITM``);
 - the text encoder's linear layers run prepacked oneDNN GEMMs on CPU (``ops.prepack_linears``:
   2.1-2.4x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path).
 Top-k candidates are selected with exactly the reference's calls, so ties at the k-th place
-resolve identically. Multi-process (torch.distributed initialised): images - with their pairs -
-are split across ranks, each rank adds its scores into zero matrices, one all-reduce (sum), and
--100 is written once afterwards: the result is the single-process matrix for any world size.
+resolve identically. Multi-process (torch.distributed initialised): rank 0's embeddings are
+broadcast (every rank selects the same candidates), images - with their pairs - are split across
+ranks balancing the pair count, each rank adds its scores into zero matrices, one all-reduce
+(sum), and -100 is written once afterwards: the result is the single-process matrix for any
+world size.
 """
 
 import time
@@ -36,10 +39,30 @@ KV_BUDGET_BYTES = 1 << 30  # per-image cross K/V of all layers held at once (def
 ITM_BATCH = 128
 
 
-def _dist():
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def sum_over_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Element-wise sums over all ranks of ``tensors`` (one dtype; one all-reduce); the tensors
+    themselves in a world of one."""
+    if rank_world()[1] == 1:
+        return tensors
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    parts = flat.split([t.numel() for t in tensors])
+    return tuple(part.view_as(t) for part, t in zip(parts, tensors))
+
+
+def per_rank(count: int, device) -> list[int]:
+    """``count`` of every rank, in rank order (a sum over ranks of one-hot rows)."""
+    rank, world = rank_world()
+    counts = torch.zeros(world, dtype=torch.int64, device=device)
+    counts[rank] = count
+    return sum_over_ranks(counts)[0].tolist()
 
 
 @torch.no_grad()
@@ -87,8 +110,13 @@ def fast_scores(
 ):
     """Same contract as ``reference_scores``: -> score_i2t (n_img, n_txt), score_t2i (n_txt,
     n_img). ``stats`` (optional dict) receives ``itm_pairs`` (unique pairs through the ITM
-    encoder, all ranks), ``kv_s`` and ``itm_s`` (this rank's seconds)."""
-    rank, world = _dist()
+    encoder, all ranks), ``rank_itm_pairs`` (those this rank ran), ``kv_s`` and ``itm_s``
+    (this rank's seconds)."""
+    rank, world = rank_world()
+    if world > 1:  # a pair missed or scored twice if ranks' numerics chose other candidates
+        image_embed, text_embed = image_embed.clone(), text_embed.clone()
+        dist.broadcast(image_embed, 0)
+        dist.broadcast(text_embed, 0)
     sims = (image_embed @ text_embed.t()).float()  # scores in fp32 under bf16 autocast too
     n_img, n_txt = sims.shape
     i2t, t2i = candidates(sims, k_test)
@@ -108,6 +136,7 @@ def fast_scores(
     starts = torch.cat([per_image.new_zeros(1), torch.cumsum(per_image, 0)]).tolist()
     itm = model.gathered_itm()
     kv_s = itm_s = 0.0
+    ran = 0
     for c0 in tqdm(range(lo, hi, chunk), desc="rerank", disable=not progress):
         c1 = min(c0 + chunk, hi)
         p0, p1 = starts[c0], starts[c1]
@@ -127,6 +156,7 @@ def fast_scores(
             L = int(lengths[t].max())
             out = itm(text_ids[t, :L], text_mask[t, :L], kv, img_idx[s] - c0)
             logits[s] = out[:, 1].float()
+            ran += s.numel()
         itm_s += time.perf_counter() - t0
         del kv
 
@@ -140,13 +170,9 @@ def fast_scores(
     score_i2t[img_idx[m], txt_idx[m]] = score[m]
     m = mine & t2i[txt_idx, img_idx]
     score_t2i[txt_idx[m], img_idx[m]] = score[m]
-    if world > 1:
-        both = torch.cat([score_i2t.flatten(), score_t2i.flatten()])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM)
-        score_i2t = both[: n_img * n_txt].view(n_img, n_txt)
-        score_t2i = both[n_img * n_txt :].view(n_txt, n_img)
+    score_i2t, score_t2i = sum_over_ranks(score_i2t, score_t2i)
     score_i2t = torch.where(i2t, score_i2t, score_i2t.new_tensor(-100.0))
     score_t2i = torch.where(t2i, score_t2i, score_t2i.new_tensor(-100.0))
     if stats is not None:
-        stats.update(itm_pairs=int(img_idx.numel()), kv_s=kv_s, itm_s=itm_s)
+        stats.update(itm_pairs=int(img_idx.numel()), rank_itm_pairs=ran, kv_s=kv_s, itm_s=itm_s)
     return score_i2t, score_t2i

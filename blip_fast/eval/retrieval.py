@@ -1,10 +1,14 @@
-"""Image-text retrieval evaluation, the official procedure (DESIGN §3) as the reference.
+"""Image-text retrieval evaluation, the official procedure (docs/architecture.md, "Retrieval
+evaluation") as the reference.
 
 Texts and images are encoded in batches; then for every image the top-k texts by cosine
 similarity are re-scored with the ITM head (score = itm logit[1] + similarity), and the same
 for every text over the top-k images; everything else stays -100. ``evaluate`` runs it in
 ``mode="fast"`` (``blip_fast.eval.fast``: same scores, deduplicated pairs, per-image cross K/V
 computed once, batched) by default, or ``mode="reference"`` (``reference_scores``).
+Under torch.distributed every rank encodes every text and image (as official BLIP) and the
+re-ranking, nearly all of the work, is split across ranks; every rank gets the single-process
+scores.
 """
 
 import contextlib
@@ -13,6 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from blip_fast.eval import fast
 from blip_fast.eval.metrics import retrieval_metrics
 
 MODES = ("fast", "reference")
@@ -56,31 +61,44 @@ def reference_scores(
     k_test: int,
     progress=False,
     queries: tuple[int, int] | None = None,
+    stats: dict | None = None,
 ):
     """The official re-ranking loop, one query and its k candidates at a time.
     Returns score_i2t (n_img, n_txt) and score_t2i (n_txt, n_img), fp32 at any precision.
     ``queries`` (i, t): run only the first i image and t text queries (their rows are the full
-    loop's; the other rows stay -100), for timing a share of a long loop."""
+    loop's; the other rows stay -100), for timing a share of a long loop. Multi-process: the
+    query rows are split evenly across ranks (as official BLIP) and summed with one all-reduce.
+    ``stats`` (optional dict) receives ``rank_itm_pairs`` (pairs this rank ran)."""
+    rank, world = fast.rank_world()
     sims = (image_embed @ text_embed.t()).float()
     n_img, n_txt = sims.shape
     q_img, q_txt = queries or (n_img, n_txt)
-    score_i2t = sims.new_full((n_img, n_txt), -100.0)
-    k = min(k_test, n_txt)
-    for i in tqdm(range(min(q_img, n_img)), desc="i2t rerank", disable=not progress):
-        topk_sim, topk_idx = sims[i].topk(k)
+    # each rank writes -100 and its scores into its own rows only, zero elsewhere: the sum over
+    # ranks is the single-process matrix
+    img_lo, img_hi = n_img * rank // world, n_img * (rank + 1) // world
+    txt_lo, txt_hi = n_txt * rank // world, n_txt * (rank + 1) // world
+    score_i2t = sims.new_zeros((n_img, n_txt))
+    score_i2t[img_lo:img_hi] = -100.0
+    k_txt, k_img = min(k_test, n_txt), min(k_test, n_img)
+    img_rows = range(img_lo, min(img_hi, q_img))
+    for i in tqdm(img_rows, desc="i2t rerank", disable=not progress):
+        topk_sim, topk_idx = sims[i].topk(k_txt)
         logits = model.itm_logits(text_ids[topk_idx], text_mask[topk_idx], image_feats[i : i + 1])
         score_i2t[i, topk_idx] = logits[:, 1] + topk_sim
-    score_t2i = sims.new_full((n_txt, n_img), -100.0)
-    k = min(k_test, n_img)
-    for j in tqdm(range(min(q_txt, n_txt)), desc="t2i rerank", disable=not progress):
-        topk_sim, topk_idx = sims[:, j].topk(k)
+    score_t2i = sims.new_zeros((n_txt, n_img))
+    score_t2i[txt_lo:txt_hi] = -100.0
+    txt_rows = range(txt_lo, min(txt_hi, q_txt))
+    for j in tqdm(txt_rows, desc="t2i rerank", disable=not progress):
+        topk_sim, topk_idx = sims[:, j].topk(k_img)
         logits = model.itm_logits(
-            text_ids[j : j + 1].expand(k, -1),
-            text_mask[j : j + 1].expand(k, -1),
+            text_ids[j : j + 1].expand(k_img, -1),
+            text_mask[j : j + 1].expand(k_img, -1),
             image_feats[topk_idx],
         )
         score_t2i[j, topk_idx] = logits[:, 1] + topk_sim
-    return score_i2t, score_t2i
+    if stats is not None:
+        stats["rank_itm_pairs"] = len(img_rows) * k_txt + len(txt_rows) * k_img
+    return fast.sum_over_ranks(score_i2t, score_t2i)
 
 
 @contextlib.contextmanager
@@ -116,18 +134,17 @@ def evaluate(
     return_scores=False,
 ):
     """Official retrieval evaluation on a ``RetrievalEvalDataset``; returns the metric dict
-    plus ``timing`` (seconds per phase), ``pairs_scored`` (score-matrix entries filled, as the
-    official loop), ``itm_pairs`` (ITM forward passes actually run), ``mode``, ``device``,
-    ``precision``, ``world_size``; with ``return_scores`` also ``scores_i2t`` / ``scores_t2i``.
+    plus ``timing`` (this rank's seconds per phase), ``pairs_scored`` (score-matrix entries
+    filled, as the official loop), ``itm_pairs`` (ITM forward passes actually run, all ranks),
+    ``itm_pairs_per_rank``, ``mode``, ``device``, ``precision``, ``world_size``; with
+    ``return_scores`` also ``scores_i2t`` / ``scores_t2i``.
 
     mode ``fast`` (default, ``blip_fast.eval.fast``): deduplicated candidate pairs, per-image
     cross K/V computed once, large gathered batches; same scores as ``reference`` (the official
-    loop, one query at a time) up to float rounding. Under torch.distributed, ``fast`` splits
-    the pairs across ranks and every rank returns the single-process result."""
+    loop, one query at a time) up to float rounding. Under torch.distributed both modes split
+    the re-ranking across ranks and every rank returns the single-process result."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    from blip_fast.eval import fast
-
     model.eval()
     timing = {}
     start = time.perf_counter()
@@ -143,13 +160,20 @@ def evaluate(
         timing["images"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         n_img, n_txt = image_embed.shape[0], text_embed.shape[0]
+        stats = {}
         if mode == "reference":
             s_i2t, s_t2i = reference_scores(
-                model, image_feats, image_embed, text_embed, text_ids, text_mask, k_test, progress
+                model,
+                image_feats,
+                image_embed,
+                text_embed,
+                text_ids,
+                text_mask,
+                k_test,
+                progress,
+                stats=stats,
             )
-            itm_pairs = n_img * min(k_test, n_txt) + n_txt * min(k_test, n_img)
         else:
-            stats = {}
             s_i2t, s_t2i = fast.fast_scores(
                 model,
                 image_feats,
@@ -163,7 +187,6 @@ def evaluate(
                 progress,
                 stats,
             )
-            itm_pairs = stats["itm_pairs"]
             timing["kv"], timing["itm"] = stats["kv_s"], stats["itm_s"]
         timing["rerank"] = time.perf_counter() - t0
     s_i2t, s_t2i = s_i2t.float(), s_t2i.float()
@@ -172,16 +195,17 @@ def evaluate(
     timing["metrics"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - start
     pairs = n_img * min(k_test, n_txt) + n_txt * min(k_test, n_img)
-    world = fast._dist()[1] if mode == "fast" else 1
+    per_rank = fast.per_rank(stats["rank_itm_pairs"], s_i2t.device)
     out = {
         **metrics,
         "timing": timing,
         "pairs_scored": pairs,
-        "itm_pairs": itm_pairs,
+        "itm_pairs": sum(per_rank),
+        "itm_pairs_per_rank": per_rank,
         "mode": mode,
         "device": str(torch.device(device)),
         "precision": precision,
-        "world_size": world,
+        "world_size": len(per_rank),
     }
     if return_scores:
         out["scores_i2t"], out["scores_t2i"] = s_i2t, s_t2i

@@ -113,7 +113,7 @@ def _enc_self_attention(sa, x, mask):
 
 class GatheredITM(nn.Module):
     """ITM logits of (text, image) pairs read against per-image cross-attention K / V: the
-    batched reranker of the fast retrieval evaluation (DESIGN §6.3), inference only.
+    batched reranker of the fast retrieval evaluation, inference only.
 
     Holds ``model``'s text encoder and ITM head with their linear layers prepacked for the
     ``linear`` backend of ``model.backends`` (``ops.prepack_linears``: oneDNN's GEMM on CPU,

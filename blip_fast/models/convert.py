@@ -34,6 +34,9 @@ __all__ = [
     "hf_config_to_blip",
     "blip_to_hf_config",
     "is_training_only",
+    "list_keys",
+    "MOMENTUM_KEY",
+    "TRAINING_STATE_KEY",
     "HF_ARCHITECTURES",
     "TIED_HF_KEYS",
 ]
@@ -69,16 +72,16 @@ _VISION_BLOCK = [
     ("mlp.fc2.", "mlp.fc2."),
 ]
 _SHARED_PREFIXES = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
-_TRAINING_ONLY = re.compile(
-    r"^(visual_encoder_m|vision_proj_m|text_encoder_m|text_proj_m)\.|"
-    r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$"
-)
+# The official tensors HF BLIP has no place for: the momentum encoders (official
+# ``copy_params`` rebuilds them from the online ones) and the training state.
+MOMENTUM_KEY = re.compile(r"^(visual_encoder_m|vision_proj_m|text_encoder_m|text_proj_m)\.")
+TRAINING_STATE_KEY = re.compile(r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|temp)$")
 _POS_IDS = re.compile(r"^(.*\.embeddings)\.position_ids$")
 
 
 def is_training_only(key: str) -> bool:
     """True for the official tensors HF BLIP has no place for (momentum, queues, ptr, temp)."""
-    return bool(_TRAINING_ONLY.match(key))
+    return bool(MOMENTUM_KEY.match(key) or TRAINING_STATE_KEY.match(key))
 
 
 def _rename_vision(rest: str, key: str, to_hf: bool) -> str:
@@ -143,7 +146,7 @@ def official_to_hf(sd: dict, extra: dict | None = None, keep_unknown: bool = Fal
     if leftover:
         raise ValueError(
             f"{len(leftover)} training-only tensors have no HF name; pass "
-            f"extra={{}} to collect them: {_names(leftover)}"
+            f"extra={{}} to collect them: {list_keys(leftover)}"
         )
     return out
 
@@ -183,7 +186,8 @@ def hf_to_official(sd: dict, extra: dict | None = None, keep_unknown: bool = Fal
     return out
 
 
-def _names(keys, limit=20) -> str:
+def list_keys(keys, limit=20) -> str:
+    """``keys`` sorted and comma-separated, the first ``limit`` of them, for error messages."""
     keys = sorted(keys)
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more

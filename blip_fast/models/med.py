@@ -72,7 +72,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None):
         q = self.split_heads(self.query(hidden))
         if cache is not None and self.is_cross and "image_index" in cache:
-            # Batched ITM reranking (DESIGN §6.3): cross_k / cross_v are per-image caches
+            # Batched ITM reranking (docs/architecture.md): cross_k / cross_v are per-image caches
             # (N_images, H, Lk, D) and pair p attends over row image_index[p]; read only.
             ctx = ops.gathered_cross_attention(
                 q,

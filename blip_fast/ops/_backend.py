@@ -26,7 +26,7 @@ PREFERENCE = {
         "cuda": ("triton", "sdpa", "reference"),
         "cpu": ("cpu", "sdpa", "reference"),
     },
-    # ITM reranking over cached image K / V (DESIGN §6.3); the reference copies K / V per pair.
+    # ITM reranking over cached image K / V; the reference copies K / V per pair.
     # C++ beats it on CPU: 24.2 vs 208 ms (copy + sdpa 137 ms) at 64 pairs x 12 heads x 35
     # queries over 577 tokens (fp32, benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
     "gathered_cross_attention": {

@@ -1,7 +1,8 @@
 """xformers / flash_attn backends of ``attention`` and ``cross_attention``: plain Python calls
-(STYLE §2), registered in ``_backend.KERNEL_OPS`` only where CUDA exists and the package imports
-(``_backend.available`` then also checks that the module is present). Never auto-selected (not
-in ``_backend.PREFERENCE``): ask for them with ``backend="xformers"`` / ``"flash_attn"``.
+(no blip_fast op of their own), registered in ``_backend.KERNEL_OPS`` only where CUDA exists and
+the package imports (``_backend.available`` then also checks that the module is present). Never
+auto-selected (not in ``_backend.PREFERENCE``): ask for them with ``backend="xformers"`` /
+``"flash_attn"``.
 
 Both libraries take (B, L, H, D); blip_fast's ops take (B, H, L, D), so q / k / v are transposed
 on the way in (a view; the libraries copy to their layout where they must) and the output back.

@@ -23,7 +23,7 @@ _BWD = (
     "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
 )
 # backend -> forward op. Two op families share one schema because the C++ CUDA kernel and the
-# Triton kernel both want the CUDA key (STYLE §2): "" gets _C's kernels, "_triton" Triton's.
+# Triton kernel both want the CUDA key: "" gets _C's kernels, "_triton" Triton's.
 _OPS = {
     "cpu": "cross_attention_fwd",
     "cuda": "cross_attention_fwd",

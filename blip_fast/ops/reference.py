@@ -1,4 +1,5 @@
-"""Eager PyTorch oracle for every op, mirroring the official BLIP math (DESIGN §1-2).
+"""Eager PyTorch oracle for every op, mirroring the official BLIP math (docs/architecture.md,
+"Model" and "Training objectives").
 
 Tests, benchmarks and the CPU fallback all import these functions; no other reference exists.
 Shapes follow the public ops: q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk)

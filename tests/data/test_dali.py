@@ -15,7 +15,7 @@ from blip_fast.data import (
     dali,
     make_loader,
 )
-from blip_fast.data.loader import read_corrupt_report
+from blip_fast.data.corrupt_report import read_corrupt_report
 from blip_fast.data.transforms import MEAN, STD
 
 pytestmark = pytest.mark.skipif(not dali.available(), reason=str(dali.IMPORT_ERROR))

@@ -20,7 +20,7 @@ from blip_fast.data import (
     make_loader,
 )
 from blip_fast.data import test_transform as official_test_transform
-from blip_fast.data.loader import read_corrupt_report
+from blip_fast.data.corrupt_report import read_corrupt_report
 from blip_fast.data.transforms import STD
 
 PIXEL = 1 / 255  # one grey level, in [0, 1] units

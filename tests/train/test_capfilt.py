@@ -327,6 +327,9 @@ def test_shard_two_gloo_ranks_under_torchrun_equal_one_process(setup, shard_spec
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout) == shard_run[1]  # rank 0 prints the summary, rank 1 nothing
     assert _outputs(out) == _outputs(shard_run[0])
+    for rank, n_chunks in ((0, 2), (1, 1)):  # chunk c computed by rank c mod 2 alone
+        line = f"capfilt rank {rank} of 2: {n_chunks} chunks to compute, 0 already written, of 3"
+        assert line in proc.stderr
 
 
 def test_cli_needs_exactly_one_input(setup, shard_spec, tmp_path, capsys):
