@@ -10,6 +10,15 @@ from pathlib import Path
 
 import torch
 
+from blip_fast import envs
+from blip_fast.cli_types import (
+    device,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+
 
 def _demo(args):
     """Synthetic data -> pre-train a small model from scratch (ITC + ITM + LM, the official
@@ -171,10 +180,8 @@ def _eval_retrieval(args):
     from blip_fast.train.distributed import init_distributed, shutdown
 
     y = load_yaml(args.config) if args.config else {}
-    k_test = args.k_test if args.k_test is not None else int(y.get("k_test", 128))
-    batch_size = (
-        args.batch_size if args.batch_size is not None else int(y.get("batch_size_test", 64))
-    )
+    k_test = args.k_test if args.k_test is not None else _config_int(y, "k_test", 128, args)
+    batch_size = args.batch_size or _config_int(y, "batch_size_test", 64, args)
     image_root = args.image_root or y.get("image_root")
     if image_root is None:
         sys.exit("eval-retrieval: no image root (--image-root or image_root in the config)")
@@ -222,6 +229,13 @@ def _eval_retrieval(args):
     shutdown()
 
 
+def _config_int(y: dict, key: str, default: int, args) -> int:
+    value = y.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{args.config}: {key}: {value!r}: expected an integer >= 1")
+    return value
+
+
 def _write_result(result, out, save_scores):
     """Print the metrics; write the result JSON to ``out`` (or print it) and, with
     ``save_scores``, both score matrices beside it."""
@@ -256,24 +270,30 @@ def _train(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="blip-fast", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="full tracebacks (also: BLIP_FAST_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="synthetic data -> small model -> retrieval eval")
     demo.add_argument("--data", help="folder for the synthetic data (default: a temp dir)")
     demo.add_argument("--config", default="blip_demo")
-    demo.add_argument("--train-images", type=int, default=1000)
-    demo.add_argument("--test-images", type=int, default=100)
-    demo.add_argument("--image-size", type=int, default=128, help="rendered JPEG size")
-    demo.add_argument("--steps", type=int, default=680, help="training steps")
+    demo.add_argument("--train-images", type=positive_int, default=1000)
+    demo.add_argument("--test-images", type=positive_int, default=100)
+    demo.add_argument("--image-size", type=positive_int, default=128, help="rendered JPEG size")
+    demo.add_argument("--steps", type=positive_int, default=680, help="training steps")
     demo.add_argument(
-        "--itc-warmup-steps", type=int, default=600, help="first steps that train ITC alone"
+        "--itc-warmup-steps",
+        type=non_negative_int,
+        default=600,
+        help="first steps that train ITC alone",
     )
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=5e-4)
+    demo.add_argument("--batch-size", type=positive_int, default=32)
+    demo.add_argument("--lr", type=positive_float, default=5e-4)
     # 0: batches are read in the main process; on 2 cores a worker process slows the two
     # compute threads more than it saves (560 steps: 120 s vs 129 s)
-    demo.add_argument("--workers", type=int, default=0, help="data loader processes")
-    demo.add_argument("--k-test", type=int, default=16)
-    demo.add_argument("--captions", type=int, default=3, help="test images to caption")
+    demo.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
+    demo.add_argument("--k-test", type=positive_int, default=16)
+    demo.add_argument("--captions", type=non_negative_int, default=3, help="test images to caption")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--mode",
@@ -300,12 +320,12 @@ def main(argv=None):
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--image-root", help="overrides the config's image_root")
     ev.add_argument("--ann-file", required=True, help="test JSON [{image, caption: [...]}]")
-    ev.add_argument("--k-test", type=int)
-    ev.add_argument("--image-size", type=int)
-    ev.add_argument("--batch-size", type=int, help="image batch (config: batch_size_test)")
+    ev.add_argument("--k-test", type=positive_int)
+    ev.add_argument("--image-size", type=positive_int)
+    ev.add_argument("--batch-size", type=positive_int, help="image batch (config: batch_size_test)")
     ev.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     ev.add_argument("--mode", choices=("fast", "reference"), default="fast")
-    ev.add_argument("--device")
+    ev.add_argument("--device", type=device)
     ev.add_argument("--out", help="results JSON (default: printed)")
     ev.add_argument(
         "--save-scores",
@@ -330,15 +350,20 @@ def main(argv=None):
     )
     cf.add_argument("--image-root", help="prefix of relative image paths (with --ann)")
     cf.add_argument("--out", required=True, help="output folder (resumes what is there)")
-    cf.add_argument("--threshold", type=float, default=0.5, help="keep texts with P(match) above")
     cf.add_argument(
-        "--per-shard", type=int, default=1000, help="samples per output shard (with --shards)"
+        "--threshold", type=unit_interval, default=0.5, help="keep texts with P(match) above"
+    )
+    cf.add_argument(
+        "--per-shard",
+        type=positive_int,
+        default=1000,
+        help="samples per output shard (with --shards)",
     )
     cf.add_argument("--seed", type=int, default=0)
-    cf.add_argument("--chunk-size", type=int, default=1024)
-    cf.add_argument("--batch-size", type=int, default=64)
-    cf.add_argument("--num-workers", type=int, default=4)
-    cf.add_argument("--device")
+    cf.add_argument("--chunk-size", type=positive_int, default=1024)
+    cf.add_argument("--batch-size", type=positive_int, default=64)
+    cf.add_argument("--num-workers", type=non_negative_int, default=4)
+    cf.add_argument("--device", type=device)
     cf.set_defaults(fn=_capfilt)
     tr = sub.add_parser(
         "train", help="pre-training / retrieval / caption fine-tuning (alone or under torchrun)"
@@ -358,16 +383,20 @@ def main(argv=None):
         "output dir's checkpoint.pth if there is one",
     )
     tr.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    tr.add_argument("--device", help="cuda | cpu (default: cuda when available)")
+    tr.add_argument("--device", type=device, help="cuda | cpu (default: cuda when available)")
     tr.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         help="autocast dtype (default: bf16 on GPU, fp32 on CPU)",
     )
     tr.add_argument("--backend", help="op backend for every op (default: best available)")
-    tr.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
-    tr.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: all)")
-    tr.add_argument("--num-workers", type=int, default=4)
+    tr.add_argument(
+        "--save-every", type=non_negative_int, default=1000, help="steps between checkpoints"
+    )
+    tr.add_argument(
+        "--max-steps", type=non_negative_int, default=0, help="stop after N steps (0: all)"
+    )
+    tr.add_argument("--num-workers", type=non_negative_int, default=4)
     tr.add_argument("--seed", type=int, default=42)
     tr.add_argument("--tensorboard", action="store_true")
     tr.set_defaults(fn=_train)
@@ -379,7 +408,15 @@ def main(argv=None):
         rest = [r for r in rest if r not in args.overrides]
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.fn(args)
+    if args.debug or envs.debug():
+        return args.fn(args)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        sys.exit(130)  # what was interrupted has said so (training: where to resume from)
+    except Exception as err:  # one line naming the culprit; --debug shows the traceback
+        message = str(err).strip().splitlines()
+        sys.exit(f"blip-fast {args.command}: {type(err).__name__}: {' '.join(message)}")
 
 
 if __name__ == "__main__":

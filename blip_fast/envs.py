@@ -13,3 +13,8 @@ def backend() -> str | None:
 def vocab_file() -> str | None:
     """``BLIP_FAST_VOCAB``: path of a BERT uncased ``vocab.txt`` (overrides the packaged one)."""
     return os.environ.get("BLIP_FAST_VOCAB") or None
+
+
+def debug() -> bool:
+    """``BLIP_FAST_DEBUG=1``: the command line shows full tracebacks instead of one line."""
+    return os.environ.get("BLIP_FAST_DEBUG", "") not in ("", "0")

@@ -54,13 +54,20 @@ def _fit_to_model(sd: dict, own: dict, report: LoadReport) -> None:
             convert.check_position_ids(key, value)
 
 
-def _check_shapes(path, task: str, sd: dict, own: dict) -> None:
-    for key in sd.keys() & own.keys():
+def _check_shapes_and_dtypes(path, task: str, sd: dict, own: dict) -> None:
+    """Shapes must match; a floating entry may come in any floating dtype (it is converted),
+    never as integers or bools, which load_state_dict would cast (an int32 0.7 becomes 0)."""
+    for key in sorted(sd.keys() & own.keys()):
         if sd[key].shape != own[key].shape:
             raise CheckpointError(
                 f"{path}: key {key!r} has the wrong shape: expected "
                 f"{tuple(own[key].shape)} (task {task}), got "
                 f"{tuple(sd[key].shape)}"
+            )
+        if own[key].is_floating_point() != sd[key].is_floating_point():
+            raise CheckpointError(
+                f"{path}: key {key!r} has dtype {sd[key].dtype}; the model holds it as "
+                f"{own[key].dtype}"
             )
 
 
@@ -125,7 +132,7 @@ def load(
     own = model.state_dict()
 
     _fit_to_model(sd, own, report)
-    _check_shapes(path, task, sd, own)
+    _check_shapes_and_dtypes(path, task, sd, own)
     unexpected = sorted(sd.keys() - own.keys())
     missing = report.sort_missing(sorted(own.keys() - sd.keys()), own)
     if strict:

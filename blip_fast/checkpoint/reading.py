@@ -21,13 +21,15 @@ from blip_fast.checkpoint.formats import detect_key_format
 from blip_fast.models import convert
 from blip_fast.models.configs import BlipConfig
 
-__all__ = ["EXTRA_FILE", "HF_CONFIG", "HF_WEIGHTS", "read_state_dict"]
+__all__ = ["CONFIG_METADATA", "EXTRA_FILE", "HF_CONFIG", "HF_WEIGHTS", "read_state_dict"]
 
 HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_BIN = "config.json", "model.safetensors", "pytorch_model.bin"
 HF_INDEX = "model.safetensors.index.json"
 # Momentum encoders, queues, pointer and temperature under their official names: the tensors
 # an HF directory has no place for, so official -> HF -> official is lossless.
 EXTRA_FILE = "blip_fast_extra.safetensors"
+# safetensors metadata key under which ``save(model, "x.safetensors")`` stores the BlipConfig
+CONFIG_METADATA = "blip_fast_config"
 
 
 def _torch_load(path: Path, map_location):
@@ -72,6 +74,13 @@ def _load_safetensors(path: Path, device) -> dict:
         ) from None
 
 
+def _safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 def _check_tensors(path, sd) -> dict:
     bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -91,9 +100,11 @@ def _read_hf_dir(path: Path, map_location, info: dict) -> tuple[dict, dict | Non
             f"HF model directory with {HF_CONFIG}; found "
             f"{sorted(p.name for p in path.iterdir())}"
         )
-    with open(cfg_file) as f:
-        hf_cfg = json.load(f)
-    info["config"], info["config_source"] = convert.hf_config_to_blip(hf_cfg), "hf config.json"
+    try:
+        hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        info["config"], info["config_source"] = convert.hf_config_to_blip(hf_cfg), "hf config.json"
+    except ValueError as err:  # json.JSONDecodeError is a ValueError too
+        raise CheckpointError(f"{cfg_file}: {err}") from None
     info["architectures"] = hf_cfg.get("architectures") or []
     if (path / HF_WEIGHTS).is_file():
         sd = _load_safetensors(path / HF_WEIGHTS, map_location)
@@ -154,6 +165,9 @@ def read_state_dict(path, map_location="cpu") -> tuple[dict, dict]:
         sd, extra = _read_hf_dir(path, map_location, info)
     elif path.suffix == ".safetensors":
         sd = _load_safetensors(path, map_location)
+        stored = _safetensors_metadata(path).get(CONFIG_METADATA)
+        if stored:
+            info["config"], info["config_source"] = BlipConfig.from_dict(json.loads(stored)), "file"
     else:
         sd = _read_pickle(path, map_location, info)
     sd = _check_tensors(path, dict(sd))

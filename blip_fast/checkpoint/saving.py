@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from blip_fast.checkpoint.loading import load
-from blip_fast.checkpoint.reading import EXTRA_FILE, HF_CONFIG, HF_WEIGHTS
+from blip_fast.checkpoint.reading import CONFIG_METADATA, EXTRA_FILE, HF_CONFIG, HF_WEIGHTS
 from blip_fast.models import convert
 from blip_fast.models.factory import TASKS
 
@@ -42,7 +42,8 @@ def _untie(sd: dict) -> dict:
 
 
 def save(model, path, format: str = "official"):
-    """``official``: ``torch.save({'model': state_dict, 'config': cfg.to_dict()}, path)``.
+    """``official``: ``torch.save({'model': state_dict, 'config': cfg.to_dict()}, path)``, or
+    for a ``.safetensors`` path the same keys as safetensors, the config in its metadata.
     ``hf``: directory ``path`` with ``config.json``, ``model.safetensors`` (HF keys, tied LM
     head omitted as HF does), tokenizer files and ``blip_fast_extra.safetensors`` (momentum
     encoders, queues, pointer, temperature under their official names). Returns ``path``."""
@@ -51,6 +52,11 @@ def save(model, path, format: str = "official"):
     path = Path(path)
     task = _task_of(model)
     sd = model.state_dict()
+    if format == "official" and path.suffix == ".safetensors":  # official keys, no pickle
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = json.dumps(model.cfg.to_dict())
+        save_file(_untie(sd), str(path), metadata={"format": "pt", CONFIG_METADATA: config})
+        return path
     if format == "official":
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": sd, "config": model.cfg.to_dict()}, path)

@@ -196,18 +196,46 @@ def list_keys(keys, limit=20) -> str:
 # ----------------------------------------------------------------------------------- configs
 
 
+class _HfSection(dict):
+    """One section of an HF ``config.json``, read field by field: a field of the wrong type or
+    range is an error naming it, not a failure deep inside model construction."""
+
+    def __init__(self, name: str, fields: dict):
+        super().__init__(fields)
+        self.name = name
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.name}.{key}: {value!r}: expected an integer >= 1")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{self.name}.{key}: {value!r}: expected a number >= 0")
+        return float(value)
+
+
 def hf_config_to_blip(config: dict) -> BlipConfig:
     """An HF BLIP ``config.json`` dict -> BlipConfig (HF defaults for absent keys; HF's own eps
     values kept, e.g. vision 1e-5). A ``blip_fast`` section written by ``blip_to_hf_config``
     restores the training fields HF has no place for."""
-    v, t = config.get("vision_config") or {}, config.get("text_config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"expected a JSON object, got {type(config).__name__}")
+    sections = {name: config.get(name) for name in ("vision_config", "text_config")}
+    v, t = ({} if sub is None else sub for sub in sections.values())
+    for name, sub in (("vision_config", v), ("text_config", t)):
+        if not isinstance(sub, dict):
+            raise ValueError(f"{name} must be an object, got {type(sub).__name__}")
+    v, t = _HfSection("vision_config", v), _HfSection("text_config", t)
     for name, sub in (("vision_config", v), ("text_config", t)):
         act = sub.get("hidden_act", "gelu")
         if act != "gelu":
             raise ValueError(f"{name}.hidden_act {act!r} is not supported (BLIP uses 'gelu')")
-    width = int(v.get("hidden_size", 768))
-    hidden = int(t.get("hidden_size", 768))
-    enc = int(t.get("encoder_hidden_size", 768))
+    width = v.integer("hidden_size", 768)
+    hidden = t.integer("hidden_size", 768)
+    enc = t.integer("encoder_hidden_size", 768)
     if enc != width:
         raise ValueError(
             f"text_config.encoder_hidden_size {enc} != vision_config.hidden_size "
@@ -220,29 +248,31 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
         image_size = image_size[0]
     if isinstance(patch, (list, tuple)):
         patch = patch[0]
+    image_size = _HfSection("vision_config", {"image_size": image_size}).integer("image_size", 0)
+    patch = _HfSection("vision_config", {"patch_size": patch}).integer("patch_size", 0)
     bf = dict(config.get("blip_fast") or {})
     vision_bf = bf.pop("vision", {})
     vision = VisionConfig(
-        image_size=int(image_size),
-        patch_size=int(patch),
+        image_size=image_size,
+        patch_size=patch,
         width=width,
-        depth=int(v.get("num_hidden_layers", 12)),
-        heads=int(v.get("num_attention_heads", 12)),
-        mlp_ratio=int(v.get("intermediate_size", 3072)) / width,
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)),
+        depth=v.integer("num_hidden_layers", 12),
+        heads=v.integer("num_attention_heads", 12),
+        mlp_ratio=v.integer("intermediate_size", 3072) / width,
+        layer_norm_eps=v.number("layer_norm_eps", 1e-5),
         **vision_bf,
     )
     text = TextConfig(
-        vocab_size=int(t.get("vocab_size", 30524)),
+        vocab_size=t.integer("vocab_size", 30524),
         hidden_size=hidden,
-        num_layers=int(t.get("num_hidden_layers", 12)),
-        num_heads=int(t.get("num_attention_heads", 8)),
-        intermediate_size=int(t.get("intermediate_size", 3072)),
-        max_position_embeddings=int(t.get("max_position_embeddings", 512)),
-        layer_norm_eps=float(t.get("layer_norm_eps", 1e-12)),
-        hidden_dropout=float(t.get("hidden_dropout_prob", 0.0)),
-        attention_dropout=float(t.get("attention_probs_dropout_prob", 0.0)),
-        initializer_range=float(t.get("initializer_range", 0.02)),
+        num_layers=t.integer("num_hidden_layers", 12),
+        num_heads=t.integer("num_attention_heads", 8),
+        intermediate_size=t.integer("intermediate_size", 3072),
+        max_position_embeddings=t.integer("max_position_embeddings", 512),
+        layer_norm_eps=t.number("layer_norm_eps", 1e-12),
+        hidden_dropout=t.number("hidden_dropout_prob", 0.0),
+        attention_dropout=t.number("attention_probs_dropout_prob", 0.0),
+        initializer_range=t.number("initializer_range", 0.02),
     )
     # HF's text_config.label_smoothing defaults to 0.0 whatever the weights were trained with;
     # the official 0.1 stays unless our own section says otherwise.
