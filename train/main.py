@@ -6,9 +6,11 @@ parsed as YAML). Keys beyond the official ones: ``model`` (a preset such as blip
 instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead of
 ``ann_root`` + ``dataset``), ``image_root`` for pre-training JSONs with relative paths and
 ``train_shards`` (webdataset tar shards: a list, glob or ``{000..099}`` range) for pre-training,
-``min_scale`` (random-resized-crop scale floor), ``train_augment: false`` (no augmentation) and
+``min_scale`` (random-resized-crop scale floor), ``train_augment: false`` (no augmentation),
 ``itc_warmup_steps`` (pre-training / retrieval: the first N steps train ITC alone, for models
-trained from scratch whose ITM hard negatives and captions mean nothing before ITC aligns).
+trained from scratch whose ITM hard negatives and captions mean nothing before ITC aligns) and
+``image_token_drop`` (pre-training: the fraction of patch tokens the online ViT drops, FLIP-
+style; 0, the default, is the official objective; see ``ContrastiveTask``).
 Run alone, or under torchrun for several processes / nodes.
 """
 
@@ -82,15 +84,19 @@ def build_dataset(task: str, y: dict, image_size: int):
         if y.get("train_augment", True)
         else test_transform(image_size)
     )
+    # in every task a missing or undecodable image is listed in corrupt_images.tsv and the next
+    # sample takes its place (SeededSamples)
     if task == "pretrain" and "train_shards" in y:
         return ShardDataset(y["train_shards"], transform, skip_corrupt=True)
-    if task == "pretrain":  # web data is dirty: bad images are listed and replaced
+    if task == "pretrain":
         return PretrainDataset(
             train_files(task, y), y.get("image_root"), transform, skip_corrupt=True
         )
     if "image_root" not in y:
         raise KeyError(f"{task} config: 'image_root' is missing")
-    return RetrievalTrainDataset(train_files(task, y), y["image_root"], transform)
+    return RetrievalTrainDataset(
+        train_files(task, y), y["image_root"], transform, skip_corrupt=True
+    )
 
 
 def build_model(task: str, cfg: BlipConfig, y: dict, backend):
@@ -135,7 +141,7 @@ def build_trainer(
     batch_size = int(y.get("batch_size_train", y.get("batch_size", 32)))
     dataset = build_dataset(task, y, cfg.vision.image_size)
     sampler = TrainSampler(len(dataset), batch_size, dist_info.rank, dist_info.world_size, seed)
-    report = Path(out_dir) / "corrupt_images.tsv" if task == "pretrain" else None
+    report = Path(out_dir) / "corrupt_images.tsv"
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset, seed, report),
         batch_size=batch_size,
@@ -159,7 +165,9 @@ def build_trainer(
             int(y.get("warmup_steps", 0)),
             float(y.get("lr_decay_rate", 1.0)),
         )
-        step_module = ContrastiveTask(model, lm=True)
+        step_module = ContrastiveTask(
+            model, lm=True, image_token_drop=float(y.get("image_token_drop", 0.0))
+        )
     else:
         schedule = LRSchedule("cosine", init_lr, float(y.get("min_lr", 0.0)), max_epoch)
         step_module = (

@@ -4,9 +4,10 @@ formats").
 Annotation files are read and validated whole at construction; a bad file, entry, key or type
 raises with the file, entry index and key in the message. Images are opened lazily in
 ``__getitem__``; a missing or undecodable image raises with its full path. Nothing is ever
-skipped silently: a skipped sample would shift the image/text numbering of evaluation. Only
-pre-training, on dirty web data, may opt in to ``skip_corrupt``: the item is then a
-``CorruptImage`` marker that ``blip_fast.data.loader.SkipCorrupt`` drops and records.
+skipped silently: a skipped sample would shift the image/text numbering of evaluation. The
+training datasets may opt in to ``skip_corrupt``: the item is then a ``CorruptImage`` marker
+that the training loader replaces and lists in its report (``blip_fast.data.loader.SkipCorrupt``
+drops and records them likewise).
 
 ``entry(index)`` -> (image path, the item's other fields) is what ``__getitem__`` returns
 without the image; the DALI loader feeds the path through its pipeline and the fields beside it.
@@ -153,9 +154,11 @@ class RetrievalTrainDataset(Dataset):
         image_root: PathLike,
         transform: Transform,
         max_words: int = 30,
+        skip_corrupt: bool = False,
     ):
         self.annotation = load_annotations(ann_files, caption="str")
         self.image_root, self.transform, self.max_words = Path(image_root), transform, max_words
+        self.skip_corrupt = skip_corrupt
         self.img_ids: dict = {}
         for ann in self.annotation:
             self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
@@ -171,8 +174,7 @@ class RetrievalTrainDataset(Dataset):
         )
 
     def __getitem__(self, index: int):
-        path, fields = self.entry(index)
-        return (self.transform(load_image(path)), *fields)
+        return _item(self, index)
 
 
 class RetrievalEvalDataset(Dataset):
@@ -247,13 +249,19 @@ class PretrainDataset(Dataset):
         return os.fspath(path), (pre_caption(draw_caption(ann["caption"]), self.max_words),)
 
     def __getitem__(self, index: int):
-        path, fields = self.entry(index)
-        try:
-            image = load_image(path)
-        except OSError as err:  # FileNotFoundError included
-            if not self.skip_corrupt:
-                raise
-            return CorruptImage(index, path, str(err))
-        if self.transform is not None:
-            image = self.transform(image)
-        return (image, *fields)
+        return _item(self, index)
+
+
+def _item(dataset, index: int):
+    """(transform(image), *fields) of a training dataset's entry, or a ``CorruptImage`` for a
+    missing or undecodable image when the dataset skips them."""
+    path, fields = dataset.entry(index)
+    try:
+        image = load_image(path)
+    except OSError as err:  # FileNotFoundError included
+        if not dataset.skip_corrupt:
+            raise
+        return CorruptImage(index, path, str(err))
+    if dataset.transform is not None:
+        image = dataset.transform(image)
+    return (image, *fields)

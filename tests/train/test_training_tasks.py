@@ -197,3 +197,23 @@ def test_itc_warmup_steps_train_itc_alone_then_everything(synthetic_train, tmp_p
     caption_cfg = {k: v for k, v in cfg.items() if k != "queue_size"}
     with pytest.raises(ValueError, match=r"unknown key 'itc_warmup_steps' for caption \(a key of"):
         build_trainer("caption", caption_cfg, tmp_path / "caption", num_workers=0)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "caption"])
+def test_fine_tuning_lists_a_missing_image_and_trains_on(synthetic_train, tmp_path, task):
+    ann = json.loads(open(synthetic_train["train"]).read())
+    ann[3] = {**ann[3], "image": "missing.jpg"}
+    (tmp_path / "train.json").write_text(json.dumps(ann))
+    cfg = {
+        "model": "blip_tiny",
+        "train_file": str(tmp_path / "train.json"),
+        "image_root": str(synthetic_train["image_root"]),
+        "batch_size_train": 4,
+        "init_lr": 1e-4,
+        "max_epoch": 1,
+        **({"queue_size": 8} if task == "retrieval" else {}),
+    }
+    build_trainer(task, cfg, tmp_path / "out", num_workers=0, max_steps=len(ann) // 4).train()
+    assert len(_log(tmp_path / "out")) == len(ann) // 4
+    report = read_corrupt_report(tmp_path / "out" / "corrupt_images.tsv")
+    assert [r["path"] for r in report] == [str(synthetic_train["image_root"] / "missing.jpg")]
