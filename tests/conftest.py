@@ -6,8 +6,8 @@ import os
 import pytest
 import torch  # before blip_fast: blip_fast._C links against torch's libraries
 
-# Must precede any `import triton` (tests/kernels/ run the Triton launchers on CPU this way;
-# DESIGN.md §5). Importing torch does not import triton.
+# Must precede any `import triton` (tests/kernels/ run the Triton launchers on CPU this way).
+# Importing torch does not import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def test_demo_defaults_reach_r1_50_on_the_synthetic_test_split(tmp_path):
-    """Issue 6's demo target, with the demo's own defaults (about 2.5 minutes on the 2-core VM;
+    """The demo's target, with its own defaults (about 2.5 minutes on the 2-core VM;
     benchmarks/bench_demo.py records the time): TR@1 and IR@1 >= 50% over 100 test images."""
     r = _run("demo", "--data", str(tmp_path))
     assert r.returncode == 0, r.stderr

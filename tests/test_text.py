@@ -1,4 +1,4 @@
-"""pre_caption: official BLIP caption normalisation (DESIGN §1)."""
+"""pre_caption: official BLIP caption normalisation."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Image transforms (DESIGN §1): test = bicubic resize + normalise; train = BLIP's augmentation."""
+"""Image transforms: test = bicubic resize + normalise; train = BLIP's augmentation."""
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ from blip_fast.ops import reference
 Q_LENS = (1, 7, 35)  # a decoding step, a short caption, BLIP's retrieval text length
 K_LENS = (13, 197)  # below one key tile, ViT-B at 224 px (577 once below: interpreter time)
 HEAD_DIMS = (64, 40)  # BLIP's 64 and one that is not a power of two (BLOCK_D masking)
-DTYPES = (torch.float32, torch.float16)  # bf16 is wrong under the interpreter (DESIGN §5)
+DTYPES = (torch.float32, torch.float16)  # the interpreter computes bf16 wrong (numpy has none)
 
 
 def make_inputs(batch, heads, lq, lk, d, *, device="cpu", dtype=torch.float32, masked=True):

@@ -52,24 +52,40 @@ def test_itc_idx_with_unique_ids_equals_identity_targets():
     torch.testing.assert_close(a, b)
 
 
-def test_itc_repeated_ids_spread_targets_and_grad_reaches_temp():
-    B, Q = 4, 6
-    img = _feats(B).requires_grad_()
-    txt, img_m, txt_m = _feats(B), _feats(B), _feats(B)
+def test_itc_equals_the_official_formula_row_by_row():
+    """alpha 0.4 with ids repeated in the batch and the queue: the loss and its gradients equal
+    official BLIP's ITC written out one row at a time (hard targets spread evenly over the
+    positives listed by hand, mixed with the momentum teacher's softmax at the same temp)."""
+    B, Q, alpha = 4, 6, 0.4
+    img, txt = _feats(B).requires_grad_(), _feats(B).requires_grad_()
+    img_m, txt_m = _feats(B), _feats(B)
     iq, tq = _feats(Q).T.contiguous(), _feats(Q).T.contiguous()
     temp = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     idx, idx_q = torch.tensor([3, 3, 1, 2]), torch.tensor([3, 9, 9, 1, 0, 0])
-    loss = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, 0.0, idx, idx_q)
-    # alpha = 0: pure hard targets; image 0's positives are texts {0, 1} and queue cols {0}
-    sim = img @ torch.cat([txt_m.T, tq], 1) / temp
-    tgt = torch.zeros(B, B + Q, dtype=torch.float64)
-    tgt[0, [0, 1, B + 0]] = 1 / 3
-    row0 = -(sim[0].log_softmax(0) * tgt[0]).sum()
-    assert torch.isfinite(loss)
-    g_img, g_temp = torch.autograd.grad(loss, (img, temp))
-    assert g_temp.abs() > 0 and g_img.abs().sum() > 0
-    i2t_rows = [-(sim[i].log_softmax(0) * 0).sum() for i in range(B)]
-    assert row0 > i2t_rows[0]  # sanity: a real cross-entropy term
+    # columns [batch ; queue]: rows 0, 1 (id 3) match texts 0, 1 and queue 0; row 2 (id 1)
+    # matches text 2 and queue 3; row 3 (id 2) only itself
+    positives = [[0, 1, B + 0], [0, 1, B + 0], [2, B + 3], [3]]
+
+    def direction(query, query_m, batch_m, queue):
+        columns = torch.cat([batch_m, queue.T])  # (B + Q, D)
+        loss = 0
+        for i, pos in enumerate(positives):
+            hard = torch.zeros(B + Q, dtype=torch.float64)
+            hard[pos] = 1 / len(pos)
+            teacher = (query_m[i] @ columns.T / temp.detach()).softmax(0)
+            target = alpha * teacher + (1 - alpha) * hard
+            loss = loss - (target * (query[i] @ columns.T / temp).log_softmax(0)).sum()
+        return loss / B
+
+    want = (direction(img, img_m, txt_m, tq) + direction(txt, txt_m, img_m, iq)) / 2
+    got = reference.itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha, idx, idx_q)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(got, (img, txt, temp))
+    for name, g, w in zip(
+        ("img", "txt", "temp"), grads, torch.autograd.grad(want, (img, txt, temp))
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+    assert grads[2].abs() > 0  # the gradient reaches temp
 
 
 def test_enqueue_writes_gathered_features_at_pointer():

@@ -1,4 +1,4 @@
-"""ITM hard negatives and LM labels (DESIGN §2), and the contrastive task's losses against the
+"""ITM hard negatives and LM labels, and the contrastive task's losses against the
 official formulas written out in eager PyTorch."""
 
 import torch
