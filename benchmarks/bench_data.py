@@ -7,8 +7,9 @@ transform at 224 and 384 px, images/s over whole epochs after one warm-up epoch.
 
 JPEGs: scikit-image's / scikit-learn's photos (427x640 to 1411x1411) when installed, else
 synthetic 512 px scenes, repeated to ``--images`` files. Target on one H100: >= 3000 img/s
-at 384 px with DALI. Writes benchmarks/results/data-<device>.json (+ .png); median_ms is the
-time per image, so the shared chart's "lower is better" holds.
+at 384 px with DALI. Writes benchmarks/results/data-<device>.json; refuses an uncommitted tree
+unless ``--allow-dirty`` (a dry run). A script, not a pytest-benchmark module: it times whole
+epochs of loaders whose worker processes start once.
 """
 
 import argparse
@@ -74,7 +75,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--allow-dirty", action="store_true", help=_harness.ALLOW_DIRTY_HELP)
     a = p.parse_args()
+    commit = _harness.require_clean(a.allow_dirty)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     providers = {
         "cpu-loader": lambda ds: make_loader(ds, a.batch_size, num_workers=a.workers, backend="cpu")
@@ -97,14 +100,21 @@ def main():
                         "case": f"{size}px",
                         "provider": name,
                         "images_per_s": rate,
-                        "median_ms": 1e3 / rate,
                         "images": a.images,
                         "batch_size": a.batch_size,
                         "workers": a.workers,
                     }
                 )
                 print(f"{size}px {name:12s} {rate:8.0f} img/s")
-    print(_harness.write_results("data", device, rows))
+    path = _harness.write_results(
+        "data",
+        device,
+        rows,
+        sources=["blip_fast/data", *_harness.HARNESS_SOURCES, "benchmarks/bench_data.py"],
+        commit=commit,
+        allow_dirty=a.allow_dirty,
+    )
+    print("wrote", path)
 
 
 if __name__ == "__main__":

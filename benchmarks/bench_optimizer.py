@@ -1,46 +1,47 @@
-"""One AdamW step over a model's trainable parameters: torch's default implementation (what
-official BLIP runs) vs the fused kernel ``train.optim.build_optimizer`` uses, same gradients.
+"""One AdamW step over a model's trainable parameters, same gradients: torch's default AdamW (the
+reference: what official BLIP builds; a per-tensor loop on the CPU, ``foreach`` on CUDA),
+``foreach=True``, and the fused kernel ``train.optim.build_optimizer`` uses (``fused=True``).
 
-    python benchmarks/bench_optimizer.py [--config blip_demo] [--device cpu|cuda]
+    python -m pytest benchmarks/bench_optimizer.py [--device cuda] [--allow-dirty]
 
-Writes benchmarks/results/optimizer-<device>.json. Speed-up = default time / fused time.
+Writes benchmarks/results/optimizer-<device>.json (see conftest.py).
 """
 
-import argparse
-
-import _harness  # benchmarks/ is on sys.path when this file runs as a script
+import _harness
+import pytest
 import torch
 
 from blip_fast import create_model
 from blip_fast.train.optim import build_optimizer
 
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="blip_demo")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    model = create_model("pretrain", args.config).to(args.device)
-    params = [q for q in model.parameters() if q.requires_grad]
-    g = torch.Generator(device=args.device).manual_seed(0)
-    for q in params:
-        q.grad = torch.randn(q.shape, generator=g, device=args.device)
-    n = sum(q.numel() for q in params)
-    optimizers = {
-        "default": torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05),
-        "fused": build_optimizer(model, 1e-4),
-    }
-    rows = []
-    for name, opt in optimizers.items():
-        t = _harness.time_ms(opt.step, args.device)
-        rows.append({"case": f"{args.config} ({n / 1e6:.1f}M params)", "provider": name, **t})
-    speedup = rows[0]["median_ms"] / rows[1]["median_ms"]
-    rows[1]["speedup"] = speedup
-    for r in rows:
-        print(f"{r['case']}  {r['provider']:8s} {r['median_ms']:8.2f} ms/step")
-    print(f"fused / default speed-up: {speedup:.2f}x")
-    print("wrote", _harness.write_results("optimizer", args.device, rows))
+SOURCES = ["train/optim.py", *_harness.HARNESS_SOURCES]
+BASELINES = ("reference", "foreach")
+CONFIG, LR, WEIGHT_DECAY = "blip_demo", 1e-4, 0.05
 
 
-if __name__ == "__main__":
-    main()
+def cases(device):
+    return [{"case": f"{CONFIG} AdamW step", "config": CONFIG}]
+
+
+def providers(device):
+    return ["reference", "foreach", "fused"]
+
+
+@pytest.fixture(scope="module")
+def model(device):
+    model = create_model("pretrain", CONFIG).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=g, device=device)
+    return model
+
+
+def test_optimizer(case, provider, model, measure):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if provider == "fused":
+        optimizer = build_optimizer(model, LR, WEIGHT_DECAY)
+    else:
+        foreach = True if provider == "foreach" else None
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=foreach)
+    measure(optimizer.step, params=sum(p.numel() for p in params))

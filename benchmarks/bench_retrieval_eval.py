@@ -1,35 +1,38 @@
-"""Retrieval evaluation: the official reranking loop (reference) vs blip-fast's fast mode.
+"""Retrieval evaluation's ITM reranking: the official loop (reference) vs blip-fast's fast mode.
 
-The reference is the official loop in plain eager PyTorch (the model with every op on its
-``reference`` backend, as official BLIP computes); ``reference+kernels`` (``--kernel-reference``,
-default on CPU) runs the same loop on the model's automatic backends (blip-fast's attention
-kernels), so the fast path's ratio to it counts only what the fast loop does differently.
-Same weights (random), same synthetic data: on CPU preset ``blip_small_demo`` (ViT depth 4
-width 256 at 128 px, 4 text layers), 200 images x 1000 texts, k_test 32; on CUDA the GPU target,
-``blip_base_vit_b16_384`` (ViT-B/384, BERT-base text), 1000 x 5000, k_test 128, plus the fast
-path in bf16 (``--bf16``), whose metrics must stay within 0.2 of fp32; ``--quick``: 40 x 200, k 16.
-On CUDA the fp32 reference loop would take minutes: 5% of its queries (``--reference-fraction``)
-are run and timed, the time is scaled to all pairs (every query scores k pairs), and the rows
-it computed are compared with the fast path's.
-Texts and images are encoded once and shared; all rerankers run on the same encodings, are
-timed end to end (``--repeats`` alternated runs, best kept: the VM may be shared), must give
-identical metrics, and the result goes to benchmarks/results/retrieval_eval-<device>.json
-(``--quick``: retrieval_eval_quick-<device>.json). The 1-minute load average before and after is
-recorded: on a shared CPU, other processes slow the reference's many small parallel regions more
-than the fast path's few large ones, so a ratio measured under load overstates the speed-up
-(``--threads 1`` is less exposed to that). Both paths' matmul FLOPs are also counted on the
-first ``--flop-images`` images: their ratio is the speed-up the fast path can reach by doing
-less arithmetic alone (beyond it only a higher FLOP/s helps).
+Rerankers, all on the same encodings (texts and images encoded once, shared), same random
+weights, same synthetic data:
+    reference          the official loop in plain eager PyTorch: every op on its ``reference``
+                       backend, as official BLIP computes
+    reference+kernels  the same loop on the model's automatic backends (blip-fast's attention
+                       kernels), so the fast path's ratio to it counts only what the fast loop
+                       changes (default on CPU)
+    fast               ``blip_fast.eval.fast``
+    fast F.linear      the fast loop with plain ``F.linear`` GEMMs (default where the linear
+                       backend is not ``reference``): splits the speed-up into the loop's and the
+                       prepacked GEMMs'
+    fast bf16          the fast loop under bf16 autocast (default on CUDA); its metrics must stay
+                       within 0.2 of fp32
+The reference rerankers are the baselines: every row gets its ratio to ``reference`` and to the
+faster of the two. Every reranker is warmed up on a few queries before it is timed; with
+``--repeats R`` they take turns R times and each keeps its fastest run (``best_s``). All fp32
+rerankers must give identical metrics and scores within 1e-4.
 
-``--image-size S`` builds the preset with ``vision.image_size = S`` (e.g. 384: 577 image tokens,
-as official, instead of 65): its rows are labelled "... <S>px" and go to a separate file,
-retrieval_eval_<S>-<device>.json, so the default run's file is kept; ``--threads N`` adds
-``_<N>t`` to the file name the same way.
-On CPU the fast path is also timed with plain ``F.linear`` GEMMs (``--linear-baseline``), which
-splits its speed-up into the loop's (less work) and the prepacked oneDNN GEMMs' (faster work).
+Configs: on CPU preset ``blip_small_demo`` (ViT depth 4 width 256 at 128 px: 65 image tokens,
+4 text layers), 100 images x 500 texts, k_test 32; ``--image-size 384`` builds it at 577
+tokens, as official (results to retrieval_eval_384-<device>.json). On CUDA the GPU target,
+``blip_base_vit_b16_384`` (ViT-B/384, BERT-base text), 1000 x 5000, k_test 128, where the fp32
+reference loop would take minutes: 5% of its queries (``--reference-fraction``) are run and
+timed, and the time is scaled to all pairs (every query scores k pairs). Both paths' matmul
+FLOPs are counted on the first ``--flop-images`` images (CPU): their ratio is the speed-up the
+fast path reaches by doing less arithmetic alone.
 
-    python benchmarks/bench_retrieval_eval.py [--quick] [--device cpu|cuda] [--threads N]
-        [--images N] [--k-test K] [--image-size S]
+    python benchmarks/bench_retrieval_eval.py [--device cpu|cuda] [--images N] [--k-test K]
+        [--image-size S] [--threads N] [--repeats R] [--allow-dirty]
+
+Writes benchmarks/results/retrieval_eval[_<S>][_<N>t]-<device>.json; refuses an uncommitted tree
+unless ``--allow-dirty`` (a dry run). An end-to-end script, not a pytest-benchmark module: one
+run takes minutes and the rerankers share the encodings.
 """
 
 import argparse
@@ -55,14 +58,42 @@ from blip_fast.eval.retrieval import (
 from blip_fast.models.factory import as_config
 from blip_fast.ops import _backend
 
+BASELINES = ("reference", "reference+kernels")
 
-def matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_img):
+
+@dataclasses.dataclass
+class Reranker:
+    model: torch.nn.Module
+    loop: str  # "official" (reference_scores) or "fast" (fast_scores)
+    encodings: tuple  # (image_feats, image_embed, text_embed, ids, mask)
+    precision: str
+    pairs_timed: int
+    stats: dict = dataclasses.field(default_factory=dict)  # the fast loop's counters
+
+    def score(self, k, queries, itm_batch, few=False):
+        """(score_i2t, score_t2i); ``few``: a warm-up on a few queries."""
+        feats, i_embed, t_embed, ids, mask = self.encodings
+        with precision_context(self.precision, feats.device):
+            if self.loop == "official":
+                q = (1, 1) if few else queries
+                return reference_scores(self.model, *self.encodings, k, queries=q)
+            if few:
+                return fast_scores(
+                    self.model, feats[:2], i_embed[:2], t_embed[:8], ids[:8], mask[:8], 2
+                )
+            return fast_scores(
+                self.model, *self.encodings, k, itm_batch=itm_batch, stats=self.stats
+            )
+
+
+def matmul_flops(model, enc, k, n_img):
     """Matmul FLOPs (torch's FlopCounterMode) of both rerankers on the first ``n_img`` images
     and their 5 x n_img texts, through a reference-backend copy of ``model``: the math the
     kernels compute, countable (the counter does not see inside the C++ / Triton ops). Their
     ratio bounds the speed-up of the fast path unless it reaches a higher FLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    feats, i_embed, t_embed, ids, mask = enc
     counted = create_model("retrieval", model.cfg, backend="reference").to(feats.device).eval()
     counted.load_state_dict(model.state_dict())
     n_txt = min(5 * n_img, t_embed.shape[0])
@@ -76,71 +107,50 @@ def matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_img):
     return out
 
 
-def main():
+def encode(model, ds, dev):
+    """(image_feats, image_embed, text_embed, ids, mask) of the whole set."""
+    t_embed, ids, mask = encode_texts(model, tokenizer(), ds.text, device=dev)
+    feats, i_embed = encode_images(
+        model, torch.utils.data.DataLoader(ds, batch_size=64), device=dev
+    )
+    return feats, i_embed, t_embed, ids, mask
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--images", type=int)
+    p.add_argument("--images", type=int, help="test images (5 texts each)")
     p.add_argument("--k-test", type=int)
-    p.add_argument(
-        "--config",
-        help="preset (default: blip_small_demo on CPU; on CUDA the GPU "
-        "target's blip_base_vit_b16_384, 1000 images x 5000 texts, k_test 128)",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        help="override the config's vision.image_size (results to a separate file)",
-    )
+    p.add_argument("--config", help="preset (default: blip_small_demo on CPU, see above)")
+    p.add_argument("--image-size", type=int, help="override the config's vision.image_size")
     p.add_argument("--itm-batch", type=int, default=ITM_BATCH)
-    p.add_argument("--repeats", type=int, default=1, help="alternated runs, best time kept")
+    p.add_argument("--repeats", type=int, default=1, help="alternated runs, fastest kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also run the fast path in bf16 (encoders too) and compare its metrics "
-        "with fp32 (default: on CUDA)",
-    )
-    p.add_argument(
-        "--kernel-reference",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also time the official loop on the model's automatic backends "
-        "(blip-fast's attention kernels), besides the eager reference "
-        "(default: on CPU; off on CUDA, where it would not fit the GPU check)",
-    )
-    p.add_argument(
-        "--linear-baseline",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also time the fast path with plain F.linear GEMMs (linear backend "
-        "'reference'), splitting its speed-up into the loop's and the packed "
-        "GEMMs' (default: on where the linear backend is not 'reference')",
-    )
-    p.add_argument(
-        "--flop-images",
-        type=int,
-        help="images (and their texts) whose matmul FLOPs are counted per path "
-        "(default: 2 x k_test on CPU, so both candidate lists keep their "
-        "length; 0, none, on CUDA)",
-    )
-    p.add_argument(
-        "--reference-fraction",
-        type=float,
-        help="share of the reference loop's queries to run and time, the time "
-        "extrapolated to all (default: 1 on CPU; 0.05 on CUDA, where the whole "
-        "fp32 loop takes minutes); below 1 the rows it ran are compared",
-    )
-    args = p.parse_args()
+    for flag, default in (
+        ("--bf16", "CUDA"),
+        ("--kernel-reference", "CPU"),
+        ("--linear-baseline", "where the linear backend is not 'reference'"),
+    ):
+        p.add_argument(
+            flag, action=argparse.BooleanOptionalAction, help=f"see above (default: {default})"
+        )
+    p.add_argument("--flop-images", type=int, help="default: 2 x k_test on CPU, 0 on CUDA")
+    p.add_argument("--reference-fraction", type=float, help="default: 1 on CPU, 0.05 on CUDA")
+    p.add_argument("--allow-dirty", action="store_true", help=_harness.ALLOW_DIRTY_HELP)
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    commit = _harness.require_clean(args.allow_dirty)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     dev = args.device
     gpu = dev.startswith("cuda")
     args.config = args.config or ("blip_base_vit_b16_384" if gpu else "blip_small_demo")
-    n_img = args.images or (40 if args.quick else 1000 if gpu else 200)
-    k = args.k_test or (16 if args.quick else 128 if gpu else 32)
+    n_img = args.images or (1000 if gpu else 100)
+    k = args.k_test or (128 if gpu else 32)
     torch.manual_seed(0)
     cfg = as_config(args.config)
     resized = args.image_size is not None and args.image_size != cfg.vision.image_size
@@ -165,148 +175,84 @@ def main():
         f"{len(ds.image)} images x {len(ds.text)} texts, k_test {k}"
     )
     t0 = time.perf_counter()
-    t_embed, ids, mask = encode_texts(model, tokenizer(), ds.text, device=dev)
-    feats, i_embed = encode_images(
-        model, torch.utils.data.DataLoader(ds, batch_size=64), device=dev
-    )
+    enc = encode(model, ds, dev)
     encode_s = time.perf_counter() - t0
     print(f"encode (shared): {encode_s:.2f} s")
     pairs = len(ds.image) * min(k, len(ds.text)) + len(ds.text) * min(k, len(ds.image))
-
-    def run(name, fn, n_pairs=pairs):
-        fast_scores(model, feats[:2], i_embed[:2], t_embed[:8], ids[:8], mask[:8], 2)  # warm
-        if gpu:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        s_i2t, s_t2i = fn()
-        if gpu:
-            torch.cuda.synchronize()
-        sec = time.perf_counter() - t
-        metrics = retrieval_metrics(s_i2t, s_t2i, ds.txt2img, ds.img2txt)
-        print(
-            f"{name:13s}: rerank {sec:8.2f} s, {n_pairs / sec:9.0f} pairs/s ({n_pairs} of "
-            f"the official {pairs} pairs)"
-        )
-        return sec, metrics, (s_i2t, s_t2i)
-
     # the reference loop's queries all cost k pairs: a share of them, timed, extrapolates
     frac = args.reference_fraction or (0.05 if gpu else 1.0)
     queries = (math.ceil(frac * len(ds.image)), math.ceil(frac * len(ds.text)))
     ref_pairs = queries[0] * min(k, len(ds.text)) + queries[1] * min(k, len(ds.image))
-    # "reference": the official loop in plain eager PyTorch (every op on its reference backend),
-    # as official BLIP runs; "reference+kernels": the same loop on the model's automatic
-    # backends (blip-fast's attention kernels), which isolates what the fast loop changes.
+
     eager = create_model("retrieval", cfg, backend="reference").to(dev).eval()
     eager.load_state_dict(model.state_dict())
-    baselines = {"reference": eager, "reference+kernels": model}
-    if not (args.kernel_reference if args.kernel_reference is not None else not gpu):
-        del baselines["reference+kernels"]
-    stats, best, metrics, scores = {}, {}, {}, {}
-    for _ in range(args.repeats):  # alternated, best of: the 2-core VM is shared
-        for name, m in baselines.items():
-            sec, metrics[name], scores[name] = run(
-                name,
-                lambda m=m: reference_scores(
-                    m, feats, i_embed, t_embed, ids, mask, k, queries=queries
-                ),
-                ref_pairs,
+    rerankers = {"reference": Reranker(eager, "official", enc, "fp32", ref_pairs)}
+    if args.kernel_reference if args.kernel_reference is not None else not gpu:
+        rerankers["reference+kernels"] = Reranker(model, "official", enc, "fp32", ref_pairs)
+    rerankers["fast"] = Reranker(model, "fast", enc, "fp32", pairs)
+    backends = {op: _backend.resolve(op, dev) for op in _backend.PREFERENCE}
+    linear = backends["linear"] != "reference"
+    if args.linear_baseline if args.linear_baseline is not None else linear:
+        plain = create_model("retrieval", cfg, backend={"linear": "reference"}).to(dev).eval()
+        plain.load_state_dict(model.state_dict())
+        rerankers["fast F.linear"] = Reranker(plain, "fast", enc, "fp32", pairs)
+    if args.bf16 if args.bf16 is not None else gpu:
+        with precision_context("bf16", dev):
+            rerankers["fast bf16"] = Reranker(model, "fast", encode(model, ds, dev), "bf16", pairs)
+
+    for r in rerankers.values():  # first calls: allocation, oneDNN weight reorders, lazy init
+        r.score(k, queries, args.itm_batch, few=True)
+    runs, scores = {name: [] for name in rerankers}, {}
+    for _ in range(args.repeats):  # alternated: a slow spell of a shared machine hits all
+        for name, r in rerankers.items():
+            if gpu:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            scores[name] = r.score(k, queries, args.itm_batch)
+            if gpu:
+                torch.cuda.synchronize()
+            runs[name].append((time.perf_counter() - t) * pairs / r.pairs_timed)
+            print(f"{name:17s}: rerank {runs[name][-1]:8.2f} s ({r.pairs_timed} pairs timed)")
+
+    rows = []
+    for name, r in rerankers.items():
+        row = {
+            "provider": name,
+            "precision": r.precision,
+            "best_s": min(runs[name]),
+            "runs_s": runs[name],
+            "pairs_timed": r.pairs_timed,
+            "pairs_per_s": pairs / min(runs[name]),
+            **r.stats,
+        }
+        if r.pairs_timed == pairs:  # a partial reference loop leaves -100 rows: no metrics
+            row["metrics"] = retrieval_metrics(*scores[name], ds.txt2img, ds.img2txt)
+        if r.precision == "fp32":  # over the rows the reference loop computed
+            row["max_abs_score_diff_vs_fast"] = max(
+                float((a[:q] - b[:q]).abs().max())
+                for a, b, q in zip(scores[name], scores["fast"], queries)
             )
-            best[name] = min(best.get(name, float("inf")), sec * pairs / ref_pairs)
-        sec, metrics["fast"], scores["fast"] = run(
-            "fast",
-            lambda: fast_scores(
-                model, feats, i_embed, t_embed, ids, mask, k, itm_batch=args.itm_batch, stats=stats
-            ),
-        )
-        best["fast"] = min(best.get("fast", float("inf")), sec)
-    ref_s, fast_s, fast_m = best["reference"], best["fast"], metrics["fast"]
-    max_diff = max(
-        float((a[:q] - b[:q]).abs().max())  # the rows the reference computed
-        for name in baselines
-        for a, b, q in zip(scores[name], scores["fast"], queries)
-    )
-    speedup = ref_s / fast_s
-    if ref_pairs < pairs:
-        print(
-            f"reference timed on {ref_pairs} of {pairs} pairs ({queries[0]} image and "
-            f"{queries[1]} text queries), extrapolated: "
-            + ", ".join(f"{name} {best[name]:.1f} s" for name in baselines)
-        )
+        rows.append(row)
+    fast_metrics = rows[list(rerankers).index("fast")]["metrics"]
+    for row in rows:
+        if "metrics" not in row:
+            continue
+        diff = max(abs(row["metrics"][key] - fast_metrics[key]) for key in KEYS)
+        row["max_metric_diff_vs_fast"] = diff
+        # fp32 rerankers compute the same scores; bf16's target is 0.2 points of fp32's metrics
+        limit = 0.2 if row["precision"] == "bf16" else 0.0
+        if diff > limit:
+            raise AssertionError(
+                f"{row['provider']} metrics {row['metrics']} vs fast {fast_metrics}"
+            )
+        if row.get("max_abs_score_diff_vs_fast", 0.0) >= 1e-4:
+            raise AssertionError(f"{row['provider']}: scores differ from fast's by more than 1e-4")
     n_flop = min(
         args.flop_images if args.flop_images is not None else 0 if gpu else 2 * k, len(ds.image)
     )
-    flops = matmul_flops(model, feats, i_embed, t_embed, ids, mask, k, n_flop) if n_flop else {}
-    if flops:
-        print(
-            f"matmul GFLOP on the first {n_flop} images and their texts: reference "
-            f"{flops['reference'] / 1e9:.1f}, fast {flops['fast'] / 1e9:.1f}: a "
-            f"{flops['ratio']:.2f}x bound on the speed-up where both run at the same FLOP/s"
-        )
-    print(
-        f"fast: {stats['itm_pairs']} unique ITM pairs (of {pairs}), K/V {stats['kv_s']:.2f} s,"
-        f" ITM {stats['itm_s']:.2f} s; max |score diff| {max_diff:.2e}"
-    )
-    print(
-        f"speed-up {speedup:.2f}x over the eager reference"
-        + (
-            f", {best['reference+kernels'] / fast_s:.2f}x over reference+kernels"
-            if "reference+kernels" in best
-            else ""
-        )
-        + "; metrics "
-        + " ".join(f"{key}={fast_m[key]:.2f}" for key in KEYS)
-    )
-    for name in baselines:  # whole matrices only
-        assert ref_pairs < pairs or metrics[name] == fast_m, (name, metrics[name], fast_m)
-    assert max_diff < 1e-4, max_diff
-    backends = {op: _backend.resolve(op, dev) for op in _backend.PREFERENCE}
-    print("backends: " + ", ".join(f"{op} {b}" for op, b in backends.items()))
-    plain = {}
-    if (
-        args.linear_baseline
-        if args.linear_baseline is not None
-        else backends["linear"] != "reference"
-    ):
-        plain_model = create_model("retrieval", cfg, backend={"linear": "reference"})
-        plain_model.load_state_dict(model.state_dict())
-        sec, plain_m, _ = run(
-            "fast F.linear",
-            lambda: fast_scores(
-                plain_model.to(dev).eval(),
-                feats,
-                i_embed,
-                t_embed,
-                ids,
-                mask,
-                k,
-                itm_batch=args.itm_batch,
-            ),
-        )
-        assert plain_m == fast_m, (plain_m, fast_m)
-        print(
-            f"split: the fast loop with F.linear GEMMs {ref_s / sec:.2f}x, its "
-            f"{backends['linear']} GEMMs {sec / fast_s:.2f}x more"
-        )
-        plain = {"fast_linear_reference_s": sec, "linear_speedup": sec / fast_s}
-    bf16 = {}
-    if args.bf16 if args.bf16 is not None else gpu:
-        with precision_context("bf16", dev):
-            t_b, ids_b, mask_b = encode_texts(model, tokenizer(), ds.text, device=dev)
-            feats_b, i_b = encode_images(
-                model, torch.utils.data.DataLoader(ds, batch_size=64), device=dev
-            )
-            sec, bf16_m, _ = run(
-                "fast bf16",
-                lambda: fast_scores(
-                    model, feats_b, i_b, t_b, ids_b, mask_b, k, itm_batch=args.itm_batch
-                ),
-            )
-        diff = max(abs(bf16_m[key] - fast_m[key]) for key in KEYS)
-        print(f"bf16: metrics differ from fp32 by at most {diff:.2f} (target <= 0.2)")
-        bf16 = {"bf16_rerank_s": sec, "bf16_metrics": bf16_m, "bf16_max_metric_diff": diff}
-    case = f"{len(ds.image)}x{len(ds.text)} k{k}" + (f" {size}px" if resized else "")
+    flops = matmul_flops(model, enc, k, n_flop) if n_flop else {}
     common = {
-        "case": case,
+        "case": f"{len(ds.image)}x{len(ds.text)} k{k}" + (f" {size}px" if resized else ""),
         "config": args.config,
         "image_size": size,
         "image_tokens": model.cfg.vision.num_tokens,
@@ -315,50 +261,34 @@ def main():
         "k_test": k,
         "pairs_scored": pairs,
         "encode_s": encode_s,
-        "metrics": fast_m,
-        "max_abs_score_diff": max_diff,
-        "threads": torch.get_num_threads(),
         "backends": backends,
+        "matmul_flops": flops,
         "load_avg_1min": [load_before, os.getloadavg()[0]],
     }
-    rows = [
-        {
-            **common,
-            "provider": name,
-            "median_ms": best[name] * 1e3,
-            "pairs_per_s": pairs / best[name],
-            "itm_pairs": pairs,
-            "pairs_timed": ref_pairs,
-        }
-        for name in baselines
-    ]
-    rows += [
-        {
-            **common,
-            "provider": "fast",
-            "median_ms": fast_s * 1e3,
-            "pairs_per_s": pairs / fast_s,
-            "itm_pairs": stats["itm_pairs"],
-            "kv_s": stats["kv_s"],
-            "itm_s": stats["itm_s"],
-            "speedup": speedup,
-            **(
-                {"speedup_vs_kernels": best["reference+kernels"] / fast_s}
-                if "reference+kernels" in best
-                else {}
-            ),
-            "matmul_flops": flops,
-            **plain,
-            **bf16,
-        }
-    ]
+    rows = [{**common, **row} for row in rows]
     name = (
         "retrieval_eval"
         + (f"_{size}" if resized else "")
-        + ("_quick" if args.quick else "")
         + (f"_{args.threads}t" if args.threads else "")
     )
-    print("wrote", _harness.write_results(name, dev, rows, plot=False))
+    path = _harness.write_results(
+        name,
+        dev,
+        rows,
+        sources=[*_harness.PACKAGE_SOURCES, "benchmarks/bench_retrieval_eval.py"],
+        commit=commit,
+        allow_dirty=args.allow_dirty,
+        baselines=tuple(b for b in BASELINES if b in rerankers),
+        time_key="best_s",
+    )
+    _harness.print_ratios(rows, time_key="best_s")
+    if flops:
+        print(
+            f"matmul GFLOP on the first {n_flop} images and their texts: reference "
+            f"{flops['reference'] / 1e9:.1f}, fast {flops['fast'] / 1e9:.1f} "
+            f"({flops['ratio']:.2f}x less)"
+        )
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ queue write, AdamW), reference vs fast, in one run:
     python benchmarks/bench_train_step.py --config blip_base_vit_b16_224 --batch 64   # GPU
 
 Each provider runs in its own process (compile caches and allocator state stay apart) on the
-same random batches; reported: samples/s over the timed steps (after warm-up steps, which
-include compilation) and peak memory (CUDA: max_memory_allocated; CPU: peak resident set
-growth over the timed steps, from /proc/self/status). Writes results/train_step-<device>.json.
+same random batches. After the warm-up steps (which include compilation) every step is timed on
+its own; reported: the median step time with its quartiles over ``--steps`` (>= 5) steps,
+samples/s at the median, and peak memory (CUDA: max_memory_allocated; CPU: peak resident set
+growth over the timed steps, from /proc/self/status). Writes results/train_step-<device>.json;
+refuses an uncommitted tree unless ``--allow-dirty`` (a dry run).
+
+An end-to-end script, not a pytest-benchmark module: each provider needs a process of its own.
 """
 
 import argparse
@@ -88,21 +92,24 @@ def worker(args) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # peak resident set := current
         base = _rss_kib("VmRSS") * 1024
-    t0 = time.perf_counter()
+    seconds = []
     for i in range(args.steps):
+        t0 = time.perf_counter()
         trainer.step(batches[i % 2])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
     peak = (
         torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     ) - base
+    timing = _harness.summarize(seconds)
     return {
         "provider": args.worker,
         "precision": precision,
-        "step_ms": 1e3 * elapsed / args.steps,
-        "samples_per_s": args.batch * args.steps / elapsed,
+        **timing,
+        "samples_per_s": args.batch / timing["median_ms"] * 1e3,
         "peak_extra_mib": peak / 2**20,
+        "step_times_ms": [1e3 * s for s in seconds],
     }
 
 
@@ -112,14 +119,18 @@ def main():
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--config", default="blip_base_vit_b16_224" if cuda else "blip_small_demo")
     p.add_argument("--batch", type=int, default=64 if cuda else 16)
-    p.add_argument("--steps", type=int, default=20 if cuda else 5)
+    p.add_argument("--steps", type=int, default=20 if cuda else 10, help="timed steps (>= 5)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--allow-dirty", action="store_true", help=_harness.ALLOW_DIRTY_HELP)
     p.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="/tmp/blip_fast_bench_train_step", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps < 5:
+        p.error(f"--steps {args.steps}: a median needs at least 5 timed steps")
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    commit = _harness.require_clean(args.allow_dirty)
     rows = []
     for name in PROVIDERS:
         cmd = [
@@ -142,16 +153,23 @@ def main():
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"case": f"{args.config} B={args.batch}", "median_ms": row["step_ms"], **row})
+        rows.append({"case": f"{args.config} B={args.batch}", "config": args.config, **row})
         print(
-            f"{name:10s} {row['precision']} {row['step_ms']:9.1f} ms/step "
-            f"{row['samples_per_s']:8.1f} samples/s  peak +{row['peak_extra_mib']:.0f} MiB"
+            f"{name:10s} {row['precision']} median {row['median_ms']:9.1f} ms/step (quartiles "
+            f"{row['q1_ms']:.1f}-{row['q3_ms']:.1f}) {row['samples_per_s']:8.1f} samples/s  "
+            f"peak +{row['peak_extra_mib']:.0f} MiB"
         )
-    ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
-    print(f"fast / reference samples/s: {ratio:.2f}x")
-    for r in rows:
-        r["speedup_vs_reference"] = r["samples_per_s"] / rows[0]["samples_per_s"]
-    print("wrote", _harness.write_results("train_step", args.device, rows))
+    path = _harness.write_results(
+        "train_step",
+        args.device,
+        rows,
+        sources=[*_harness.PACKAGE_SOURCES, "benchmarks/bench_train_step.py"],
+        commit=commit,
+        allow_dirty=args.allow_dirty,
+        baselines=("reference",),
+    )
+    _harness.print_ratios(rows)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""Gathered cross-attention of ITM reranking (the ``gathered_cross_attention`` op, inference):
+pairs read their image's cached K / V by index. Every available backend vs the eager reference
+and stock PyTorch's way, copying each pair's K / V (``k_cache[index]``) then sdpa.
+
+Shapes (pairs, images, image tokens), 35 text queries: a reranking batch whose candidates come
+from fewer images, each image's K / V cached once.
+
+    python -m pytest benchmarks/bench_gathered_cross_attention.py [--device cuda] [--allow-dirty]
+
+Writes benchmarks/results/gathered_cross_attention-<device>.json (see conftest.py).
+"""
+
+import _harness
+import torch
+import torch.nn.functional as F
+
+from blip_fast.ops import available, gathered_cross_attention
+
+SOURCES = _harness.op_sources("gathered_cross_attention", "cross_attention")
+BASELINES = ("reference", "copy+sdpa")
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+Q_LEN = 35  # BLIP's retrieval text length
+SHAPES = {"cpu": [(64, 16, 577)], "cuda": [(512, 64, 577), (512, 64, 197)]}
+
+
+def cases(device):
+    shapes = SHAPES[device]
+    fwd = _harness.attention_cases(device, [(p, Q_LEN, n) for p, _, n in shapes], modes=("fwd",))
+    return [
+        {**case, "case": f"{case['case']} ({images} images)", "images": images}
+        for case, (_, images, _) in zip(fwd, shapes)
+    ]
+
+
+def providers(device):
+    fused = [b for b in BACKENDS if available("gathered_cross_attention", b, device)]
+    return ["copy+sdpa", *fused]
+
+
+def test_gathered_cross_attention(case, provider, device, measure):
+    q, _, _ = _harness.attention_inputs(case, device)
+    k_cache, v_cache = _harness.attention_inputs({**case, "batch": case["images"]}, device)[1:]
+    index = torch.randint(0, case["images"], (case["batch"],), device=device)
+
+    @torch.no_grad()
+    def fn():
+        if provider == "copy+sdpa":
+            return F.scaled_dot_product_attention(q, k_cache[index], v_cache[index])
+        return gathered_cross_attention(q, k_cache, v_cache, index, backend=provider)
+
+    measure(fn, flop=_harness.attention_flop(case))
