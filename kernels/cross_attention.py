@@ -23,19 +23,20 @@ Products run with input_precision="ieee" (TF32 would miss the fp32 1e-5 parity g
 bf16 products run in their dtype with fp32 accumulation, P and dS rounded to the input dtype
 before their products (FlashAttention's choice). Launchers take and return what the
 ``blip_fast::cross_attention_fwd_triton`` / ``_bwd_triton`` schemas do; tests run them on CPU
-tensors under TRITON_INTERPRET=1.
+tensors under TRITON_INTERPRET=1. Block sizes, warps and pipeline depth come from
+``attention_config`` alone, which benchmarks/compile_check.py enumerates and compiles.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-# Keys per tile. 64 keeps a (BLOCK_N, BLOCK_D = 128) fp32 K tile at 32 KiB; not tuned on a GPU
-# yet (no device in the session that wrote this). BLOCK_M: queries per program, >= 16 (tl.dot's
-# minimum) and <= 64; BLIP's 35 text tokens fill one 64 block.
-BLOCK_N = 64
-MAX_BLOCK_M = 64
-MASK_VALUE = -10000.0  # official BERT's additive padding mask (reference.MASK_VALUE)
+from blip_fast.kernels._utils import device_limits, fma_block_n, launch, stages_that_fit
+
+# Official BERT's additive mask (reference.MASK_VALUE). A tl.constexpr, as compiled kernels read
+# no other module global (the interpreter reads any, so only the compile check catches it).
+MASK_VALUE = tl.constexpr(-10000.0)
+MAX_BLOCK_M = 64  # queries per program; BLIP's 35 text tokens fill one block
 
 
 @triton.jit
@@ -58,7 +59,12 @@ def _masked_scores(
     return s
 
 
-@triton.jit
+# Lengths, and the strides that follow them (lse, mask), are not specialised: any Lq / Lk runs
+# the kernels benchmarks/compile_check.py compiled, without a recompile per length.
+UNSPECIALISED = ("LQ", "LK", "sl_b", "sl_h", "sm_b")
+
+
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _cross_attention_fwd_kernel(
     Q,
     K,
@@ -142,7 +148,7 @@ def _cross_attention_fwd_kernel(
     tl.store(LSE + b * sl_b + h * sl_h + rm, m_i + tl.log(l_i), mask=mm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _cross_attention_bwd_kernel(
     DO,
     Q,
@@ -231,11 +237,44 @@ def _cross_attention_bwd_kernel(
         tl.store(dq_base + rm[:, None] * D + rd[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
-def _block_sizes(lq, d):
-    if d > 128:
-        raise ValueError(f"head_dim {d} > 128 is not supported by the Triton cross-attention")
+def attention_config(lq, head_dim, dtype, limits, *, backward):
+    """Block sizes, num_warps and num_stages of the forward (or backward) kernel for Lq queries
+    of ``head_dim`` in ``dtype`` on a GPU with ``limits`` (kernels/_utils.py)."""
+    if head_dim > 128:
+        raise ValueError(f"head_dim {head_dim} > 128 is not supported by the Triton attention")
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(lq)))
-    return block_m, max(16, triton.next_power_of_2(d))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:  # FMA products: see fma_block_n
+        num_warps = 8 if block_m * block_d >= 64 * 64 else 4
+        widest = fma_block_n(block_m, block_d, num_warps)
+    else:
+        # Tensor-core products; the backward's five dots need 8 warps to fit 255 registers
+        # (at 4 its 64 x 64 x 128 tiles spill ~750 bytes; compile check, sm_80 / sm_90).
+        num_warps = 8 if backward else 4
+        widest = 64
+    elt = dtype.itemsize
+    for block_n in (64, 32, 16):
+        if block_n > widest:
+            continue
+        # A K and a V tile per pipeline stage; resident: q (and dO in the backward) and the
+        # (BLOCK_M, BLOCK_N) score tiles converted for the next product. This bounds the shared
+        # memory of every configuration in the compile check's table (bf16 backward at
+        # 64 x 64 x 128 uses all of it), so a smaller GPU gets fewer stages, not a failed launch.
+        stage = 2 * block_n * block_d * elt
+        resident = ((2 if backward else 1) * block_d + 2 * block_n) * block_m * elt
+        num_stages = stages_that_fit(stage, resident, limits)
+        if num_stages:
+            return dict(
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                num_warps=num_warps,
+                num_stages=num_stages,
+            )
+    raise ValueError(
+        f"no Triton attention configuration for head_dim {head_dim} in {dtype} fits "
+        f"{limits.max_shared_mem} bytes of shared memory (sm_{limits.arch})"
+    )
 
 
 def _mask_arg(key_padding_mask, q):
@@ -267,11 +306,10 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, ou
         lse = torch.empty((batch, heads, lq), device=q.device, dtype=torch.float32)
     if batch == 0 or lq == 0:
         return out, lse
-    block_m, block_d = _block_sizes(lq, d)
+    config = attention_config(lq, d, q.dtype, device_limits(q.device), backward=False)
     mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
     idx = q if index is None else index.contiguous()
-    grid = (triton.cdiv(lq, block_m), batch * heads)
-    _cross_attention_fwd_kernel[grid](
+    args = (
         q,
         k,
         v,
@@ -299,13 +337,10 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, ou
         lse.stride(0),
         lse.stride(1),
         sm_b,
-        HAS_MASK=has_mask,
-        HAS_IDX=index is not None,
-        CAUSAL=bool(causal),
-        BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d,
     )
+    flags = dict(HAS_MASK=has_mask, HAS_IDX=index is not None, CAUSAL=bool(causal))
+    grid = (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)
+    launch(_cross_attention_fwd_kernel, grid, args, {**flags, **config})
     return out, lse
 
 
@@ -331,10 +366,10 @@ def cross_attention_bwd(
         return dq, dk, dv
     if lq == 0:  # no query: every key gets no gradient
         return dq, dk.zero_(), dv.zero_()
-    block_m, block_d = _block_sizes(lq, d)
+    config = attention_config(lq, d, q.dtype, device_limits(q.device), backward=True)
     mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
     lse = lse.contiguous()
-    _cross_attention_bwd_kernel[(batch * heads,)](
+    args = (
         dout,
         q,
         k,
@@ -368,12 +403,9 @@ def cross_attention_bwd(
         lse.stride(0),
         lse.stride(1),
         sm_b,
-        HAS_MASK=has_mask,
-        CAUSAL=bool(causal),
-        BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d,
     )
+    flags = dict(HAS_MASK=has_mask, CAUSAL=bool(causal))
+    launch(_cross_attention_bwd_kernel, (batch * heads,), args, {**flags, **config})
     return dq, dk, dv
 
 

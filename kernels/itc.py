@@ -5,8 +5,9 @@ columns; t2i: the reverse), looping over column tiles of [feat_m of the batch ; 
 place (the queue as stored, (D, Q), any strides). The forward keeps a running log-sum-exp for
 the student (s = x·c / temp) and the teacher (t = x_m·c / temp) plus the teacher-weighted Σ s,
 Σ hard·s and the hard count; the backward recomputes s and t per tile from the saved lse and
-accumulates d_x = Σ ds·cᵀ. Products run in fp32 with input_precision="ieee" (TF32 would miss
-the 1e-5 parity goal); fp16 / bf16 inputs are upcast on load.
+accumulates d_x = Σ ds·cᵀ. fp32 products run with input_precision="ieee" (TF32 would miss the
+1e-5 parity goal); fp16 / bf16 features enter x·c in their dtype, whose products are exact in
+the fp32 accumulator, and ds·cᵀ in fp32 with c upcast, so no result is rounded to 16 bits.
 
 Launchers ``itc_fwd`` / ``itc_bwd`` take and return what the ``blip_fast::itc_fwd_triton`` /
 ``itc_bwd_triton`` schemas do, so they can be registered as those ops' CUDA kernels; tests run
@@ -17,25 +18,31 @@ import torch
 import triton
 import triton.language as tl
 
-# Rows per program / columns per tile. D = 256 fp32 makes a (BLOCK_D, BLOCK_N) column tile
-# 64 KiB at BLOCK_N = 64; not tuned on a GPU yet (no device in the session that wrote this).
-BLOCK_M = 32
-BLOCK_N = 64
+from blip_fast.kernels._utils import device_limits, fma_block_n, launch, stages_that_fit
+
+BLOCK_M = 32  # rows per program
 
 
 @triton.jit
 def _load_cols(FM, QU, rn, rd, B, Q, D, s_fm, s_q0, s_q1):
-    """(BLOCK_D, BLOCK_N) fp32 columns rn of [FMᵀ ; QU], zero outside."""
-    md = rd < D
-    in_b = rn < B
-    in_q = (rn >= B) & (rn < B + Q)
+    """(BLOCK_D, BLOCK_N) columns rn of [FMᵀ ; QU] in their dtype, zero outside. One load
+    through a per-column pointer choice, so the software pipeline buffers one tile, not two."""
     jb = tl.minimum(rn, B - 1)
     jq = tl.maximum(rn - B, 0)
-    cb = tl.load(FM + jb[None, :] * s_fm + rd[:, None], mask=in_b[None, :] & md[:, None], other=0.0)
-    cq = tl.load(
-        QU + rd[:, None] * s_q0 + jq[None, :] * s_q1, mask=in_q[None, :] & md[:, None], other=0.0
+    ptrs = tl.where(
+        (rn < B)[None, :],
+        FM + jb[None, :] * s_fm + rd[:, None],
+        QU + rd[:, None] * s_q0 + jq[None, :] * s_q1,
     )
-    return cb.to(tl.float32) + cq.to(tl.float32)
+    return _operand(tl.load(ptrs, mask=(rn < B + Q)[None, :] & (rd < D)[:, None], other=0.0))
+
+
+@triton.jit
+def _operand(x):
+    """x in the dtype its products run in: fp64 in fp32 (as the C++ kernels), others as is."""
+    if x.dtype == tl.float64:
+        return x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -52,7 +59,8 @@ def _hard(IDX, IDXQ, my_id, rm, rn, B, Q, HAS_IDX: tl.constexpr):
     return hard
 
 
-@triton.jit
+# Batch and queue sizes are not specialised: any size runs the kernels the compile check built.
+@triton.jit(do_not_specialize=("B", "Q"))
 def _itc_fwd_kernel(
     X,
     XM,
@@ -84,8 +92,8 @@ def _itc_fwd_kernel(
     mrow = rm < B
     mx = mrow[:, None] & (rd < D)[None, :]
     inv_t = 1.0 / tl.load(TEMP).to(tl.float32)
-    x = tl.load(X + rm[:, None] * s_x + rd[None, :], mask=mx, other=0.0).to(tl.float32) * inv_t
-    xm = tl.load(XM + rm[:, None] * s_xm + rd[None, :], mask=mx, other=0.0).to(tl.float32) * inv_t
+    x = _operand(tl.load(X + rm[:, None] * s_x + rd[None, :], mask=mx, other=0.0))
+    xm = _operand(tl.load(XM + rm[:, None] * s_xm + rd[None, :], mask=mx, other=0.0))
     my_id = rm
     if HAS_IDX:
         my_id = tl.load(IDX + rm, mask=mrow, other=-1)
@@ -100,14 +108,14 @@ def _itc_fwd_kernel(
         rn = j0 + tl.arange(0, BLOCK_N)
         valid = (rn < B + Q)[None, :]
         c = _load_cols(FM, QU, rn, rd, B, Q, D, s_fm, s_q0, s_q1)
-        s0 = tl.dot(x, c, input_precision="ieee")
+        s0 = tl.dot(x, c, input_precision="ieee") * inv_t
         s = tl.where(valid, s0, float("-inf"))
         s0 = tl.where(valid, s0, 0.0)
         new_ms = tl.maximum(m_s, tl.max(s, 1))
         l_s = l_s * tl.exp(m_s - new_ms) + tl.sum(tl.exp(s - new_ms[:, None]), 1)
         m_s = new_ms
         if TEACHER:
-            t = tl.where(valid, tl.dot(xm, c, input_precision="ieee"), float("-inf"))
+            t = tl.where(valid, tl.dot(xm, c, input_precision="ieee") * inv_t, float("-inf"))
             new_mt = tl.maximum(m_t, tl.max(t, 1))
             scale = tl.exp(m_t - new_mt)
             e_t = tl.exp(t - new_mt[:, None])
@@ -129,7 +137,7 @@ def _itc_fwd_kernel(
     tl.store(ROWS + rm, row, mask=mrow)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "Q"))
 def _itc_bwd_kernel(
     X,
     XM,
@@ -164,8 +172,8 @@ def _itc_bwd_kernel(
     mx = mrow[:, None] & (rd < D)[None, :]
     inv_t = 1.0 / tl.load(TEMP).to(tl.float32)
     g = tl.load(DLOSS).to(tl.float32) / (2 * B)
-    x = tl.load(X + rm[:, None] * s_x + rd[None, :], mask=mx, other=0.0).to(tl.float32) * inv_t
-    xm = tl.load(XM + rm[:, None] * s_xm + rd[None, :], mask=mx, other=0.0).to(tl.float32) * inv_t
+    x = _operand(tl.load(X + rm[:, None] * s_x + rd[None, :], mask=mx, other=0.0))
+    xm = _operand(tl.load(XM + rm[:, None] * s_xm + rd[None, :], mask=mx, other=0.0))
     my_id = rm
     if HAS_IDX:
         my_id = tl.load(IDX + rm, mask=mrow, other=-1)
@@ -178,16 +186,16 @@ def _itc_bwd_kernel(
         rn = j0 + tl.arange(0, BLOCK_N)
         valid = (rn < B + Q)[None, :] & mrow[:, None]
         c = _load_cols(FM, QU, rn, rd, B, Q, D, s_fm, s_q0, s_q1)
-        s = tl.dot(x, c, input_precision="ieee")
+        s = tl.dot(x, c, input_precision="ieee") * inv_t
         ds = g * tl.exp(s - lse_s[:, None])
         if TEACHER:
-            t = tl.dot(xm, c, input_precision="ieee")
+            t = tl.dot(xm, c, input_precision="ieee") * inv_t
             ds -= g * alpha * tl.exp(t - lse_t[:, None])
         hard = _hard(IDX, IDXQ, my_id, rm, rn, B, Q, HAS_IDX)
         ds = tl.where(hard, ds - w_hard[:, None], ds)
         ds = tl.where(valid, ds, 0.0)
         ds_s += tl.sum(ds * s, 1)
-        dx += tl.dot(ds, tl.trans(c), input_precision="ieee")
+        dx += tl.dot(ds, tl.trans(c).to(tl.float32), input_precision="ieee")
     tl.store(DX + rm[:, None] * D + rd[None, :], dx * inv_t, mask=mx)
     tl.store(DS_S + rm, ds_s, mask=mrow)
 
@@ -199,19 +207,43 @@ def _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, t
     )
 
 
-def _common(x, xm, fm, queue, idx, idx_queue):
+def itc_config(dim, dtype, limits, *, backward):
+    """Block sizes, num_warps and num_stages of the forward (or backward) kernel for features
+    of ``dim`` in ``dtype`` on a GPU with ``limits`` (kernels/_utils.py)."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    elt = dtype.itemsize
+    # The dots contract over all of D (x·c) or yield all of it (ds·cᵀ), fp32 ones on the FMA
+    # units, so BLOCK_N follows kernels/_utils.py's fma_block_n rule: 16 at D = 256, 8 warps. The
+    # fp16 / bf16 kernels keep it, for their fp32 ds·cᵀ.
+    num_warps = 8
+    block_n = fma_block_n(BLOCK_M, block_d, num_warps)
+    # Per stage one column tile; resident: x and x_m, and in the backward c upcast for ds·cᵀ:
+    # 1.2-1.4x the compiled kernels' shared memory in the compile check's table.
+    stage = block_d * block_n * elt
+    resident = 2 * BLOCK_M * block_d * elt + (block_d * block_n * 4 if backward else 0)
+    num_stages = stages_that_fit(stage, resident, limits)
+    if not num_stages:
+        raise ValueError(
+            f"no Triton ITC configuration for dim {dim} in {dtype} fits "
+            f"{limits.max_shared_mem} bytes of shared memory (sm_{limits.arch})"
+        )
+    return dict(
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def _common(x, xm, fm, queue, idx, idx_queue, *, backward):
     x, xm, fm = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, xm, fm))
     B, D = x.shape
     has_idx = idx is not None
     ids = (idx.contiguous(), idx_queue.reshape(-1).contiguous()) if has_idx else (x, x)
-    meta = dict(
-        HAS_IDX=has_idx,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-    )
+    config = itc_config(D, x.dtype, device_limits(x.device), backward=backward)
     strides = (x.stride(0), xm.stride(0), fm.stride(0), queue.stride(0), queue.stride(1))
-    return x, xm, fm, ids, strides, meta, (triton.cdiv(B, BLOCK_M),)
+    return x, xm, fm, ids, strides, dict(HAS_IDX=has_idx, **config), (triton.cdiv(B, BLOCK_M),)
 
 
 def itc_fwd(
@@ -239,8 +271,10 @@ def itc_fwd(
     for d, (x, xm, fm, queue) in enumerate(
         _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue)
     ):
-        x, xm, fm, ids, strides, meta, grid = _common(x, xm, fm, queue, idx, idx_queue)
-        _itc_fwd_kernel[grid](
+        x, xm, fm, ids, strides, config, grid = _common(
+            x, xm, fm, queue, idx, idx_queue, backward=False
+        )
+        args = (
             x,
             xm,
             fm,
@@ -255,9 +289,8 @@ def itc_fwd(
             x.shape[1],
             stats.stride(1),
             *strides,
-            TEACHER=alpha != 0.0,
-            **meta,
         )
+        launch(_itc_fwd_kernel, grid, args, dict(TEACHER=alpha != 0.0, **config))
     return (rows.mean(1).sum() / 2).to(image_feat.dtype), stats
 
 
@@ -284,9 +317,11 @@ def itc_bwd(
     for d, (x, xm, fm, queue) in enumerate(
         _directions(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue)
     ):
-        x, xm, fm, ids, strides, meta, grid = _common(x, xm, fm, queue, idx, idx_queue)
+        x, xm, fm, ids, strides, config, grid = _common(
+            x, xm, fm, queue, idx, idx_queue, backward=True
+        )
         dx = torch.empty(B, D, device=x.device, dtype=torch.float32)
-        _itc_bwd_kernel[grid](
+        args = (
             x,
             xm,
             fm,
@@ -303,9 +338,8 @@ def itc_bwd(
             D,
             stats.stride(1),
             *strides,
-            TEACHER=alpha != 0.0,
-            **meta,
         )
+        launch(_itc_bwd_kernel, grid, args, dict(TEACHER=alpha != 0.0, **config))
         grads.append(dx.to(x.dtype))
     d_temp = (-ds_s.sum() / temp.float()).to(temp.dtype).reshape(temp.shape)
     return grads[0], grads[1], d_temp
