@@ -132,6 +132,7 @@ SCHEMA: dict[str, Key] = {
     "weight_decay": Key(_float(0.0)),
     "max_epoch": Key(POSITIVE),
     "itc_warmup_steps": Key(NON_NEGATIVE, CONTRASTIVE),
+    "image_token_drop": Key(_float(0.0, 1.0, open_high=True), frozenset({"pretrain"})),
     # official evaluation / decoding keys, read by evaluation, not by training
     "k_test": Key(POSITIVE, frozenset({"retrieval"})),
     "max_length": Key(POSITIVE, frozenset({"caption"})),

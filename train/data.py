@@ -94,11 +94,20 @@ class SeededSamples(Dataset):
 
 class Collate:
     """Stack images and tokenise captions for ``task``; retrieval samples carry an image idx,
-    caption samples get the prompt prepended (official coco_karpathy_train)."""
+    caption samples get the prompt prepended (official coco_karpathy_train).
 
-    def __init__(self, tokenizer, task: str, prompt: str = ""):
+    ``pad_to_longest`` (default): pad to the batch's longest caption (still truncated at the
+    official length) instead of to that length: every text pass runs on the shorter sequence
+    with the same losses, as padding takes no part in them (masked out of every attention,
+    label -100); in fp32 the masked softmax weights are exactly 0, leaving only summation-order
+    rounding. Done here, in the loader: finding the longest caption of a batch already on the
+    device would make the host wait for the device."""
+
+    def __init__(self, tokenizer, task: str, prompt: str = "", pad_to_longest: bool = True):
         self.tokenizer, self.task, self.prompt = tokenizer, task, prompt
         self.padding, self.max_length = TOKENISATION[task]
+        if pad_to_longest:
+            self.padding = "longest"
 
     def __call__(self, samples) -> dict:
         images = torch.stack([s[0] for s in samples])

@@ -3,6 +3,11 @@
 One step (contrastive tasks): clamp temp, momentum update (m = 0.995), forward of the task
 module (DDP- and optionally torch.compile-wrapped), backward, AdamW step, then the gathered
 momentum features go into the queues (after the backward pass, which reads them in place).
+
+A step never makes the host wait for the device: its losses and temperature come back as
+device tensors, read as numbers when the step is logged. On an asynchronous device that happens
+once the next step has been queued behind it, so the device always has the next step's work; on
+the CPU a step is finished when it returns and is logged at once.
 """
 
 import contextlib
@@ -92,6 +97,8 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoint.pth"
         self.writer = None
         self.saved_step: int | None = None  # global step of the last checkpoint written or read
+        self.unlogged: tuple[dict, dict] | None = None  # (position, stats) of a step not logged
+        self.log_one_step_late = dist_info.device.type != "cpu"
 
     def close(self):
         """Drop the DDP / compiled wrapper (before ``distributed.shutdown``, which says why)."""
@@ -134,6 +141,8 @@ class Trainer:
         return self.cfg.alpha
 
     def step(self, batch: dict) -> dict:
+        """One optimisation step; returns its stats: ``lr`` and ``alpha`` as floats, ``temp``
+        and the losses as 0-d device tensors (reading them would wait for the device)."""
         dev = self.dist.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         lr = self.schedule(self.epoch, self.batch)
@@ -142,11 +151,11 @@ class Trainer:
         if self.contrastive:
             batch["neg_u"] = negative_uniforms(
                 self.cfg.seed, self.dist.rank, self.global_step, batch["image"].shape[0]
-            ).to(dev)
+            ).to(dev, non_blocking=True)
             batch["alpha"] = stats["alpha"] = self._alpha()
             batch["itc_only"] = self.global_step < self.cfg.itc_warmup_steps
             self.model.clamp_temp()
-            stats["temp"] = float(self.model.temp.detach())
+            stats["temp"] = self.model.temp.detach().clone()  # AdamW updates temp in place
             self.model.momentum_update()
         with _autocast(self.cfg.precision, dev):
             out = self.step_module(batch)
@@ -164,10 +173,21 @@ class Trainer:
             self.model.enqueue(
                 image_feat_m.float(), text_feat_m.float(), *(() if idx is None else (idx,))
             )
-        stats.update({k: float(v.detach()) for k, v in out.items() if k != "queue"})
+        stats.update({k: v.detach() for k, v in out.items() if k != "queue"})
         return stats
 
     # -- the loop ------------------------------------------------------------------------
+    def _log_unlogged(self) -> dict:
+        """Log the step held back in ``self.unlogged`` (its tensors read as numbers now) and
+        return its stats; {} when none is held."""
+        if self.unlogged is None:
+            return {}
+        position, stats = self.unlogged
+        self.unlogged = None
+        stats = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+        self._log({**position, **stats})
+        return stats
+
     def _log(self, record: dict):
         if not self.dist.is_main:
             return
@@ -190,6 +210,7 @@ class Trainer:
         try:
             stats = self._epochs()
         except KeyboardInterrupt:  # nothing is saved now: the step may be half done
+            self._log_unlogged()  # the last whole step
             if self.dist.is_main:
                 print(
                     f"interrupted at step {self.global_step}; {self._last_save()}", file=sys.stderr
@@ -216,23 +237,28 @@ class Trainer:
             )
             t0 = time.perf_counter()
             for batch in bar:
-                stats = self.step(batch)
+                step_stats = self.step(batch)
                 self.batch += 1
                 self.global_step += 1
-                self._log(
-                    {
-                        "epoch": self.epoch,
-                        "batch": self.batch,
-                        "global_step": self.global_step,
-                        "time": time.perf_counter() - t0,
-                        **stats,
-                    }
-                )
-                bar.set_postfix(loss=f"{stats['loss']:.3f}")
-                if self.cfg.save_every and self.global_step % self.cfg.save_every == 0:
+                position = {
+                    "epoch": self.epoch,
+                    "batch": self.batch,
+                    "global_step": self.global_step,
+                    "time": time.perf_counter() - t0,
+                }
+                if self.unlogged is not None:  # the previous step, now that this one is queued
+                    stats = self._log_unlogged()
+                self.unlogged = (position, step_stats)
+                saving = self.cfg.save_every and self.global_step % self.cfg.save_every == 0
+                if saving or not self.log_one_step_late:  # a checkpoint's steps are all logged
+                    stats = self._log_unlogged()
+                if stats:
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                if saving:
                     self.save()
                 if self._done():
                     break
+            stats = self._log_unlogged() or stats
             if self.batch >= self.sampler.batches_per_epoch:
                 self.epoch, self.batch = self.epoch + 1, 0
             self.save()

@@ -37,9 +37,9 @@ def itm_loss(model, ids, mask, image_embeds, neg_text_ids, neg_text_mask, neg_im
         torch.cat([mask, mask, neg_text_mask]),
         torch.cat([image_embeds, neg_image_embeds, image_embeds]),
     )
-    labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(
-        logits.device
-    )
+    # made on the device: copying a host tensor there would make the host wait
+    labels = torch.zeros(3 * B, dtype=torch.long, device=logits.device)
+    labels[:B] = 1
     return F.cross_entropy(logits.float(), labels)
 
 

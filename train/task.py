@@ -23,17 +23,33 @@ from blip_fast.train.distributed import all_gather_with_grad, concat_all_gather
 class ContrastiveTask(nn.Module):
     """ITC + ITM (+ LM): pre-training (``BlipPretrain``, in-batch negatives, LM on) or
     retrieval fine-tuning (``BlipRetrieval``, idx positives, negatives from every rank when
-    ``negative_all_rank``)."""
+    ``negative_all_rank``).
 
-    def __init__(self, model, negative_all_rank: bool = False, lm: bool = False):
+    ``image_token_drop`` (FLIP-style, default 0 = the official objective): in training, the
+    online ViT sees a random ``1 - image_token_drop`` of the patch tokens (+ [CLS]), and ITC,
+    ITM and LM read those tokens. The momentum ViT still sees every token: its features are the
+    distillation targets and the queue entries, which stay the full-image features retrieval
+    ranks with (FLIP itself has no momentum encoder)."""
+
+    def __init__(
+        self,
+        model,
+        negative_all_rank: bool = False,
+        lm: bool = False,
+        image_token_drop: float = 0.0,
+    ):
         super().__init__()
+        if not 0.0 <= image_token_drop < 1.0:
+            raise ValueError(f"image_token_drop must be in [0, 1), got {image_token_drop}")
         self.model = model
         self.negative_all_rank = negative_all_rank
         self.lm = lm
+        self.image_token_drop = image_token_drop
 
     def encode(self, batch) -> dict:
         m = self.model
-        image_embeds = m.image_embeds(batch["image"])
+        token_drop = self.image_token_drop if self.training else 0.0
+        image_embeds = m.image_embeds(batch["image"], token_drop)
         out = {
             "image_embeds": image_embeds,
             "ids": batch["ids"],

@@ -9,7 +9,7 @@ from torch import nn
 
 from blip_fast.models.configs import BlipConfig
 
-OPS = ("attention", "cross_attention", "gathered_cross_attention", "itc", "linear")
+OPS = ("attention", "cross_attention", "gathered_cross_attention", "itc", "linear", "lm_head_loss")
 
 
 def backend_map(backend: str | dict | None) -> dict:
@@ -27,9 +27,16 @@ def backend_map(backend: str | dict | None) -> dict:
 
 class MomentumMixin:
     """Momentum copies ``<name>_m`` of the online modules named in ``momentum_names``, updated
-    as p_m = m * p_m + (1 - m) * p (official ``_momentum_update``), never trained."""
+    as p_m = m * p_m + (1 - m) * p (official ``_momentum_update``), never trained.
+
+    The update is two multi-tensor calls (``torch._foreach_mul_`` / ``_foreach_add_``) over
+    the paired parameter lists, built once: the same two roundings per element as the official
+    per-parameter loop, so the result is identical to the bit. ``foreach_momentum = False``
+    runs that loop instead (one pair of kernels per parameter)."""
 
     momentum_names: tuple[str, ...] = ()
+    foreach_momentum: bool = True
+    _momentum_params: tuple[list, list] | None = None
 
     def _make_momentum(self):
         for name in self.momentum_names:
@@ -41,19 +48,42 @@ class MomentumMixin:
     def momentum_pairs(self):
         return [(getattr(self, n), getattr(self, n + "_m")) for n in self.momentum_names]
 
+    def momentum_params(self) -> tuple[list, list]:
+        """(online, momentum) parameter lists in matching order, cached; dropped by ``_apply``
+        (``.to()``, ``.cuda()``...) and ``load_state_dict``, which may replace parameters."""
+        if self._momentum_params is None:
+            online, momentum = [], []
+            for model, model_m in self.momentum_pairs():
+                for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
+                    online.append(p)
+                    momentum.append(p_m)
+            self._momentum_params = (online, momentum)
+        return self._momentum_params
+
+    def _apply(self, *args, **kwargs):
+        self._momentum_params = None
+        return super()._apply(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._momentum_params = None
+        return super().load_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def copy_params(self):
         """Momentum copies := online weights (official ``copy_params``)."""
-        for model, model_m in self.momentum_pairs():
-            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
-                p_m.copy_(p)
+        online, momentum = self.momentum_params()
+        torch._foreach_copy_(momentum, online)
 
     @torch.no_grad()
     def momentum_update(self):
         m = self.cfg.momentum
-        for model, model_m in self.momentum_pairs():
-            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
-                p_m.mul_(m).add_(p.detach(), alpha=1 - m)
+        online, momentum = self.momentum_params()
+        if not self.foreach_momentum:
+            for p, p_m in zip(online, momentum):
+                p_m.mul_(m).add_(p, alpha=1 - m)
+            return
+        torch._foreach_mul_(momentum, m)
+        torch._foreach_add_(momentum, online, alpha=1 - m)
 
 
 def itm_head(cfg: BlipConfig) -> nn.Linear:
@@ -93,14 +123,16 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def enqueue(module: nn.Module, ptr_name: str, image_feat_m, text_feat_m, idx=None):
     """Write the gathered momentum features (and idx) of every rank into the queues at the
-    pointer, then advance it (official ``_dequeue_and_enqueue``)."""
+    pointer, then advance it (official ``_dequeue_and_enqueue``). The pointer stays a device
+    tensor: the columns are indexed from it on the device, so the host never waits for it."""
     image_feats, text_feats = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
     n, size = image_feats.shape[0], module.image_queue.shape[1]
     if size % n:
         raise ValueError(f"queue_size {size} must be divisible by the global batch {n}")
-    ptr = int(getattr(module, ptr_name))
-    module.image_queue[:, ptr : ptr + n] = image_feats.T
-    module.text_queue[:, ptr : ptr + n] = text_feats.T
+    ptr = getattr(module, ptr_name)  # (1,)
+    cols = (ptr + torch.arange(n, device=ptr.device)) % size
+    module.image_queue.index_copy_(1, cols, image_feats.T.to(module.image_queue.dtype))
+    module.text_queue.index_copy_(1, cols, text_feats.T.to(module.text_queue.dtype))
     if idx is not None:
-        module.idx_queue[:, ptr : ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
-    getattr(module, ptr_name)[0] = (ptr + n) % size
+        module.idx_queue.index_copy_(1, cols, concat_all_gather(idx.view(-1)).view(1, -1))
+    ptr.add_(n).remainder_(size)

@@ -18,9 +18,10 @@ ENC_TOKEN_ID = 30523
 class BlipITMMixin:
     """Inference API shared by the retrieval and pre-training models."""
 
-    def image_embeds(self, pixels):
-        """pixels (B, 3, S, S) -> all image tokens (B, 1 + (S/16)^2, vision width)."""
-        return self.visual_encoder(pixels)
+    def image_embeds(self, pixels, token_drop: float = 0.0):
+        """pixels (B, 3, S, S) -> all image tokens (B, 1 + (S/16)^2, vision width), or fewer
+        with ``token_drop`` (training only, see ``VisionTransformer.forward``)."""
+        return self.visual_encoder(pixels, token_drop)
 
     def image_features(self, pixels=None, image_embeds=None):
         """Normalised (B, embed_dim) image features from pixels or precomputed embeds."""
@@ -118,7 +119,8 @@ class GatheredITM(nn.Module):
     Holds ``model``'s text encoder and ITM head with their linear layers prepacked for the
     ``linear`` backend of ``model.backends`` (``ops.prepack_linears``: oneDNN's GEMM on CPU,
     the modules themselves elsewhere); every other tensor is shared with ``model``. The packed
-    weights are a snapshot: build a new one after the weights change."""
+    weights are a snapshot: build a new one after the weights change. Under CPU bf16 autocast
+    the packed GEMMs run in bf16 (``PackedLinear``) and the attention ops read bf16 inputs."""
 
     def __init__(self, model):
         super().__init__()

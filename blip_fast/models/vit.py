@@ -113,17 +113,35 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
-    def forward(self, pixels):
+    def forward(self, pixels, token_drop: float = 0.0):
+        """``token_drop`` in [0, 1): drop that fraction of the patch tokens, a random subset
+        per sample, after the position embedding is added ([CLS] always kept; FLIP, Li et al.
+        2023, https://arxiv.org/abs/2212.00794). A training-time change of the objective: the
+        output then has 1 + round((1 - token_drop) * patches) tokens; 0 is the official ViT."""
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.cfg.image_size, self.cfg.image_size):
             raise ValueError(
                 f"pixels must be (B, 3, {self.cfg.image_size}, "
                 f"{self.cfg.image_size}), got {tuple(pixels.shape)}"
             )
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
         x = self.patch_embed(pixels)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if token_drop > 0.0:
+            x = _keep_random_patches(x, token_drop)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+
+def _keep_random_patches(x, drop: float):
+    """x (B, 1 + N, C) -> (B, 1 + K, C): [CLS] and K = round((1 - drop) N) (at least 1) patch
+    tokens per sample, drawn uniformly without replacement (the top-K of uniform noise)."""
+    B, N, C = x.shape[0], x.shape[1] - 1, x.shape[2]
+    keep = max(1, round((1.0 - drop) * N))
+    idx = torch.rand(B, N, device=x.device).topk(keep, dim=1).indices + 1  # (B, K)
+    patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, C))
+    return torch.cat([x[:, :1], patches], dim=1)
 
 
 def _init_weights(m):
