@@ -21,10 +21,12 @@ is written to a temporary folder, never to benchmarks/results/.
 """
 
 import datetime
+import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -80,6 +82,48 @@ def require_clean(allow_dirty: bool) -> str:
     if message:
         sys.exit(message)
     return head()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_extra_mib(fn, device: str) -> float:
+    """Extra memory one call of ``fn`` needs beyond what exists before it, in MiB: on CUDA
+    torch.cuda.max_memory_allocated after reset_peak_memory_stats; on the CPU the peak resident
+    set (VmHWM, reset to the current one by writing "5" to /proc/self/clear_refs) minus VmRSS,
+    which is only meaningful in ``peak_extra_mib_in_fresh_process``'s setting."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def peak_extra_mib_in_fresh_process(script: str, *args: str) -> float:
+    """The CPU ``peak_extra_mib`` of one call, measured by ``python script *args`` in a fresh
+    process that prints it as its last line. tracemalloc does not see torch's allocations, so
+    the resident set is what is measured; MALLOC_MMAP_THRESHOLD_=131072 makes every buffer above
+    128 KiB its own mmap, returned to the OS when freed, so no heap reuse hides a provider's
+    allocations behind an earlier one's."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def device_name(device: str) -> str:

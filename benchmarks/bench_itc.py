@@ -8,16 +8,11 @@ Writes benchmarks/results/itc-<device>.json (see conftest.py), with each row's p
 Peak memory is the extra memory one fwd + bwd step needs beyond what exists before it: on CUDA
 torch.cuda.max_memory_allocated after reset_peak_memory_stats; on the CPU (tracemalloc does not
 see torch's allocations) each (provider, B) runs once in a fresh process, this file run as a
-script, with MALLOC_MMAP_THRESHOLD_=131072, so every buffer above 128 KiB is its own mmap that
-is returned to the OS when freed (no heap reuse hiding a provider's allocations behind an
-earlier one's); the process builds the inputs, resets its peak resident set (writes "5" to
-/proc/self/clear_refs), runs one step and prints VmHWM - VmRSS from /proc/self/status.
+script, which builds the inputs and measures the peak resident set of one step
+(_harness.peak_extra_mib_in_fresh_process).
 """
 
 import functools
-import gc
-import os
-import subprocess
 import sys
 
 import _harness
@@ -70,49 +65,15 @@ def step(provider, batch, device):
     )
 
 
-def _status_kib(field):
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_extra_mib(fn, device):
-    """Extra memory of one call of fn beyond what was resident before it (see module doc)."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    base = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - base) / 1024
-
-
-def peak_extra_mib_in_fresh_process(provider, batch):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), provider, str(batch)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
-
-
 def test_itc(case, provider, device, measure):
     fn = step(provider, case["batch"], device)
     memory = (
-        peak_extra_mib_in_fresh_process(provider, case["batch"])
+        _harness.peak_extra_mib_in_fresh_process(__file__, provider, str(case["batch"]))
         if device == "cpu"
-        else peak_extra_mib(fn, device)
+        else _harness.peak_extra_mib(fn, device)
     )
     measure(fn, peak_extra_mib=memory)
 
 
 if __name__ == "__main__":  # one CPU memory measurement: bench_itc.py PROVIDER BATCH
-    print(peak_extra_mib(step(sys.argv[1], int(sys.argv[2]), "cpu"), "cpu"))
+    print(_harness.peak_extra_mib(step(sys.argv[1], int(sys.argv[2]), "cpu"), "cpu"))

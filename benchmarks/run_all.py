@@ -17,7 +17,7 @@ import _harness
 import torch
 
 OP_BENCHMARKS = ["attention", "cross_attention", "gathered_cross_attention", "itc", "linear"]
-OP_BENCHMARKS.append("optimizer")
+OP_BENCHMARKS += ["lm_head_loss", "optimizer"]
 # name -> command, after `python`; the per-op modules share one pytest session (one start-up).
 STEPS = {
     "ops": ["-m", "pytest", "-p", "no:cacheprovider", "-q"]

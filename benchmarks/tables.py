@@ -272,11 +272,12 @@ TABLES = {
     "optimizer": Table(("optimizer",), _SPEED_HEADER, speed_rows),
     "data": Table(("data",), ("device", "image size", "loader", "images/s", "setup"), data_rows),
     "ops": Table(
-        ("attention", "cross_attention", "gathered_cross_attention", "itc", "linear"),
+        ("attention", "cross_attention", "gathered_cross_attention", "itc", "lm_head_loss")
+        + ("linear",),
         _SPEED_HEADER,
         speed_rows,
-        "Median times; blip-fast = the fastest of blip-fast's backends; ITC: + peak extra "
-        "memory of one step.",
+        "Median times; blip-fast = the fastest of blip-fast's backends; ITC and LM head loss: "
+        "+ peak extra memory of one step.",
     ),
     "retrieval_eval": Table(
         ("retrieval_eval",),

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace blip_fast {
 
@@ -47,5 +48,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> itc_bwd(
     const at::Tensor& text_queue, const at::Tensor& temp, double alpha,
     const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& idx_queue,
     bool need_grad, const at::Tensor& stats);
+
+// hidden [N, H], weight [V, H], bias [V] or none, labels [N] int64 (-100 = ignored) ->
+// loss (0-d for 'mean' / 'sum', [N] for 'none'; fp32, fp64 for fp64 inputs) and, with need_grad
+// and a 0-d loss, the gradients of that loss d_hidden [N, H], d_weight [V, H], d_bias [V] in the
+// inputs' dtypes (each [0] when not gathered, d_bias also without a bias). CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_head_loss_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, double label_smoothing, c10::string_view reduction,
+    bool need_grad);
+
+// dloss (0-d, or [N] for 'none') and the lm_head_loss_fwd inputs -> d_hidden [N, H],
+// d_weight [V, H], d_bias [V] (or [0] without a bias), recomputing the logits. CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_loss_bwd(
+    const at::Tensor& dloss, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, double label_smoothing,
+    c10::string_view reduction);
 
 }  // namespace blip_fast

@@ -13,6 +13,8 @@ TORCH_LIBRARY_IMPL(blip_fast, CPU, m) {
   m.impl("itc_fwd", &blip_fast::itc_fwd);
   m.impl("itc_bwd", &blip_fast::itc_bwd);
   m.impl("gathered_cross_attention_fwd", &blip_fast::gathered_cross_attention_fwd);
+  m.impl("lm_head_loss_fwd", &blip_fast::lm_head_loss_fwd);
+  m.impl("lm_head_loss_bwd", &blip_fast::lm_head_loss_bwd);
 }
 
 #ifdef BLIP_FAST_WITH_CUDA
@@ -22,6 +24,7 @@ TORCH_LIBRARY_IMPL(blip_fast, CUDA, m) {
   // No C++ CUDA itc_bwd: blip_fast/ops/itc.py registers the Triton backward for that key.
   m.impl("itc_fwd", &blip_fast::itc_fwd);
   m.impl("gathered_cross_attention_fwd", &blip_fast::gathered_cross_attention_fwd);
+  // No C++ CUDA lm_head_loss: blip_fast/ops/lm_head_loss.py registers the Triton family.
 }
 #endif
 

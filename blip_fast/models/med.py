@@ -256,16 +256,27 @@ class BertLMHeadModel(nn.Module):
         self.cls = BertOnlyMLMHead(cfg)
         self.cls.apply(functools.partial(_init_weights, std=cfg.initializer_range))
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.backends = backends or {}
 
     def forward(self, input_ids, attention_mask, image_embeds, image_mask=None, cache=None):
         hidden = self.bert(input_ids, attention_mask, image_embeds, image_mask, "decoder", cache)
         return self.cls.predictions(hidden)
 
     def loss(self, input_ids, attention_mask, image_embeds, labels, label_smoothing: float = 0.1):
-        """``lm_loss(forward(...), labels)`` without the last position's logits: the shift is
-        applied to the hidden states, so no (B, L, vocab) slice and its zero-filled gradient."""
+        """``lm_loss(forward(...), labels)`` with the decoder Linear and the cross-entropy fused
+        (``ops.lm_head_loss``, backend ``backends["lm_head_loss"]``; "reference" is the Linear
+        then F.cross_entropy): no (B, L - 1, vocab) logits. The shift is applied to the hidden
+        states, so the last position, which predicts nothing, costs nothing."""
         hidden = self.bert(input_ids, attention_mask, image_embeds, None, "decoder")
-        return lm_loss(self.cls.predictions(hidden[:, :-1]).float(), labels, label_smoothing)
+        head = self.cls.predictions
+        return ops.lm_head_loss(
+            head.transform(hidden[:, :-1]).flatten(0, 1),
+            head.decoder.weight,
+            head.bias,
+            labels[:, 1:].flatten(),
+            label_smoothing,
+            backend=self.backends.get("lm_head_loss"),
+        )
 
 
 def tie_encoder_decoder(encoder: BertModel, decoder: BertModel):

@@ -159,3 +159,21 @@ def gathered_cross_attention(q, k_cache, v_cache, image_index, scale=None):
     q: (P, H, Lq, D); k_cache, v_cache: (N_images, H, Lk, D); image_index: (P,) int64.
     Returns (P, H, Lq, D)."""
     return cross_attention(q, k_cache[image_index], v_cache[image_index], scale=scale)
+
+
+def lm_head_loss(hidden, weight, bias, labels, label_smoothing: float = 0.0, reduction="mean"):
+    """The LM head's output projection and label-smoothed cross-entropy, as official BLIP's
+    ``BertLMHeadModel``: Linear, then ``F.cross_entropy`` on the fp32 logits (fp64 for fp64).
+
+    hidden: (N, H) transformed hidden states; weight: (V, H) (tied to the word embeddings);
+    bias: (V,) or None; labels: (N,) int64, -100 = ignored. Returns the mean over non-ignored
+    rows (NaN when there are none), their sum, or per row (0 at ignored rows) for
+    ``reduction`` 'mean' / 'sum' / 'none'."""
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)),
+        labels,
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )

@@ -18,51 +18,10 @@
 namespace blip_fast::cpu {
 namespace {
 
-using vec::kWidth;
-using vec::Vec;
+using vec::row_max;
+using vec::sum_exp;
 
 enum State { kMs, kLs, kMt, kLt, kW, kH, kCnt };
-
-template <typename acc_t>
-BLIP_FAST_INLINE acc_t row_max(const acc_t* x, int64_t n) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int64_t j = 0;
-  if (n >= kWidth) {
-    Vec<acc_t> mv = vec::load(x);
-    for (j = kWidth; j + kWidth <= n; j += kWidth) {
-      const Vec<acc_t> v = vec::load(x + j);
-      mv = v > mv ? v : mv;
-    }
-    m = vec::reduce_max<acc_t>(mv);
-  }
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-}
-
-// Σ exp(x − m) into sum and, when w_of is given, Σ exp(x − m)·w_of into wsum; when store is
-// given the exp values are written there (it may alias x).
-template <typename acc_t>
-BLIP_FAST_INLINE void sum_exp(const acc_t* x, int64_t n, acc_t m, const acc_t* w_of,
-                              acc_t* store, double& sum, double& wsum) {
-  Vec<acc_t> sv{}, wv{};
-  const Vec<acc_t> mv = vec::broadcast(m);
-  int64_t j = 0;
-  for (; j + kWidth <= n; j += kWidth) {
-    const Vec<acc_t> e = vec::exp(vec::load(x + j) - mv);
-    sv += e;
-    if (w_of) wv += e * vec::load(w_of + j);
-    if (store) vec::store(store + j, e);
-  }
-  double s = vec::reduce_sum<acc_t>(sv), w = w_of ? vec::reduce_sum<acc_t>(wv) : 0.0;
-  for (; j < n; ++j) {
-    const acc_t e = std::exp(x[j] - m);
-    s += e;
-    if (w_of) w += static_cast<double>(e) * w_of[j];
-    if (store) store[j] = e;
-  }
-  sum = s;
-  wsum = w;
-}
 
 template <typename acc_t>
 BLIP_FAST_TARGET_CLONES void fwd_row(const ItcTile<acc_t>& p, int64_t i, double* st) {

@@ -1,5 +1,5 @@
 // SIMD building blocks for the OpenMP kernels in csrc/cpu/: a fixed-width vector type, exp on
-// it, and a register-blocked matrix-product micro-kernel.
+// it, row reductions for softmax epilogues, and a register-blocked matrix-product micro-kernel.
 //
 // One binary serves every x86-64 CPU: kernel entry points marked BLIP_FAST_TARGET_CLONES are
 // compiled once per ISA level (AVX-512, AVX2 + FMA, baseline SSE2) and the best clone is picked
@@ -8,9 +8,11 @@
 // lowers Vec to its own register width (GCC's auto-vectoriser left these loops scalar).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define BLIP_FAST_TARGET_CLONES \
@@ -97,6 +99,62 @@ BLIP_FAST_INLINE Vec<float> exp(Vec<float> x) {
 BLIP_FAST_INLINE Vec<double> exp(Vec<double> x) {
   for (int64_t i = 0; i < kWidth; ++i) x[i] = std::exp(x[i]);
   return x;
+}
+
+// Row reductions of the softmax epilogues (csrc/cpu/itc.cpp, csrc/cpu/lm_head_loss.cpp): whole
+// vectors through Vec, the tail lane by lane.
+
+// max_j x[j] (−inf for n = 0).
+template <typename T>
+BLIP_FAST_INLINE T row_max(const T* x, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= kWidth) {
+    Vec<T> mv = load(x);
+    for (j = kWidth; j + kWidth <= n; j += kWidth) {
+      const Vec<T> v = load(x + j);
+      mv = v > mv ? v : mv;
+    }
+    m = reduce_max<T>(mv);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// Σ_j x[j], accumulated per lane in T and summed in double.
+template <typename T>
+BLIP_FAST_INLINE double row_sum(const T* x, int64_t n) {
+  Vec<T> sv{};
+  int64_t j = 0;
+  for (; j + kWidth <= n; j += kWidth) sv += load(x + j);
+  double s = reduce_sum<T>(sv);
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+// Σ exp(x − m) into sum and, when w_of is given, Σ exp(x − m)·w_of into wsum; when store is
+// given the exp values are written there (it may alias x).
+template <typename T>
+BLIP_FAST_INLINE void sum_exp(const T* x, int64_t n, T m, const T* w_of, T* store, double& sum,
+                              double& wsum) {
+  Vec<T> sv{}, wv{};
+  const Vec<T> mv = broadcast(m);
+  int64_t j = 0;
+  for (; j + kWidth <= n; j += kWidth) {
+    const Vec<T> e = exp(load(x + j) - mv);
+    sv += e;
+    if (w_of) wv += e * load(w_of + j);
+    if (store) vec::store(store + j, e);
+  }
+  double s = reduce_sum<T>(sv), w = w_of ? reduce_sum<T>(wv) : 0.0;
+  for (; j < n; ++j) {
+    const T e = std::exp(x[j] - m);
+    s += e;
+    if (w_of) w += static_cast<double>(e) * w_of[j];
+    if (store) store[j] = e;
+  }
+  sum = s;
+  wsum = w;
 }
 
 // Micro-kernel block: kMR rows × (nv · kWidth) columns of C stay in registers.
