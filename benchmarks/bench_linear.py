@@ -1,7 +1,12 @@
 """Inference linear layers (the ``linear`` op): ``F.linear`` (the reference: MKL's SGEMM in torch's
-x86 CPU wheels) vs ``PackedLinear`` (oneDNN, weight prepacked once), fp32, no grad, on the GEMM
-shapes of ITM reranking: 128 pairs x 23 text tokens through the text layers of
-``blip_small_demo`` (hidden 256, FFN 1024) and of BERT-base (768, 3072).
+x86 CPU wheels) vs ``PackedLinear`` (oneDNN, weight prepacked once), no grad, on the GEMM shapes
+of ITM reranking: 128 pairs x 23 text tokens through the text layers of ``blip_small_demo``
+(hidden 256, FFN 1024) and of BERT-base (768, 3072).
+
+fp32, and on a CPU with native bf16 (AMX or AVX512-BF16) bf16 too: ``F.linear bf16`` (bf16
+input and weight, what autocast runs, a baseline) and ``onednn bf16`` (``PackedLinear`` under
+bf16 autocast). ``F.linear bf16``'s ratio to the reference is this machine's own bf16 / fp32
+GEMM ratio, the ceiling of a bf16 evaluation.
 
 A CPU benchmark: on CUDA both would be cuBLAS, so it has no CUDA cases.
 
@@ -15,9 +20,10 @@ import torch
 from torch import nn
 
 from blip_fast.ops import PackedLinear, available
+from blip_fast.ops.linear import native_bf16
 
 SOURCES = _harness.op_sources("linear")
-BASELINES = ("reference",)
+BASELINES = ("reference", "F.linear bf16")
 ROWS = 128 * 23  # the reranker's batch of 128 pairs x 23 tokens (synthetic captions)
 # (in_features, out_features, activation): attention / cross-attention projections, FFN up
 # (its GELU fused into the packed GEMM) and FFN down.
@@ -44,21 +50,29 @@ def cases(device):
 
 
 def providers(device):
-    return ["reference", *(["onednn"] if available("linear", "onednn", device) else [])]
+    if not available("linear", "onednn", device):
+        return ["reference"]
+    return ["reference", "onednn", *(["F.linear bf16", "onednn bf16"] if native_bf16() else [])]
 
 
 def test_linear(case, provider, measure):
     linear = nn.Linear(case["in_features"], case["out_features"])
     x = torch.randn(case["rows"], case["in_features"])
-    if provider == "onednn":
+    bf16 = provider.endswith("bf16")
+    if provider.startswith("onednn"):
         layer = PackedLinear(linear, case["activation"])
-    elif case["activation"] == "gelu":
-        layer = nn.Sequential(linear, nn.GELU())
     else:
-        layer = linear
+        if bf16:
+            linear, x = linear.bfloat16(), x.bfloat16()
+        layer = nn.Sequential(linear, nn.GELU()) if case["activation"] == "gelu" else linear
 
     @torch.no_grad()
+    @torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     def fn():
         return layer(x)
 
-    measure(fn, flop=2 * case["rows"] * case["in_features"] * case["out_features"])
+    measure(
+        fn,
+        flop=2 * case["rows"] * case["in_features"] * case["out_features"],
+        dtype="bf16" if bf16 else "fp32",
+    )

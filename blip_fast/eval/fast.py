@@ -14,7 +14,9 @@ similarity, every other entry -100), but:
   distinct text, and the last layer only for the [ENC] token the ITM head reads
   (``blip_fast.models.blip_retrieval.GatheredITM``);
 - the text encoder's linear layers run prepacked oneDNN GEMMs on CPU (``ops.prepack_linears``:
-  2.1-2.4x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path).
+  2.1-2.4x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path; bf16 on AMX under
+  bf16 autocast).
+The similarities that choose the candidates are fp32 at any precision (``similarities``).
 Top-k candidates are selected with exactly the reference's calls, so ties at the k-th place
 resolve identically. Multi-process (torch.distributed initialised): rank 0's embeddings are
 broadcast (every rank selects the same candidates), images - with their pairs - are split across
@@ -63,6 +65,13 @@ def per_rank(count: int, device) -> list[int]:
     counts = torch.zeros(world, dtype=torch.int64, device=device)
     counts[rank] = count
     return sum_over_ranks(counts)[0].tolist()
+
+
+def similarities(image_embed: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+    """ITC similarities (n_img, n_txt) in fp32 whatever the precision: they choose the
+    candidates, so a bf16 reranking scores exactly the pairs an fp32 one does."""
+    with torch.autocast(image_embed.device.type, enabled=False):
+        return image_embed.float() @ text_embed.float().t()
 
 
 @torch.no_grad()
@@ -117,7 +126,7 @@ def fast_scores(
         image_embed, text_embed = image_embed.clone(), text_embed.clone()
         dist.broadcast(image_embed, 0)
         dist.broadcast(text_embed, 0)
-    sims = (image_embed @ text_embed.t()).float()  # scores in fp32 under bf16 autocast too
+    sims = similarities(image_embed, text_embed)
     n_img, n_txt = sims.shape
     i2t, t2i = candidates(sims, k_test)
     union = i2t | t2i.t()

@@ -9,9 +9,14 @@ computed once, batched) by default, or ``mode="reference"`` (``reference_scores`
 Under torch.distributed every rank encodes every text and image (as official BLIP) and the
 re-ranking, nearly all of the work, is split across ranks; every rank gets the single-process
 scores.
+Precision ``bf16`` applies to the re-ranking (autocast; on CPU the text encoder's GEMMs run
+oneDNN's bf16 kernels on prepacked weights): the unimodal features and their similarities stay
+fp32, so the candidates are exactly the fp32 run's and only their ITM scores change. A CPU
+without native bf16 (AMX or AVX512-BF16) runs fp32 instead, saying so in one log line.
 """
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -19,9 +24,11 @@ from tqdm import tqdm
 
 from blip_fast.eval import fast
 from blip_fast.eval.metrics import retrieval_metrics
+from blip_fast.ops.linear import native_bf16
 
 MODES = ("fast", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16")
+log = logging.getLogger("blip_fast")
 
 
 @torch.no_grad()
@@ -70,7 +77,7 @@ def reference_scores(
     query rows are split evenly across ranks (as official BLIP) and summed with one all-reduce.
     ``stats`` (optional dict) receives ``rank_itm_pairs`` (pairs this rank ran)."""
     rank, world = fast.rank_world()
-    sims = (image_embed @ text_embed.t()).float()
+    sims = fast.similarities(image_embed, text_embed)
     n_img, n_txt = sims.shape
     q_img, q_txt = queries or (n_img, n_txt)
     # each rank writes -100 and its scores into its own rows only, zero elsewhere: the sum over
@@ -99,6 +106,16 @@ def reference_scores(
     if stats is not None:
         stats["rank_itm_pairs"] = len(img_rows) * k_txt + len(txt_rows) * k_img
     return fast.sum_over_ranks(score_i2t, score_t2i)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``precision``, except bf16 on a CPU without native bf16: fp32, with one log line."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and torch.device(device).type == "cpu" and not native_bf16():
+        log.warning("bf16 requested, but this CPU has neither AMX nor AVX512-BF16: running fp32")
+        return "fp32"
+    return precision
 
 
 @contextlib.contextmanager
@@ -145,10 +162,12 @@ def evaluate(
     the re-ranking across ranks and every rank returns the single-process result."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    precision = resolve_precision(precision, device)
     model.eval()
     timing = {}
     start = time.perf_counter()
-    with precision_context(precision, device):
+    # bf16 reranks only: the features that choose the candidates are fp32 (module docstring)
+    with precision_context("fp32" if precision == "bf16" else precision, device):
         t0 = time.perf_counter()
         text_embed, text_ids, text_mask = encode_texts(
             model, tokenizer, dataset.text, 256, device, progress
@@ -158,6 +177,7 @@ def evaluate(
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
         image_feats, image_embed = encode_images(model, loader, device, progress)
         timing["images"] = time.perf_counter() - t0
+    with precision_context(precision, device):
         t0 = time.perf_counter()
         n_img, n_txt = image_embed.shape[0], text_embed.shape[0]
         stats = {}

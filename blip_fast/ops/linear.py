@@ -1,4 +1,4 @@
-"""Inference linear layers on oneDNN's prepacked fp32 GEMM (CPU).
+"""Inference linear layers on oneDNN's prepacked GEMM (CPU), fp32 and bf16.
 
 Why: torch's x86 CPU wheels run fp32 ``F.linear`` through MKL's SGEMM, which takes its AVX2
 code path on AMD CPUs: 80-110 GFLOP/s on one core of this project's AMD EPYC (family 26, Zen 5,
@@ -12,6 +12,13 @@ are ``PackedLinear``: the weight reordered once into oneDNN's blocked layout, th
 one GEMM with the bias fused in (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's
 CPU freezing path emits). Every other parameter and buffer is shared with ``module``, not
 copied. The packed weights are a snapshot: build the copy again after the weights change.
+
+Under CPU bf16 autocast (or with bf16 inputs) a ``PackedLinear`` runs the same GEMM on a bf16
+copy of its weight, packed on first use: oneDNN's AMX / AVX512-BF16 kernels where the CPU has
+them. On a Xeon with AMX (2 shared cores, 1 thread) bf16 GEMMs at BERT-base's reranker shapes
+run 4-8x the fp32 ones, less at 256-wide layers; the packed one ~1.4x autocast's ``F.linear``,
+which casts the weight on every call (``benchmarks/bench_linear.py``). The fp32 bias is fused
+as is.
 
 Backends (``_backend.PREFERENCE["linear"]``): ``onednn`` on CPU where torch has mkldnn, else
 ``reference`` (``prepack_linears`` returns ``module`` itself: ``F.linear``, what models run).
@@ -27,18 +34,28 @@ from torch import nn
 from blip_fast.ops import _backend
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN has bf16 GEMMs in hardware on this CPU (AMX tiles or AVX512-BF16);
+    without them it emulates bf16 on AVX-512 or refuses it, slower than fp32 either way."""
+    return torch.backends.mkldnn.is_available() and (
+        torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    )
+
+
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with its fp32 weight prepacked for oneDNN, inference only; with
+    """``nn.Linear`` with its weight prepacked for oneDNN, inference only; with
     ``activation="gelu"`` the (erf) GELU after it runs inside the GEMM (oneDNN post-op).
 
-    forward(x (..., in_features)) -> (..., out_features). fp32 inputs without autograd run the
-    packed GEMM; anything else (autocast, other dtypes, inputs or weights that need grads)
-    runs ``F.linear`` (then ``F.gelu``) on the original weight, so results never depend on the
-    path taken beyond float rounding."""
+    forward(x (..., in_features)) -> (..., out_features). Without autograd, fp32 inputs run the
+    fp32 packed GEMM, and bf16 inputs or any input under CPU bf16 autocast the bf16 one (bf16
+    out, as autocast's ``F.linear``); anything else (fp16 autocast, other dtypes, inputs or
+    weights that need grads) runs ``F.linear`` (then ``F.gelu``) on the original weight, so
+    results never depend on the path taken beyond float rounding."""
 
     ACTIVATIONS = (None, "gelu")
 
     def __init__(self, linear: nn.Linear, activation: str | None = None, packed=None):
+        """``packed``: another PackedLinear's packed weights (dtype -> packed), shared."""
         super().__init__()
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
             raise ValueError(
@@ -51,9 +68,10 @@ class PackedLinear(nn.Module):
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.linear, self.activation = linear, activation  # shared, for the F.linear path
-        # (out_features, in_features) in oneDNN's blocked layout; an opaque mkldnn tensor
+        # dtype -> (out_features, in_features) in oneDNN's blocked layout, an opaque mkldnn
+        # tensor; fp32 now, bf16 on first use (a dict shared by ``with_activation`` copies)
         self.packed = (
-            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+            {torch.float32: torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())}
             if packed is None
             else packed
         )
@@ -78,13 +96,25 @@ class PackedLinear(nn.Module):
             )
         w, b = self.linear.weight, self.linear.bias
         grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-        if x.dtype != torch.float32 or grads or torch.is_autocast_enabled("cpu"):
+        dtype = self._gemm_dtype(x)
+        if dtype is None or grads:
             y = F.linear(x, w, b)
             return y if self.activation is None else F.gelu(y)
+        if dtype not in self.packed:
+            self.packed[dtype] = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype))
         post = ("gelu", [], "none") if self.activation == "gelu" else ("none", [], "")
         return torch.ops.mkldnn._linear_pointwise(
-            x, self.packed, None if b is None else b.detach(), *post
+            x.to(dtype), self.packed[dtype], None if b is None else b.detach(), *post
         )
+
+    @staticmethod
+    def _gemm_dtype(x) -> torch.dtype | None:
+        """The packed GEMM's dtype for input ``x``, None for ``F.linear``."""
+        packable = x.dtype in (torch.float32, torch.bfloat16)
+        if torch.is_autocast_enabled("cpu"):  # autocast casts fp32 (and bf16) inputs only
+            bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
+            return torch.bfloat16 if bf16 and packable else None
+        return x.dtype if packable else None
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn" + (

@@ -4,14 +4,18 @@ paths that fall back to F.linear, and prepack_linears' copy semantics."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import TOL, assert_close_verbose
+from _utils import TOL, assert_close_verbose, assert_lowp_close
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from blip_fast.ops import PackedLinear, _backend, prepack_linears
+from blip_fast.ops.linear import native_bf16
 
 ONEDNN = _backend.available("linear", "onednn", "cpu")
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without mkldnn")
+needs_bf16 = pytest.mark.skipif(
+    not (ONEDNN and native_bf16()), reason="CPU without AMX / AVX512-BF16"
+)
 # (input shape, out_features): the ITM reranker's (pairs x tokens, 256 -> 1024), odd sizes
 # below one oneDNN block, a single row, and 3-D / 4-D inputs as the model passes them.
 CASES = [
@@ -68,7 +72,7 @@ def test_gelu_runs_inside_the_gemm(case):
     x = torch.randn(shape)
     plain = PackedLinear(linear)
     fused = plain.with_activation("gelu")
-    assert fused.packed is plain.packed  # one packed weight
+    assert fused.packed is plain.packed  # the same packed weights
     with torch.no_grad(), OpsSeen() as seen:
         got = fused(x)
     assert not any("gelu" in n for n in seen.names), seen.names  # no separate GELU kernel
@@ -81,6 +85,32 @@ def test_gelu_runs_inside_the_gemm(case):
         plain.with_activation("relu")
 
 
+@needs_bf16
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_packed_gemm_under_autocast_and_for_bf16_inputs(case, activation):
+    """bf16 GEMM on a bf16 copy of the weight, packed once on first use and shared with the
+    GELU variant; error against fp64 within FlashAttention's rule, the floor being autocast's
+    own ``F.linear`` (bf16 inputs and weight)."""
+    shape, out_features = case
+    torch.manual_seed(2)
+    linear = nn.Linear(shape[-1], out_features)
+    x = torch.randn(shape)
+    packed = PackedLinear(linear).with_activation(activation)
+    act = F.gelu if activation else (lambda y: y)
+    exact = act(F.linear(x.double(), linear.weight.double(), linear.bias.double()))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16), OpsSeen() as seen:
+            got = packed(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            floor = act(linear(x))
+        from_bf16 = packed(x.bfloat16())  # bf16 input, no autocast: the same GEMM
+    assert any("mkldnn._linear_pointwise" in n for n in seen.names), seen.names
+    assert list(packed.packed) == [torch.float32, torch.bfloat16]  # packed once, on first use
+    assert torch.equal(from_bf16, got)
+    assert_lowp_close("bf16 packed linear", got, exact, floor, 1e-3)
+
+
 @needs_onednn
 def test_packed_reads_non_contiguous_input():
     linear = nn.Linear(48, 32)
@@ -90,7 +120,7 @@ def test_packed_reads_non_contiguous_input():
 
 
 @needs_onednn
-def test_falls_back_to_linear_for_grads_autocast_and_other_dtypes():
+def test_falls_back_to_linear_for_grads_fp16_autocast_and_other_dtypes():
     torch.manual_seed(0)
     linear = nn.Linear(40, 24)
     packed = PackedLinear(linear)
@@ -101,8 +131,8 @@ def test_falls_back_to_linear_for_grads_autocast_and_other_dtypes():
     linear(x).square().sum().backward()
     torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
     torch.testing.assert_close(gw, linear.weight.grad, rtol=0, atol=0)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(packed(x), linear(x)) and packed(x).dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # fp16: not packed
+        assert torch.equal(packed(x), linear(x)) and packed(x).dtype == torch.float16
     with torch.no_grad():
         x64 = x.double()
         with pytest.raises(RuntimeError):  # F.linear's own dtype error, not a silent cast
