@@ -47,8 +47,18 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return DistInfo(device=dev)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's agent keeps one store across restarts: without a per-attempt prefix, the
+        # workers of a restart read the addresses the killed attempt published (gloo then
+        # fails to connect to a dead port)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
-            "nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            "nccl" if dev.type == "cuda" else "gloo",
+            store=dist.PrefixStore(f"blip_fast/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
         )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
