@@ -2,6 +2,7 @@
 names the culprit (option, file, key, field, dtype), before any work starts."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -27,6 +28,12 @@ def tiny_hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hf"
     blip_fast.save(blip_fast.create_model("retrieval", "blip_tiny"), path, format="hf")
     return path
+
+
+def _copy(src, dst):
+    """A copy of the HF directory ``src`` at ``dst``, to damage."""
+    shutil.copytree(src, dst)
+    return dst
 
 
 def _eval(checkpoint, tmp_path, *extra):
@@ -61,10 +68,7 @@ def test_k_test_from_the_yaml_is_checked(tiny_hf, tmp_path, capsys):
 
 
 def test_integer_weights_are_refused_naming_key_and_dtype(tiny_hf, tmp_path, capsys):
-    bad = tmp_path / "int32"
-    bad.mkdir()
-    for f in tiny_hf.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = _copy(tiny_hf, tmp_path / "int32")
     sd = load_file(str(bad / "model.safetensors"))
     sd = {k: v.to(torch.int32) if k == "itm_head.weight" else v for k, v in sd.items()}
     save_file(sd, str(bad / "model.safetensors"))
@@ -86,10 +90,7 @@ def test_integer_weights_are_refused_naming_key_and_dtype(tiny_hf, tmp_path, cap
     ],
 )  # fmt: skip
 def test_malformed_hf_config_names_the_field(tiny_hf, tmp_path, capsys, edit, message):
-    bad = tmp_path / "hf"
-    bad.mkdir()
-    for f in tiny_hf.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = _copy(tiny_hf, tmp_path / "hf")
     cfg = json.loads((bad / "config.json").read_text())
     edit(cfg)
     (bad / "config.json").write_text(json.dumps(cfg))
@@ -98,10 +99,7 @@ def test_malformed_hf_config_names_the_field(tiny_hf, tmp_path, capsys, edit, me
 
 
 def test_config_json_that_is_not_json_names_the_file(tiny_hf, tmp_path, capsys):
-    bad = tmp_path / "hf"
-    bad.mkdir()
-    for f in tiny_hf.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = _copy(tiny_hf, tmp_path / "hf")
     (bad / "config.json").write_text("{'vision_config': ")
     code, err = _fails(_eval(bad, tmp_path), capsys)
     assert code == 1 and f"{bad / 'config.json'}: Expecting property name" in err

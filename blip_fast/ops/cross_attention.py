@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast.ops import _backend, _external, reference
-from blip_fast.ops._library import lib
+from blip_fast.ops._library import lib, register_family
 
 _FWD = "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)"
 _BWD = (
@@ -50,13 +50,6 @@ def _setup_context(ctx, inputs, output):
     ctx.extra = tuple(extra)  # trailing non-tensor arguments (attention's `causal`)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "blip_fast attention backward ops have no backward: double "
-        "backward through (cross_)attention is not supported"
-    )
-
-
 def _register_family(
     suffix: str,
     base: str = "cross_attention",
@@ -74,8 +67,6 @@ def _register_family(
     lib.define(bwd + bwd_schema)
     lib.impl(fwd, ref_fwd, "CompositeExplicitAutograd")
     lib.impl(bwd, ref_bwd, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"blip_fast::{fwd}", _fwd_fake, lib=lib)
-    torch.library.register_fake(f"blip_fast::{bwd}", _bwd_fake, lib=lib)
     bwd_op = getattr(torch.ops.blip_fast, bwd)
 
     def backward(ctx, dout, _dlse):
@@ -83,15 +74,13 @@ def _register_family(
         dq, dk, dv = bwd_op(dout, q, k, v, key_padding_mask, out, lse, ctx.scale, *ctx.extra)
         return (dq, dk, dv, None, None) + (None,) * len(ctx.extra)
 
-    torch.library.register_autograd(
-        f"blip_fast::{fwd}", backward, setup_context=_setup_context, lib=lib
-    )
-    # Registered so that a double backward fails loudly instead of silently returning no grad.
-    torch.library.register_autograd(
-        f"blip_fast::{bwd}",
-        _no_double_backward,
-        setup_context=lambda ctx, inputs, output: None,
-        lib=lib,
+    register_family(
+        fwd,
+        bwd,
+        fwd_fake=_fwd_fake,
+        bwd_fake=_bwd_fake,
+        backward=backward,
+        setup_context=_setup_context,
     )
 
 

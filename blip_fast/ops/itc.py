@@ -31,7 +31,7 @@ per tile from the saved lse (Triton).
 import torch
 
 from blip_fast.ops import _backend, reference
-from blip_fast.ops._library import lib
+from blip_fast.ops._library import lib, register_family
 
 _ARGS = (
     "Tensor image_feat, Tensor text_feat, Tensor image_feat_m, Tensor text_feat_m, "
@@ -316,23 +316,14 @@ def _make_backward(bwd_name):
     return _backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "blip_fast::itc_bwd has no backward: double backward through itc_loss is not supported"
-    )
-
-
-for _suffix, (_fwd, _bwd) in _FAMILIES.items():
-    torch.library.register_fake(f"blip_fast::{_fwd}", _fwd_fake, lib=lib)
-    torch.library.register_fake(f"blip_fast::{_bwd}", _bwd_fake, lib=lib)
-    torch.library.register_autograd(
-        f"blip_fast::{_fwd}", _make_backward(_bwd), setup_context=_setup_context, lib=lib
-    )
-    torch.library.register_autograd(
-        f"blip_fast::{_bwd}",
-        _no_double_backward,
-        setup_context=lambda ctx, inputs, output: None,
-        lib=lib,
+for _fwd, _bwd in _FAMILIES.values():
+    register_family(
+        _fwd,
+        _bwd,
+        fwd_fake=_fwd_fake,
+        bwd_fake=_bwd_fake,
+        backward=_make_backward(_bwd),
+        setup_context=_setup_context,
     )
 
 

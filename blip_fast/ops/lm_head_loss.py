@@ -42,7 +42,7 @@ logits chunk by chunk.
 import torch
 
 from blip_fast.ops import _backend, reference
-from blip_fast.ops._library import lib
+from blip_fast.ops._library import lib, register_family
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
@@ -274,24 +274,14 @@ def _make_backward(bwd_name):
     return _backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "blip_fast::lm_head_loss_bwd has no backward: double backward through lm_head_loss is "
-        "not supported"
-    )
-
-
 for _fwd, _bwd in _FAMILIES.values():
-    torch.library.register_fake(f"blip_fast::{_fwd}", _fwd_fake, lib=lib)
-    torch.library.register_fake(f"blip_fast::{_bwd}", _bwd_fake, lib=lib)
-    torch.library.register_autograd(
-        f"blip_fast::{_fwd}", _make_backward(_bwd), setup_context=_setup_context, lib=lib
-    )
-    torch.library.register_autograd(
-        f"blip_fast::{_bwd}",
-        _no_double_backward,
-        setup_context=lambda ctx, inputs, output: None,
-        lib=lib,
+    register_family(
+        _fwd,
+        _bwd,
+        fwd_fake=_fwd_fake,
+        bwd_fake=_bwd_fake,
+        backward=_make_backward(_bwd),
+        setup_context=_setup_context,
     )
 
 
