@@ -16,30 +16,35 @@ log = logging.getLogger("blip_fast")
 
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
-    # C++ (the cross-attention kernel; causal / dropout go to sdpa) beats sdpa on CPU, fwd and
-    # fwd+bwd: 4.9 / 17 ms vs 15 / 43 at 128x12x35x35 (reranker text), 16 / 68 vs 39 / 133 at
-    # 32x12x197x197 (ViT-B/224) (benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
+    # C++ (the cross-attention kernel; causal / dropout go to sdpa) on CPU, fwd / fwd+bwd:
+    # 2-core AMD EPYC: 4.9 / 17 ms vs sdpa 15 / 43 at 128x12x35x35 (reranker text), 16 / 68 vs
+    # 39 / 133 at 32x12x197x197 (ViT-B/224). 2-core Intel Xeon (results/attention-cpu.json):
+    # 5.4 / 21.0 vs sdpa 5.8 / eager 17.5 at 35 tokens (it loses fwd+bwd there), 19.4 / 72.0 vs
+    # sdpa 23.7 / 75.4 at 197.
     "attention": {"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpu", "sdpa", "reference")},
-    # C++ beats sdpa on CPU: 26.8 vs 51.8 ms fwd, 158 vs 213 ms fwd+bwd at 64x12x35x577 fp32
-    # (benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
+    # C++ beats sdpa on CPU at 64x12x35x577 fp32, fwd / fwd+bwd: 26.8 / 158 ms vs 51.8 / 213
+    # (2-core AMD EPYC), 30.2 / 145 vs 33.9 / 170 (2-core Intel Xeon,
+    # benchmarks/results/cross_attention-cpu.json).
     "cross_attention": {
         "cuda": ("triton", "sdpa", "reference"),
         "cpu": ("cpu", "sdpa", "reference"),
     },
     # ITM reranking over cached image K / V; the reference copies K / V per pair.
-    # C++ beats it on CPU: 24.2 vs 208 ms (copy + sdpa 137 ms) at 64 pairs x 12 heads x 35
-    # queries over 577 tokens (fp32, benchmarks/results/attention-cpu.json, 2-core AMD EPYC).
+    # C++ beats it on CPU at 64 pairs x 12 heads x 35 queries over 577 tokens, fp32: 24.2 vs
+    # 208 ms (copy + sdpa 137; 2-core AMD EPYC), 24.7 vs 152 (copy + sdpa 107; 2-core Intel
+    # Xeon, benchmarks/results/gathered_cross_attention-cpu.json).
     "gathered_cross_attention": {
         "cuda": ("triton", "cuda", "reference"),
         "cpu": ("cpu", "reference"),
     },
     "itc": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
     # LM head + cross-entropy, chunked (no C++ CUDA kernel: Triton covers CUDA). C++ beats the
-    # reference on CPU: fwd + bwd 0.64 vs 1.31 s median, peak +324 vs +819 MiB at 64 x 35
-    # tokens, H 768, V 30524, fp32 (benchmarks/bench_lm_head_loss.py, 2 shared Xeon cores).
+    # reference on CPU: fwd + bwd 0.66 vs 1.25 s median, peak +325 vs +818 MiB at 64 x 35
+    # tokens, H 768, V 30524, fp32 (benchmarks/results/lm_head_loss-cpu.json, 2-core Xeon).
     "lm_head_loss": {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")},
-    # Inference GEMMs (ops/linear.py): oneDNN's AVX-512 fp32 GEMM, 2.1-2.4x MKL's (AVX2 on AMD)
-    # at the ITM reranker's shapes (benchmarks/results/linear-cpu.json, AMD EPYC, 1 thread).
+    # Inference GEMMs (ops/linear.py): oneDNN's AVX-512 fp32 GEMM was 2.1-2.4x MKL's (AVX2 on
+    # AMD EPYC, 1 thread) at the ITM reranker's shapes; on Intel, where MKL runs AVX-512 too,
+    # 1.0-1.1x (2 threads, benchmarks/results/linear-cpu.json).
     # CUDA keeps cuBLAS (reference).
     "linear": {"cpu": ("onednn", "reference")},
 }
