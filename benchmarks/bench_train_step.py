@@ -1,36 +1,69 @@
-"""One training step (retrieval fine-tuning: ITC + ITM with hard negatives, momentum update,
-queue write, AdamW), reference vs fast, in one run:
+"""Training steps (pre-training ITC + ITM + LM, retrieval ITC + ITM, captioning LM), the
+official math against blip-fast's, with each speed lever's share, in one run:
 
-    reference  eager, fp32, every op on its reference backend (the official math)
-    fast       best backend per op (fused ITC, fused attention), torch.compile'd step,
-               bf16 autocast on a GPU (fp32 on the CPU)
+    reference      eager, every op on its reference kernel, every lever off (the official step)
+    fast           best kernel per op, every lever on, torch.compile'd step
+    fast eager     the same without torch.compile
+    fast eager -X  fast eager with lever X off (train.main.StepLevers; "kernels": every op on
+                   its reference kernel), so X's share is time(-X) / time(fast eager)
+    fast eager +image_token_drop  pre-training with half the patch tokens dropped (FLIP-style;
+                   it changes the objective, so it is measured, not a default)
 
-    python benchmarks/bench_train_step.py                    # CPU: blip_small_demo, batch 16
+A lever that does nothing in a task gets no row (captioning has no ITM pass and no momentum
+encoder, and the official caption batches are already padded to their longest caption).
+GPU: bf16 autocast for the blip-fast rows and model-FLOPs utilisation (the FLOPs of one step
+counted by torch.utils.flop_counter.FlopCounterMode, over the device's dense bf16 peak).
+
+    python benchmarks/bench_train_step.py    # CPU: blip_small_demo at 224 px, batch 16
     python benchmarks/bench_train_step.py --config blip_base_vit_b16_224 --batch 64   # GPU
 
-Each provider runs in its own process (compile caches and allocator state stay apart) on the
-same random batches. After the warm-up steps (which include compilation) every step is timed on
-its own; reported: the median step time with its quartiles over ``--steps`` (>= 5) steps,
-samples/s at the median, and peak memory (CUDA: max_memory_allocated; CPU: peak resident set
-growth over the timed steps, from /proc/self/status). Writes results/train_step-<device>.json;
-refuses an uncommitted tree unless ``--allow-dirty`` (a dry run).
-
-An end-to-end script, not a pytest-benchmark module: each provider needs a process of its own.
+Batches come from the real training pipeline (files, decoding, tokeniser, Collate) over the
+synthetic image-caption set: its captions are 12-31 tokens, mean 23 (COCO / Flickr30k captions
+are shorter, ~13-15 tokens, so trimming to the longest caption gains more on them). Each row
+runs in its own process (compile caches and allocator state stay apart) on the same batches;
+after warm-up (compilation included, every batch seen once) each step is timed on its own:
+the median with quartiles over ``--steps`` (>= 5), samples/s at the median, and peak memory
+(CUDA: max_memory_allocated; CPU: peak resident set growth over the timed steps). Writes
+results/train_step-<device>.json; refuses an uncommitted tree unless ``--allow-dirty``.
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 import _harness  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
-PROVIDERS = {
-    "reference": dict(backend="reference", compile=False),
-    "fast": dict(backend=None, compile=True),
+LEVERS = ("share_image_kv", "fused_lm_head_loss", "foreach_momentum", "pad_to_longest")
+# the levers that change anything in each task
+TASK_LEVERS = {
+    "pretrain": LEVERS,
+    "retrieval": ("share_image_kv", "foreach_momentum", "pad_to_longest"),
+    "caption": ("fused_lm_head_loss",),
 }
+DISTINCT_BATCHES = 3
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def rows_for(task: str) -> dict[str, dict]:
+    """Row name -> (backend, compile, levers off, image_token_drop)."""
+    rows = {
+        "reference": dict(backend="reference", compile=False, off=LEVERS),
+        "fast": dict(backend=None, compile=True, off=()),
+        "fast eager": dict(backend=None, compile=False, off=()),
+        "fast eager -kernels": dict(backend="reference", compile=False, off=()),
+    }
+    for lever in TASK_LEVERS[task]:
+        rows[f"fast eager -{lever}"] = dict(backend=None, compile=False, off=(lever,))
+    if task == "pretrain":
+        rows["fast eager +image_token_drop"] = dict(
+            backend=None, compile=False, off=(), image_token_drop=0.5
+        )
+    return rows
 
 
 def _rss_kib(field: str) -> int:
@@ -38,52 +71,44 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _batches(cfg, n: int, batch: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    S, L = cfg.vision.image_size, 35
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1000, 20000, (batch, L), generator=g)
-        ids[:, 0] = 101
-        mask = (torch.arange(L)[None] < torch.randint(8, L + 1, (batch, 1), generator=g)).long()
-        out.append(
-            {
-                "image": torch.randn(batch, 3, S, S, generator=g).to(device),
-                "ids": (ids * mask).to(device),
-                "mask": mask.to(device),
-                "idx": torch.randint(0, batch, (batch,), generator=g).to(device),
-            }
-        )
-    return out
+def _mfu(trainer, batch, device, seconds: float) -> float | None:
+    """Model-FLOPs utilisation of a step of ``seconds`` on a GPU with a known bf16 peak."""
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), None)
+    if peak is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.step(batch)
+    return counter.get_total_flops() / seconds / (peak * 1e12)
 
 
 def worker(args) -> dict:
-    from blip_fast import create_model
-    from blip_fast.models.configs import BlipConfig
-    from blip_fast.train.distributed import DistInfo
-    from blip_fast.train.loop import LoopConfig, Trainer
-    from blip_fast.train.optim import LRSchedule, build_optimizer
-    from blip_fast.train.task import ContrastiveTask
+    from blip_fast.train.main import StepLevers, build_trainer
 
+    row = rows_for(args.task)[args.worker]
     device = torch.device(args.device)
-    opts = PROVIDERS[args.worker]
-    cfg = BlipConfig.preset(args.config)
-    model = create_model("retrieval", cfg, backend=opts["backend"]).to(device)
-    model.copy_params()
-    precision = "bf16" if device.type == "cuda" and args.worker == "fast" else "fp32"
-    trainer = Trainer(
-        ContrastiveTask(model),
-        None,
-        None,
-        build_optimizer(model, 1e-5),
-        LRSchedule("cosine", 1e-5),
-        LoopConfig(max_epoch=1, alpha_ramp=False, precision=precision, compile=opts["compile"]),
-        DistInfo(device=device),
+    fast = args.worker != "reference"
+    precision = "bf16" if device.type == "cuda" and fast else "fp32"
+    y = json.loads(args.train_config)
+    if "image_token_drop" in row:
+        y["image_token_drop"] = row["image_token_drop"]
+    trainer = build_trainer(
+        args.task,
+        y,
         args.tmp,
+        device=device,
+        compile=row["compile"],
+        precision=precision,
+        num_workers=0,
+        backend=row["backend"],
+        levers=dataclasses.replace(StepLevers(), **dict.fromkeys(row["off"], False)),
     )
-    batches = _batches(cfg, 2, args.batch, device)
-    for i in range(args.warmup):
-        trainer.step(batches[i % 2])
+    loader = iter(trainer.loader)
+    batches = [next(loader) for _ in range(DISTINCT_BATCHES)]
+    for i in range(max(args.warmup, DISTINCT_BATCHES)):
+        trainer.step(batches[i % DISTINCT_BATCHES])
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -95,7 +120,7 @@ def worker(args) -> dict:
     seconds = []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        trainer.step(batches[i % 2])
+        trainer.step(batches[i % DISTINCT_BATCHES])
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
@@ -103,13 +128,31 @@ def worker(args) -> dict:
         torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     ) - base
     timing = _harness.summarize(seconds)
-    return {
+    out = {
         "provider": args.worker,
         "precision": precision,
         **timing,
         "samples_per_s": args.batch / timing["median_ms"] * 1e3,
         "peak_extra_mib": peak / 2**20,
+        "text_tokens": [int(b["ids"].shape[1]) for b in batches],
         "step_times_ms": [1e3 * s for s in seconds],
+    }
+    if device.type == "cuda":
+        out["mfu"] = _mfu(trainer, batches[0], device, timing["median_ms"] / 1e3)
+    return out
+
+
+def train_config(task: str, args, data: dict) -> dict:
+    """Official-style keys of ``task`` on the synthetic set (train/main.py reads them)."""
+    return {
+        "model": args.config,
+        "image_size": args.image_size,
+        "train_file": str(data["pretrain" if task == "pretrain" else "train"]),
+        "image_root": str(data["root"]),
+        "batch_size": args.batch,
+        "init_lr": 1e-5,
+        "max_epoch": 1,
+        "train_augment": False,  # no augmentation cost in the step's batches
     }
 
 
@@ -118,12 +161,16 @@ def main():
     cuda = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--config", default="blip_base_vit_b16_224" if cuda else "blip_small_demo")
+    p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64 if cuda else 16)
-    p.add_argument("--steps", type=int, default=20 if cuda else 10, help="timed steps (>= 5)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tasks", nargs="+", choices=TASK_LEVERS, default=list(TASK_LEVERS))
+    p.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed steps (>= 5)")
+    p.add_argument("--warmup", type=int, default=DISTINCT_BATCHES)
     p.add_argument("--allow-dirty", action="store_true", help=_harness.ALLOW_DIRTY_HELP)
-    p.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
-    p.add_argument("--tmp", default="/tmp/blip_fast_bench_train_step", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--task", help=argparse.SUPPRESS)
+    p.add_argument("--train-config", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps < 5:
         p.error(f"--steps {args.steps}: a median needs at least 5 timed steps")
@@ -131,34 +178,33 @@ def main():
         print(json.dumps(worker(args)))
         return
     commit = _harness.require_clean(args.allow_dirty)
+    from blip_fast.data import make_synthetic
+
+    tmp = tempfile.mkdtemp(prefix="blip_fast_bench_train_step_")
+    data = make_synthetic(
+        tmp, n_train_images=2 * args.batch * DISTINCT_BATCHES, n_test_images=1, n_val_images=1
+    )
     rows = []
-    for name in PROVIDERS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--device",
-            args.device,
-            "--config",
-            args.config,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"case": f"{args.config} B={args.batch}", "config": args.config, **row})
-        print(
-            f"{name:10s} {row['precision']} median {row['median_ms']:9.1f} ms/step (quartiles "
-            f"{row['q1_ms']:.1f}-{row['q3_ms']:.1f}) {row['samples_per_s']:8.1f} samples/s  "
-            f"peak +{row['peak_extra_mib']:.0f} MiB"
-        )
+    for task in args.tasks:
+        case = f"{task} {args.config} {args.image_size}px B={args.batch}"
+        for name in rows_for(task):
+            cmd = [sys.executable, __file__, "--worker", name, "--task", task]
+            cmd += ["--device", args.device, "--batch", str(args.batch)]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--train-config", json.dumps(train_config(task, args, data))]
+            cmd += ["--tmp", f"{tmp}/{task}-{name.replace(' ', '_')}"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{task} / {name} failed:\n{out.stderr[-4000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"case": case, "task": task, "config": args.config, **row})
+            mfu = f"  MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else ""
+            print(
+                f"{task:9s} {name:30s} {row['precision']} median {row['median_ms']:8.1f} ms "
+                f"({row['q1_ms']:.1f}-{row['q3_ms']:.1f}) {row['samples_per_s']:7.1f} samples/s"
+                f"  peak +{row['peak_extra_mib']:.0f} MiB  text {row['text_tokens']}{mfu}",
+                flush=True,
+            )
     path = _harness.write_results(
         "train_step",
         args.device,

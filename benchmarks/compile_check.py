@@ -86,7 +86,8 @@ def attention_calls(dtype, head_dim, q_len, k_len):
             out, lse = cross_attention.attention_fwd(q, k, v, mask, scale, causal)
             cross_attention.attention_bwd(dout, q, k, v, mask, out, lse, scale, causal)
     index = meta(2, dtype=torch.int64)
-    gathered_cross_attention.gathered_cross_attention_fwd(q, k, v, index, scale)
+    out, lse = gathered_cross_attention.gathered_cross_attention_fwd(q, k, v, index, scale)
+    gathered_cross_attention.gathered_cross_attention_bwd(dout, q, k, v, index, out, lse, scale)
 
 
 def itc_calls(dtype):

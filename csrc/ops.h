@@ -18,10 +18,21 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
     const std::optional<at::Tensor>& key_padding_mask, double scale);
 
 // q [P, H, Lq, D], k_cache / v_cache [N_images, H, Lk, D], image_index [P] int64 in
-// [0, N_images) -> out [P, H, Lq, D] (q's dtype): pair p attends over cache row image_index[p].
-at::Tensor gathered_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
-                                        const at::Tensor& v_cache, const at::Tensor& image_index,
-                                        double scale);
+// [0, N_images) -> out [P, H, Lq, D] (q's dtype), lse [P, H, Lq] fp32: pair p attends over
+// cache row image_index[p].
+std::tuple<at::Tensor, at::Tensor> gathered_cross_attention_fwd(const at::Tensor& q,
+                                                                const at::Tensor& k_cache,
+                                                                const at::Tensor& v_cache,
+                                                                const at::Tensor& image_index,
+                                                                double scale);
+
+// dout / out [P, H, Lq, D], lse [P, H, Lq] fp32 (from gathered_cross_attention_fwd) and its
+// inputs -> dq [P, H, Lq, D], dk_cache / dv_cache [N_images, H, Lk, D]: an image's rows sum
+// over the pairs that read it, 0 for an image none reads. CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_cross_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& image_index, const at::Tensor& out,
+    const at::Tensor& lse, double scale);
 
 // dout / out [B, H, Lq, D], q [B, H, Lq, D], k / v [B, H, Lk, D], key_padding_mask [B, Lk] or
 // none, lse [B, H, Lq] fp32 (from cross_attention_fwd) -> dq, dk, dv shaped like q, k, v.

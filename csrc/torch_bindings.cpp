@@ -13,13 +13,15 @@ TORCH_LIBRARY_IMPL(blip_fast, CPU, m) {
   m.impl("itc_fwd", &blip_fast::itc_fwd);
   m.impl("itc_bwd", &blip_fast::itc_bwd);
   m.impl("gathered_cross_attention_fwd", &blip_fast::gathered_cross_attention_fwd);
+  m.impl("gathered_cross_attention_bwd", &blip_fast::gathered_cross_attention_bwd);
   m.impl("lm_head_loss_fwd", &blip_fast::lm_head_loss_fwd);
   m.impl("lm_head_loss_bwd", &blip_fast::lm_head_loss_bwd);
 }
 
 #ifdef BLIP_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(blip_fast, CUDA, m) {
-  // No CUDA backward yet: cross_attention_bwd on CUDA runs the Python reference kernel.
+  // No CUDA backward yet: cross_attention_bwd and gathered_cross_attention_bwd on CUDA run the
+  // Python reference kernels (training on CUDA takes the Triton family).
   m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
   // No C++ CUDA itc_bwd: blip_fast/ops/itc.py registers the Triton backward for that key.
   m.impl("itc_fwd", &blip_fast::itc_fwd);

@@ -5,19 +5,22 @@ Forward: one program per (batch·head, block of BLOCK_M queries), looping over k
 BLOCK_N with an online softmax (running max m, running sum l), writing out (B, H, Lq, D) in the
 inputs' dtype and the fp32 row log-sum-exp lse (B, H, Lq). A masked key gets −10000 added to
 its score after scaling, exactly as official BERT and ``reference.cross_attention_fwd`` do.
-With an index pointer (HAS_IDX) program b reads K / V rows at IDX[b] instead of b: the gathered
-cross-attention of ITM reranking (``kernels/gathered_cross_attention.py``) shares this body.
+With an index (HAS_IDX) program b reads K / V row IDX[b] instead of b, and the backward groups
+the batch entries by the row they read (below): the gathered cross-attention
+(``kernels/gathered_cross_attention.py``) runs these two kernels.
 With CAUSAL the same kernels are the text layers' self-attention
 (``blip_fast::attention_*_triton``): a key in a query's future (bottom-right aligned, query i
 sees keys j <= Lk − Lq + i, so Lq < Lk over a KV cache works) also gets −10000, once even when
 padding masks it too. Fully-future key tiles are not skipped yet: with the additive −10000 they
 still count where a row has no allowed key.
 
-Backward: one program per batch·head. For each block of queries it recomputes P = exp(S − lse)
-per key tile, accumulates dq in registers and writes dk / dv of the tile (first query block
-stores, later ones add); no (B, H, Lq, Lk) tensor exists anywhere. BLIP's Lq <= 40 is one query
-block, so dk / dv are written once; longer queries add in the output dtype (fp16 / bf16 then
-round once per extra block).
+Backward: one program per K / V row·head, over the batch entries that read the row: entry b
+itself, or (HAS_IDX) every pair whose index is the row, grouped on the device by
+``_groups_by_row``. For each entry's blocks of queries it recomputes P = exp(S − lse) per key
+tile, accumulates dq in registers and writes dk / dv of the tile (the group's first query block
+stores, later ones add; a row no pair reads gets zeros); no (B, H, Lq, Lk) tensor exists
+anywhere. BLIP's Lq <= 40 is one query block, so plain dk / dv are written once; each further
+query block or pair adds in the output dtype (fp16 / bf16 then round once per addition).
 
 Products run with input_precision="ieee" (TF32 would miss the fp32 1e-5 parity goal); fp16 /
 bf16 products run in their dtype with fp32 accumulation, P and dS rounded to the input dtype
@@ -157,6 +160,8 @@ def _cross_attention_bwd_kernel(
     MASK,
     O,
     LSE,
+    ORDER,
+    OFFSETS,
     DQ,
     DK,
     DV,
@@ -184,57 +189,89 @@ def _cross_attention_bwd_kernel(
     sl_h,
     sm_b,
     HAS_MASK: tl.constexpr,
+    HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # One program per K / V row · head, over the batch entries that read the row: the entry of
+    # the same index, or (HAS_IDX) the pairs ORDER[OFFSETS[kb] : OFFSETS[kb + 1]]. Only this
+    # program writes the row's dk / dv, so they accumulate without atomics.
     # DQ / DK / DV are contiguous with the shapes of Q / K / V.
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_kh = tl.program_id(0)
+    kb = pid_kh // H
+    h = pid_kh % H
+    first = kb
+    last = kb + 1
+    if HAS_IDX:
+        first = tl.load(OFFSETS + kb)
+        last = tl.load(OFFSETS + kb + 1)
+    kb = kb.to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     md = rd < D
-    q_base = Q + b * sq_b + h * sq_h
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    dq_base = DQ + pid_bh.to(tl.int64) * LQ * D
-    dk_base = DK + pid_bh.to(tl.int64) * LK * D
-    dv_base = DV + pid_bh.to(tl.int64) * LK * D
-    for m_start in range(0, LQ, BLOCK_M):
-        rm = m_start + tl.arange(0, BLOCK_M)
-        mm = rm < LQ
-        qmask = mm[:, None] & md[None, :]
-        q = tl.load(q_base + rm[:, None] * sq_m + rd[None, :], mask=qmask, other=0.0)
-        do = tl.load(
-            DO + b * sdo_b + h * sdo_h + rm[:, None] * sdo_m + rd[None, :], mask=qmask, other=0.0
-        )
-        o = tl.load(
-            O + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :], mask=qmask, other=0.0
-        )
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O)
-        lse = tl.load(LSE + b * sl_b + h * sl_h + rm, mask=mm, other=0.0)
-        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for n_start in range(0, LK, BLOCK_N):
-            rn = n_start + tl.arange(0, BLOCK_N)
-            mn = rn < LK
-            kvmask = mn[:, None] & md[None, :]
-            k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=kvmask, other=0.0)
-            v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=kvmask, other=0.0)
-            s = _masked_scores(q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK, CAUSAL)
-            p = tl.where(mm[:, None] & mn[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            ds = p * (dp - delta[:, None]) * scale
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            offs = rn[:, None] * D + rd[None, :]
-            if m_start > 0:
-                dk += tl.load(dk_base + offs, mask=kvmask, other=0.0).to(tl.float32)
-                dv += tl.load(dv_base + offs, mask=kvmask, other=0.0).to(tl.float32)
-            tl.store(dk_base + offs, dk.to(DK.dtype.element_ty), mask=kvmask)
-            tl.store(dv_base + offs, dv.to(DV.dtype.element_ty), mask=kvmask)
-        tl.store(dq_base + rm[:, None] * D + rd[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+    k_base = K + kb * sk_b + h * sk_h
+    v_base = V + kb * sv_b + h * sv_h
+    dk_base = DK + pid_kh.to(tl.int64) * LK * D
+    dv_base = DV + pid_kh.to(tl.int64) * LK * D
+    for i in range(first, last):
+        b = i
+        if HAS_IDX:
+            b = tl.load(ORDER + i)
+        b = b.to(tl.int64)
+        q_base = Q + b * sq_b + h * sq_h
+        dq_base = DQ + (b * H + h) * LQ * D
+        for m_start in range(0, LQ, BLOCK_M):
+            rm = m_start + tl.arange(0, BLOCK_M)
+            mm = rm < LQ
+            qmask = mm[:, None] & md[None, :]
+            q = tl.load(q_base + rm[:, None] * sq_m + rd[None, :], mask=qmask, other=0.0)
+            do = tl.load(
+                DO + b * sdo_b + h * sdo_h + rm[:, None] * sdo_m + rd[None, :],
+                mask=qmask,
+                other=0.0,
+            )
+            o = tl.load(
+                O + b * so_b + h * so_h + rm[:, None] * so_m + rd[None, :], mask=qmask, other=0.0
+            )
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O)
+            lse = tl.load(LSE + b * sl_b + h * sl_h + rm, mask=mm, other=0.0)
+            # The group's first query block stores dk / dv, every later one adds.
+            accumulate = (i > first) | (m_start > 0)
+            dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            for n_start in range(0, LK, BLOCK_N):
+                rn = n_start + tl.arange(0, BLOCK_N)
+                mn = rn < LK
+                kvmask = mn[:, None] & md[None, :]
+                k = tl.load(k_base + rn[:, None] * sk_n + rd[None, :], mask=kvmask, other=0.0)
+                v = tl.load(v_base + rn[:, None] * sv_n + rd[None, :], mask=kvmask, other=0.0)
+                s = _masked_scores(
+                    q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK, CAUSAL
+                )
+                p = tl.where(mm[:, None] & mn[None, :], tl.exp(s - lse[:, None]), 0.0)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                ds = p * (dp - delta[:, None]) * scale
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                offs = rn[:, None] * D + rd[None, :]
+                if accumulate:
+                    dk += tl.load(dk_base + offs, mask=kvmask, other=0.0).to(tl.float32)
+                    dv += tl.load(dv_base + offs, mask=kvmask, other=0.0).to(tl.float32)
+                tl.store(dk_base + offs, dk.to(DK.dtype.element_ty), mask=kvmask)
+                tl.store(dv_base + offs, dv.to(DV.dtype.element_ty), mask=kvmask)
+            tl.store(
+                dq_base + rm[:, None] * D + rd[None, :], dq.to(DQ.dtype.element_ty), mask=qmask
+            )
+    if HAS_IDX:
+        if last == first:  # no pair reads this image: its keys get no gradient
+            zeros = tl.zeros((BLOCK_N, BLOCK_D), DK.dtype.element_ty)
+            for n_start in range(0, LK, BLOCK_N):
+                rn = n_start + tl.arange(0, BLOCK_N)
+                kvmask = (rn < LK)[:, None] & md[None, :]
+                offs = rn[:, None] * D + rd[None, :]
+                tl.store(dk_base + offs, zeros, mask=kvmask)
+                tl.store(dv_base + offs, zeros.to(DV.dtype.element_ty), mask=kvmask)
 
 
 def attention_config(lq, head_dim, dtype, limits, *, backward):
@@ -350,24 +387,36 @@ def cross_attention_fwd(q, k, v, key_padding_mask, scale, *, out=None, lse=None)
     return attend_fwd(q, k, v, key_padding_mask, scale, out=out, lse=lse)
 
 
-def cross_attention_bwd(
-    dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None, causal=False
+def _groups_by_row(index, rows):
+    """The batch entries reading each K / V row, grouped on the device (no host sync):
+    ``order`` (B,) lists them sorted by row (stable: ascending within a row, so dk / dv add in a
+    fixed order); row r's are order[offsets[r] : offsets[r + 1]], ``offsets`` (rows + 1,)."""
+    sorted_index, order = torch.sort(index, stable=True)
+    offsets = torch.searchsorted(
+        sorted_index, torch.arange(rows + 1, device=index.device, dtype=index.dtype)
+    )
+    return order, offsets
+
+
+def attend_bwd(
+    dout, q, k, v, key_padding_mask, out, lse, scale, index=None, *, causal=False, grads=None
 ):
-    """Gradients of ``cross_attention_fwd`` from its out / lse: dq (B, H, Lq, D), dk / dv
-    (B, H, Lk, D), contiguous, in the inputs' dtypes. ``grads`` (tests pass poisoned
-    contiguous buffers) = (dq, dk, dv) to write in full."""
+    """Backward shared by cross attention and the gathered one: gradients of ``attend_fwd``
+    from its out / lse. dq (B, H, Lq, D), dk / dv (N, H, Lk, D), contiguous, in the inputs'
+    dtypes; with ``index`` a K / V row's dk / dv sum over every batch entry reading it, and a
+    row no entry reads gets zeros. ``grads`` (tests pass poisoned contiguous buffers) =
+    (dq, dk, dv) to write in full."""
     dout, q, k, v, out = _inner_contiguous(dout, q, k, v, out)
     batch, heads, lq, d = q.shape
-    lk = k.shape[2]
+    rows, _, lk, _ = k.shape
     if grads is None:
         grads = tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     dq, dk, dv = grads
-    if batch * heads == 0:
-        return dq, dk, dv
-    if lq == 0:  # no query: every key gets no gradient
+    if batch * heads * lq == 0:  # no query: every key gets no gradient
         return dq, dk.zero_(), dv.zero_()
     config = attention_config(lq, d, q.dtype, device_limits(q.device), backward=True)
     mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
+    order, offsets = (q, q) if index is None else _groups_by_row(index, rows)
     lse = lse.contiguous()
     args = (
         dout,
@@ -377,6 +426,8 @@ def cross_attention_bwd(
         mask,
         out,
         lse,
+        order,
+        offsets,
         dq,
         dk,
         dv,
@@ -404,9 +455,18 @@ def cross_attention_bwd(
         lse.stride(1),
         sm_b,
     )
-    flags = dict(HAS_MASK=has_mask, CAUSAL=bool(causal))
-    launch(_cross_attention_bwd_kernel, (batch * heads,), args, {**flags, **config})
+    flags = dict(HAS_MASK=has_mask, HAS_IDX=index is not None, CAUSAL=bool(causal))
+    launch(_cross_attention_bwd_kernel, (rows * heads,), args, {**flags, **config})
     return dq, dk, dv
+
+
+def cross_attention_bwd(
+    dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None, causal=False
+):
+    """Gradients of ``cross_attention_fwd`` from its out / lse: dq (B, H, Lq, D), dk / dv
+    (B, H, Lk, D), contiguous, in the inputs' dtypes. ``grads`` (tests pass poisoned
+    contiguous buffers) = (dq, dk, dv) to write in full."""
+    return attend_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, causal=causal, grads=grads)
 
 
 def attention_fwd(q, k, v, key_padding_mask, scale, causal, *, out=None, lse=None):

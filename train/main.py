@@ -22,6 +22,7 @@ import torch
 
 from blip_fast.data import PretrainDataset, RetrievalTrainDataset, test_transform, train_transform
 from blip_fast.data.shards import ShardDataset
+from blip_fast.models.blip_base import backend_map
 from blip_fast.models.configs import BlipConfig, load_yaml, parse_yaml_value
 from blip_fast.train.config import validate_config
 from blip_fast.train.data import Collate, SeededSamples, TrainSampler
@@ -107,6 +108,31 @@ def build_model(task: str, cfg: BlipConfig, y: dict, backend):
     return create_model(task, cfg, backend=backend)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLevers:
+    """The training step's speed levers that keep its math (docs/architecture.md, "Training
+    step"); each can be switched off to measure its share, and ``official()`` switches off every
+    one: the step as the official code computes it. Host synchronisation has no switch: no step
+    ever waits for the device."""
+
+    share_image_kv: bool = True  # image cross-attention K / V once per step (ContrastiveTask)
+    fused_lm_head_loss: bool = True  # LM head + cross-entropy chunked (ops.lm_head_loss)
+    foreach_momentum: bool = True  # momentum update in multi-tensor calls
+    pad_to_longest: bool = True  # text trimmed to the batch's longest caption (Collate)
+
+    @classmethod
+    def official(cls) -> "StepLevers":
+        return cls(**{f.name: False for f in dataclasses.fields(cls)})
+
+
+def _with_levers(backend, levers: StepLevers):
+    """``backend`` (None, a name or an op -> backend dict) with the LM head loss on its
+    reference kernel when that lever is off."""
+    if levers.fused_lm_head_loss:
+        return backend
+    return {**backend_map(backend), "lm_head_loss": "reference"}
+
+
 def build_trainer(
     task: str,
     y: dict,
@@ -123,6 +149,7 @@ def build_trainer(
     tensorboard=False,
     resume=None,
     origins: dict[str, str] | None = None,
+    levers: StepLevers = StepLevers(),
 ) -> Trainer:
     """Everything ``blip-fast train`` runs, from a config dict ``y`` (official keys), checked
     first by ``validate_config`` (``origins``: where each key was set, for its messages)."""
@@ -135,9 +162,10 @@ def build_trainer(
     dist_info = init_distributed(device)
     torch.manual_seed(seed + dist_info.rank)  # official: seed + rank
     cfg = model_config(y)
-    model = build_model(task, cfg, y, backend).to(dist_info.device)
+    model = build_model(task, cfg, y, _with_levers(backend, levers)).to(dist_info.device)
     if task != "caption":
         model.copy_params()  # momentum copies start as the online weights (official)
+        model.foreach_momentum = levers.foreach_momentum
     batch_size = int(y.get("batch_size_train", y.get("batch_size", 32)))
     dataset = build_dataset(task, y, cfg.vision.image_size)
     sampler = TrainSampler(len(dataset), batch_size, dist_info.rank, dist_info.world_size, seed)
@@ -150,7 +178,9 @@ def build_trainer(
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=dist_info.device.type == "cuda",
-        collate_fn=Collate(tokenizer(), task, cfg.prompt if task == "caption" else ""),
+        collate_fn=Collate(
+            tokenizer(), task, cfg.prompt if task == "caption" else "", levers.pad_to_longest
+        ),
         generator=torch.Generator(),
     )  # leaves the global RNG (dropout) untouched
     max_epoch = int(y.get("max_epoch", 1))
@@ -166,14 +196,21 @@ def build_trainer(
             float(y.get("lr_decay_rate", 1.0)),
         )
         step_module = ContrastiveTask(
-            model, lm=True, image_token_drop=float(y.get("image_token_drop", 0.0))
+            model,
+            lm=True,
+            image_token_drop=float(y.get("image_token_drop", 0.0)),
+            share_image_kv=levers.share_image_kv,
         )
     else:
         schedule = LRSchedule("cosine", init_lr, float(y.get("min_lr", 0.0)), max_epoch)
         step_module = (
             CaptionTask(model)
             if task == "caption"
-            else ContrastiveTask(model, negative_all_rank=cfg.negative_all_rank)
+            else ContrastiveTask(
+                model,
+                negative_all_rank=cfg.negative_all_rank,
+                share_image_kv=levers.share_image_kv,
+            )
         )
     optimizer = build_optimizer(model, init_lr, float(y.get("weight_decay", 0.05)))
     precision = precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")

@@ -15,6 +15,13 @@ def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     ``torch.multinomial(weights, 1)``, but the randomness is an input, so the draw is the same
     eager or compiled, and reproducible from the step's seed alone."""
     cdf = weights.cumsum(1)
+    # a row of zeros has nothing to draw (official torch.multinomial raises too); checked on the
+    # device, so the host never waits for it
+    torch._assert_async(
+        (cdf[:, -1] > 0).all(),
+        "hard-negative sampling: a row has no candidate of positive weight (every sample of the "
+        "batch is a positive of it, e.g. all captions of one image): nothing to draw",
+    )
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
     return pick.clamp_(max=weights.shape[1] - 1)  # u * total rounding up to the total
 
@@ -28,14 +35,17 @@ def negative_weights(sim_i2t, sim_t2i, positive_i2t, positive_t2i, smoothing: fl
     return w_i2t, w_t2i
 
 
-def itm_loss(model, ids, mask, image_embeds, neg_text_ids, neg_text_mask, neg_image_embeds):
+def itm_loss(model, ids, mask, neg_text_ids, neg_text_mask, image_embeds=None, image_kv=None):
     """CE over 3B pairs: B positives (text b, image b), B (text b, its hard negative image),
-    B (hard negative text of image b, image b); ``itm_head`` on the [ENC] output, one pass."""
+    B (hard negative text of image b, image b); ``itm_head`` on the [ENC] output, one pass.
+    The rows' images: ``image_embeds`` (3B, Li, W) in that order, or ``image_kv`` (``ImageKV``
+    whose index gives each row's image)."""
     B = ids.shape[0]
     logits = model.itm_logits(  # replaces the first token by [ENC]
         torch.cat([ids, ids, neg_text_ids]),
         torch.cat([mask, mask, neg_text_mask]),
-        torch.cat([image_embeds, neg_image_embeds, image_embeds]),
+        image_embeds,
+        image_kv,
     )
     # made on the device: copying a host tensor there would make the host wait
     labels = torch.zeros(3 * B, dtype=torch.long, device=logits.device)
@@ -53,6 +63,8 @@ def decoder_labels(ids, prompt_length: int = 0):
     return dec, labels
 
 
-def caption_loss(decoder, ids, mask, image_embeds, prompt_length: int, label_smoothing: float):
+def caption_loss(
+    decoder, ids, mask, image_embeds, prompt_length: int, label_smoothing: float, image_kv=None
+):
     dec, labels = decoder_labels(ids, prompt_length)
-    return decoder.loss(dec, mask, image_embeds, labels, label_smoothing)
+    return decoder.loss(dec, mask, image_embeds, labels, label_smoothing, image_kv)

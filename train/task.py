@@ -29,7 +29,13 @@ class ContrastiveTask(nn.Module):
     online ViT sees a random ``1 - image_token_drop`` of the patch tokens (+ [CLS]), and ITC,
     ITM and LM read those tokens. The momentum ViT still sees every token: its features are the
     distillation targets and the queue entries, which stay the full-image features retrieval
-    ranks with (FLIP itself has no momentum encoder)."""
+    ranks with (FLIP itself has no momentum encoder).
+
+    ``share_image_kv`` (default): the ITM rows and the LM pass (whose cross-attention is the
+    text encoder's, tied) read cross-attention keys / values projected once per distinct image
+    (``BertModel.image_kv``) instead of once per row: B images instead of 4B rows in
+    pre-training, 2B instead of 3B with negatives from every rank. Same math; off, every pass
+    projects its own rows, as the official code does."""
 
     def __init__(
         self,
@@ -37,6 +43,7 @@ class ContrastiveTask(nn.Module):
         negative_all_rank: bool = False,
         lm: bool = False,
         image_token_drop: float = 0.0,
+        share_image_kv: bool = True,
     ):
         super().__init__()
         if not 0.0 <= image_token_drop < 1.0:
@@ -45,6 +52,7 @@ class ContrastiveTask(nn.Module):
         self.negative_all_rank = negative_all_rank
         self.lm = lm
         self.image_token_drop = image_token_drop
+        self.share_image_kv = share_image_kv
 
     def encode(self, batch) -> dict:
         m = self.model
@@ -93,6 +101,12 @@ class ContrastiveTask(nn.Module):
         queue = (local["image_feat_m"], local["text_feat_m"], idx)
         if batch.get("itc_only"):
             return {"itc": itc, "loss": itc, "queue": queue}
+        if world["ids"].shape[0] < 2:
+            raise ValueError(
+                "ITM draws each sample's hard negative from the other samples of its batch"
+                + (" (on every rank)" if self.negative_all_rank else "")
+                + f": a batch of {world['ids'].shape[0]} has none; train with batch_size >= 2"
+            )
         with torch.no_grad():
             temp = m.temp.detach()
             if idx is None:  # pre-training: the ITC student logits of the batch columns
@@ -107,32 +121,63 @@ class ContrastiveTask(nn.Module):
                 w_i2t, w_t2i = objectives.negative_weights(sim_i2t, sim_t2i, pos, pos)
             neg_image = objectives.sample_rows(w_t2i, batch["neg_u"][0])
             neg_text = objectives.sample_rows(w_i2t, batch["neg_u"][1])
+        images = self._itm_images(local, world, neg_image)
         itm = objectives.itm_loss(
             m,
             local["ids"],
             local["mask"],
-            local["image_embeds"],
             world["ids"][neg_text],
             world["mask"][neg_text],
-            world["image_embeds"][neg_image],
+            **images,
         )
         losses = {"itc": itc, "itm": itm}
         if self.lm:
+            # the LM pass reads the ITM's projections when its cross-attention is the encoder's
+            shared = "image_kv" in images and _decoder_cross_attention_is_tied(m)
             losses["lm"] = objectives.caption_loss(
                 m.text_decoder,
                 local["ids"],
                 local["mask"],
-                local["image_embeds"],
+                None if shared else local["image_embeds"],
                 0,
                 m.cfg.label_smoothing,
+                images["image_kv"].at(self._own_rows(local)) if shared else None,
             )
         losses["loss"] = sum(losses.values())
         losses["queue"] = queue
         return losses
 
+    def _own_rows(self, local):
+        """Where this rank's images are among the sources of ``_itm_images``' projections:
+        rows 0..B-1 (None: exactly the sources, read without an index)."""
+        if not self.negative_all_rank:
+            return None
+        B = local["image_embeds"].shape[0]
+        return torch.arange(B, device=local["image_embeds"].device)
+
+    def _itm_images(self, local, world, neg_image) -> dict:
+        """The images of the 3B ITM rows (positive, hard-negative image, hard-negative text) as
+        ``objectives.itm_loss`` takes them."""
+        embeds = local["image_embeds"]
+        if not self.share_image_kv:
+            return {"image_embeds": torch.cat([embeds, world["image_embeds"][neg_image], embeds])}
+        own = torch.arange(embeds.shape[0], device=embeds.device)
+        if self.negative_all_rank:  # project the B drawn negatives, not every rank's images
+            sources = torch.cat([embeds, world["image_embeds"][neg_image]])
+            neg_image = own + embeds.shape[0]
+        else:  # the negatives are this batch's images
+            sources = embeds
+        kv = self.model.text_encoder.image_kv(sources)
+        return {"image_kv": kv.at(torch.cat([own, neg_image, own]))}
+
     def forward(self, batch) -> dict:
         local = self.encode(batch)
         return self.objectives(local, self.exchange(local), batch)
+
+
+def _decoder_cross_attention_is_tied(model) -> bool:
+    encoder, decoder = model.text_encoder.encoder.layer, model.text_decoder.bert.encoder.layer
+    return all(e.crossattention is d.crossattention for e, d in zip(encoder, decoder, strict=True))
 
 
 class CaptionTask(nn.Module):

@@ -1,4 +1,5 @@
-"""The corrupt-image report: one line per image a loader skipped, ``index<TAB>path<TAB>error``.
+"""The corrupt-image report: one line per sample a loader skipped (a missing or undecodable
+image; in training also an empty caption), ``index<TAB>path<TAB>error``.
 
 Written from DataLoader workers (``loader.SkipCorrupt``), from the DALI loader's host-side
 reader, from training collates and from CapFilt, so it lives in a file rather than in memory:
@@ -23,7 +24,7 @@ def record_corrupt(report: str | os.PathLike, items: list[CorruptImage]) -> None
     lines = "".join(f"{c.index}\t{c.path}\t{' '.join(c.error.split())}\n" for c in items)
     with open(report, "a", encoding="utf-8") as f:
         f.write(lines)
-    log.warning("skipped %d corrupt image(s); listed in %s", len(items), os.fspath(report))
+    log.warning("skipped %d unusable sample(s); listed in %s", len(items), os.fspath(report))
 
 
 def read_corrupt_report(report: str | os.PathLike) -> list[dict]:

@@ -51,11 +51,16 @@ def draw_caption(caption: str | list[str]) -> str:
 
 @dataclass(frozen=True)
 class CorruptImage:
-    """Stands in for a pre-training item whose image is missing or undecodable."""
+    """Stands in for a training item whose image is missing or undecodable, or whose caption
+    is empty after normalisation (``EMPTY_CAPTION``: nothing to contrast, match or generate;
+    official BLIP would train on "[CLS] [SEP]"), when its dataset skips such items."""
 
     index: int
     path: str
     error: str
+
+
+EMPTY_CAPTION = "caption is empty after normalisation"
 
 
 class MissingKeyError(KeyError):
@@ -254,8 +259,10 @@ class PretrainDataset(Dataset):
 
 def _item(dataset, index: int):
     """(transform(image), *fields) of a training dataset's entry, or a ``CorruptImage`` for a
-    missing or undecodable image when the dataset skips them."""
+    missing or undecodable image or an empty caption when the dataset skips them."""
     path, fields = dataset.entry(index)
+    if dataset.skip_corrupt and not fields[0]:
+        return CorruptImage(index, path, EMPTY_CAPTION)
     try:
         image = load_image(path)
     except OSError as err:  # FileNotFoundError included

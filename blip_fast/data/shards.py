@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
-from blip_fast.data.datasets import CorruptImage, draw_caption
+from blip_fast.data.datasets import EMPTY_CAPTION, CorruptImage, draw_caption
 from blip_fast.data.images import decode_image
 from blip_fast.text import pre_caption
 
@@ -135,8 +135,10 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int):
         s, offset, size, caption = self.samples[index][:4]
-        caption = draw_caption(caption)  # before decoding, as PretrainDataset.entry does
-        where = f"{self.shards[s]}@{offset}"
+        caption = pre_caption(draw_caption(caption), self.max_words)  # draw before decoding,
+        where = f"{self.shards[s]}@{offset}"  # as PretrainDataset.entry does
+        if self.skip_corrupt and not caption:
+            return CorruptImage(index, where, EMPTY_CAPTION)
         try:
             image = decode_image(self._read(s, offset, size), where)
         except OSError as err:
@@ -145,7 +147,7 @@ class ShardDataset(Dataset):
             return CorruptImage(index, where, str(err))
         if self.transform is not None:
             image = self.transform(image)
-        return image, pre_caption(caption, self.max_words)
+        return image, caption
 
     def __getstate__(self):  # file handles stay in the process that opened them
         return {**self.__dict__, "_files": {}}

@@ -33,15 +33,16 @@ class BlipITMMixin:
         out = self.text_encoder(ids, mask, mode="text")
         return F.normalize(self.text_proj(out[:, 0]), dim=-1)
 
-    def itm_logits(self, ids, mask, image_embeds):
+    def itm_logits(self, ids, mask, image_embeds=None, image_kv=None):
         """Image-text matching logits (B, 2), index 1 = match. ids, mask (B, L) as tokenised;
         the first token is replaced by [ENC] here, as official. image_embeds (B or 1, N, W);
-        a single image is broadcast over the B texts without copying."""
+        a single image is broadcast over the B texts without copying. Or ``image_kv``
+        (``text_encoder.image_kv`` of distinct images, ``at`` the image of each text)."""
         ids = ids.clone()
         ids[:, 0] = ENC_TOKEN_ID
-        if image_embeds.shape[0] == 1 and ids.shape[0] > 1:
+        if image_embeds is not None and image_embeds.shape[0] == 1 and ids.shape[0] > 1:
             image_embeds = image_embeds.expand(ids.shape[0], -1, -1)
-        out = self.text_encoder(ids, mask, image_embeds, mode="multimodal")
+        out = self.text_encoder(ids, mask, image_embeds, mode="multimodal", image_kv=image_kv)
         return self.itm_head(out[:, 0])
 
     def gathered_itm(self) -> "GatheredITM":
@@ -134,9 +135,7 @@ class GatheredITM(nn.Module):
     def image_kv(self, image_embeds):
         """Cross-attention keys / values of every text layer for image tokens (N, Li, W):
         a list with one (k, v) per layer, each (N, H, Li, D); computed once per image."""
-        return [
-            layer.crossattention.self.kv(image_embeds) for layer in self.text_encoder.encoder.layer
-        ]
+        return self.text_encoder.image_kv(image_embeds).layers
 
     def forward(self, ids, mask, kv, image_index):
         """ITM logits (P, 2) of P pairs: text p (ids, mask (P, L), [CLS] first as tokenised)

@@ -9,6 +9,7 @@ official ``med.py`` (``encoder.layer.N.crossattention.self.query``...). Attentio
 ``blip_fast.ops``; ``backends`` maps op name -> requested backend (None = automatic).
 """
 
+import dataclasses
 import functools
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from blip_fast import ops
 from blip_fast.models.configs import TextConfig
 
-__all__ = ["BertModel", "BertLMHeadModel", "tie_encoder_decoder", "lm_loss", "MODES"]
+__all__ = ["BertModel", "BertLMHeadModel", "ImageKV", "tie_encoder_decoder", "lm_loss", "MODES"]
 
 MODES = ("text", "multimodal", "decoder")
 
@@ -69,47 +70,61 @@ class BertSelfAttention(nn.Module):
         """Keys and values of ``source`` (B, L, kv_width): each (B, H, L, D)."""
         return self.split_heads(self.key(source)), self.split_heads(self.value(source))
 
-    def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None):
-        q = self.split_heads(self.query(hidden))
-        if cache is not None and self.is_cross and "image_index" in cache:
-            # Batched ITM reranking (docs/architecture.md): cross_k / cross_v are per-image caches
-            # (N_images, H, Lk, D) and pair p attends over row image_index[p]; read only.
-            ctx = ops.gathered_cross_attention(
-                q,
-                cache["cross_k"],
-                cache["cross_v"],
-                cache["image_index"],
-                backend=self.backends.get("gathered_cross_attention"),
-            )
-            B, H, L, D = ctx.shape
-            return ctx.transpose(1, 2).reshape(B, L, H * D)
-        name = "cross" if self.is_cross else "self"
-        if cache is not None and self.is_cross and "cross_k" in cache:
-            k, v = cache["cross_k"], cache["cross_v"]  # image K/V are fixed while decoding
-        else:
-            k, v = self.kv(kv_source)
-            if cache is not None and not self.is_cross and "self_k" in cache:
-                k = torch.cat([cache["self_k"], k], dim=2)
-                v = torch.cat([cache["self_v"], v], dim=2)
-        if cache is not None:
-            cache[name + "_k"], cache[name + "_v"] = k, v
-        p = self.dropout_p if self.training else 0.0
+    def _attend_image_kv(self, q, k, v, image_index):
+        """Cross-attention over K / V projected once per distinct image, (N, H, Li, D); text
+        row b reads image image_index[b] (None: image b). Without attention dropout the
+        gathered op reads the rows in place, and its backward sums each image's gradient over
+        the rows that read it; dropout needs the attention op, so the rows are copied there."""
+        if image_index is not None and self.attention_dropout == 0.0:
+            backend = self.backends.get("gathered_cross_attention")
+            return ops.gathered_cross_attention(q, k, v, image_index, backend=backend)
+        if image_index is not None:
+            k, v = k[image_index], v[image_index]
+        return self._attend(q, k, v, None, False)
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.dropout_p if self.training else 0.0
+
+    def _attend(self, q, k, v, key_padding_mask, causal):
+        p = self.attention_dropout
         if self.is_cross and p == 0.0:
-            ctx = ops.cross_attention(
+            return ops.cross_attention(
                 q, k, v, key_padding_mask, backend=self.backends.get("cross_attention")
             )
-        else:  # self-attention, or cross-attention with probability dropout while training
-            ctx = ops.attention(
-                q,
-                k,
-                v,
-                key_padding_mask,
-                causal=causal,
-                dropout_p=p,
-                backend=self.backends.get("attention"),
-            )
+        # self-attention, or cross-attention with probability dropout while training
+        return ops.attention(
+            q,
+            k,
+            v,
+            key_padding_mask,
+            causal=causal,
+            dropout_p=p,
+            backend=self.backends.get("attention"),
+        )
+
+    def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None, image_kv=None):
+        q = self.split_heads(self.query(hidden))
+        if self.is_cross and image_kv is not None:
+            ctx = self._attend_image_kv(q, *image_kv)
+        else:
+            ctx = self._attend(q, *self._keys_values(kv_source, cache), key_padding_mask, causal)
         B, H, L, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, H * D)
+
+    def _keys_values(self, kv_source, cache):
+        """K, V of ``kv_source``; with a decoding ``cache``, the image's are computed once
+        and the text's are appended to those of the earlier steps."""
+        name = "cross" if self.is_cross else "self"
+        if cache is not None and self.is_cross and "cross_k" in cache:
+            return cache["cross_k"], cache["cross_v"]  # image K/V are fixed while decoding
+        k, v = self.kv(kv_source)
+        if cache is not None and not self.is_cross and "self_k" in cache:
+            k = torch.cat([cache["self_k"], k], dim=2)
+            v = torch.cat([cache["self_v"], v], dim=2)
+        if cache is not None:
+            cache[name + "_k"], cache[name + "_v"] = k, v
+        return k, v
 
 
 class BertSelfOutput(nn.Module):
@@ -129,8 +144,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg, kv_width, is_cross, backends)
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None):
-        ctx = self.self(hidden, kv_source, key_padding_mask, causal, cache)
+    def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None, image_kv=None):
+        ctx = self.self(hidden, kv_source, key_padding_mask, causal, cache, image_kv)
         return self.output(ctx, hidden)
 
 
@@ -162,10 +177,10 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x, mask, image, image_mask, mode, cache=None):
+    def forward(self, x, mask, image, image_mask, mode, cache=None, image_kv=None):
         x = self.attention(x, x, mask, causal=mode == "decoder", cache=cache)
         if mode != "text":
-            x = self.crossattention(x, image, image_mask, cache=cache)
+            x = self.crossattention(x, image, image_mask, cache=cache, image_kv=image_kv)
         return self.output(self.intermediate(x), x)
 
 
@@ -181,11 +196,10 @@ class BertModel(nn.Module):
     """BERT trunk in one of ``MODES``.
 
     forward(input_ids (B, L), attention_mask (B, L) 0/1, image_embeds (B, Li, W) or None,
-    image_mask (B, Li) bool or None, mode, cache) -> (B, L, hidden). ``cache``: a list with one
-    dict per layer, filled and extended in place (KV cache for decoding). A layer dict holding
-    "cross_k" / "cross_v" of shape (N_images, H, Li, D) plus "image_index" (B,) int64 makes
-    cross-attention read row image_index[b] of those per-image caches (gathered, ITM reranking;
-    image_embeds may then be None); use fresh dicts per call.
+    image_mask (B, Li) bool or None, mode, cache, image_kv) -> (B, L, hidden). ``cache``: a list
+    with one dict per layer, filled and extended in place (KV cache for decoding).
+    ``image_kv`` (an ``ImageKV`` from ``image_kv``) replaces image_embeds: cross-attention reads
+    keys / values projected once per distinct image, text row b those of image index[b].
     """
 
     def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
@@ -201,21 +215,57 @@ class BertModel(nn.Module):
                     nn.init.zeros_(m.query.weight)
                     nn.init.zeros_(m.key.weight)
 
+    def image_kv(self, image_embeds) -> "ImageKV":
+        """Every layer's cross-attention keys / values of image tokens (N, Li, W), projected
+        once, for text passes that read them by index (``ImageKV.at``)."""
+        return ImageKV([layer.crossattention.self.kv(image_embeds) for layer in self.encoder.layer])
+
     def forward(
-        self, input_ids, attention_mask, image_embeds=None, image_mask=None, mode="text", cache=None
+        self,
+        input_ids,
+        attention_mask,
+        image_embeds=None,
+        image_mask=None,
+        mode="text",
+        cache=None,
+        image_kv=None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "text" and image_embeds is None and not (cache and "image_index" in cache[0]):
-            raise ValueError(f"mode {mode!r} needs image_embeds")
+        if mode != "text" and image_embeds is None and image_kv is None:
+            raise ValueError(f"mode {mode!r} needs image_embeds or image_kv")
+        if image_kv is not None and (image_mask is not None or cache is not None):
+            raise ValueError("image_kv reads every image token: no image_mask, no cache")
         past_len = 0 if not cache or "self_k" not in cache[0] else cache[0]["self_k"].shape[2]
         x = self.embeddings(input_ids, past_len)
         mask = attention_mask.bool() if attention_mask is not None else None
         for i, layer in enumerate(self.encoder.layer):
             x = layer(
-                x, mask, image_embeds, image_mask, mode, cache=None if cache is None else cache[i]
+                x,
+                mask,
+                image_embeds,
+                image_mask,
+                mode,
+                cache=None if cache is None else cache[i],
+                image_kv=None if image_kv is None else (*image_kv.layers[i], image_kv.index),
             )
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageKV:
+    """Cross-attention keys and values of N distinct images, shared by several text passes
+    (ITM rows and the LM pass read the same images): ``layers`` holds one (k, v) per text
+    layer, each (N, H, Li, D); text row b attends over image ``index[b]`` ((B,) int64; None:
+    image b). Projecting each image once instead of once per row saves the largest GEMMs of
+    those passes, and their backward sums into the same K / V."""
+
+    layers: list
+    index: torch.Tensor | None = None
+
+    def at(self, index) -> "ImageKV":
+        """The same keys / values read by another pass's ``index``."""
+        return ImageKV(self.layers, index)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -262,12 +312,23 @@ class BertLMHeadModel(nn.Module):
         hidden = self.bert(input_ids, attention_mask, image_embeds, image_mask, "decoder", cache)
         return self.cls.predictions(hidden)
 
-    def loss(self, input_ids, attention_mask, image_embeds, labels, label_smoothing: float = 0.1):
+    def loss(
+        self,
+        input_ids,
+        attention_mask,
+        image_embeds,
+        labels,
+        label_smoothing: float = 0.1,
+        image_kv=None,
+    ):
         """``lm_loss(forward(...), labels)`` with the decoder Linear and the cross-entropy fused
         (``ops.lm_head_loss``, backend ``backends["lm_head_loss"]``; "reference" is the Linear
         then F.cross_entropy): no (B, L - 1, vocab) logits. The shift is applied to the hidden
-        states, so the last position, which predicts nothing, costs nothing."""
-        hidden = self.bert(input_ids, attention_mask, image_embeds, None, "decoder")
+        states, so the last position, which predicts nothing, costs nothing. ``image_kv``
+        (``BertModel.image_kv``) replaces image_embeds as in ``BertModel.forward``."""
+        hidden = self.bert(
+            input_ids, attention_mask, image_embeds, None, "decoder", image_kv=image_kv
+        )
         head = self.cls.predictions
         return ops.lm_head_loss(
             head.transform(hidden[:, :-1]).flatten(0, 1),

@@ -1,50 +1,64 @@
-"""Gathered cross-attention for batched ITM reranking, inference only (docs/architecture.md,
-"Batched ITM reranking").
+"""Gathered cross-attention: text queries of P (text, image) pairs attend over the cached K / V
+of their image, read by index (docs/architecture.md, "Batched ITM reranking"), forward and
+backward.
 
 Each image's cross-attention K / V is computed once per layer into caches of shape
-(N_images, H, Lk, D); the P candidate (text, image) pairs then attend with their text queries
-over the cache rows of their image, read by index, instead of copying image features per pair.
+(N_images, H, Lk, D); the pairs (ITM reranking's candidates, training's ITM / LM passes) then
+attend over the cache rows of their image instead of copying image features per pair, and the
+backward sums each image's dK / dV over the pairs that read it.
 
 Shapes: q (P, H, Lq, D), k_cache / v_cache (N_images, H, Lk, D), image_index (P,) int64 in
 [0, N_images). No padding mask: image tokens are all attended, and padded text queries are
 independent rows whose outputs the caller ignores.
 
-Ops (schemas here; the eager reference everywhere; Triton on CUDA for the ``_triton`` one, the
-C++ cross-attention kernels of ``blip_fast._C`` with a K / V row index
-(csrc/ops/gathered_cross_attention.cpp) on CPU / CUDA for the other):
-    blip_fast::gathered_cross_attention_triton(q, k_cache, v_cache, image_index, scale) -> out
-    blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale) -> out
+Ops (schemas here; the eager reference everywhere, the C++ kernels of ``blip_fast._C`` on CPU
+and its CUDA forward for the first family, Triton's on CUDA for the ``_triton`` twins):
+    blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale)
+        -> (out, lse)
+    blip_fast::gathered_cross_attention_bwd(dout, q, k_cache, v_cache, image_index, out, lse,
+        scale) -> (dq, dk_cache, dv_cache)
+with out (P, H, Lq, D) in q's dtype and lse (P, H, Lq) fp32, as cross_attention's. The C++ CUDA
+build has no backward: gathered_cross_attention_bwd on CUDA runs the reference kernel.
 """
 
 import torch
 
 from blip_fast.ops import _backend, reference
-from blip_fast.ops._library import lib
+from blip_fast.ops.cross_attention import _register_family
 
-_SCHEMA = "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, float scale) -> Tensor"
-# Two op names because the C++ CUDA kernel and the Triton kernel both want the CUDA key.
-for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd"):
-    lib.define(_name + _SCHEMA)
-    lib.impl(_name, reference.gathered_cross_attention, "CompositeExplicitAutograd")
+_FWD = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, float scale) "
+    "-> (Tensor, Tensor)"
+)
+_BWD = (
+    "(Tensor dout, Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, Tensor out, "
+    "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
+)
+# backend -> forward op; two families because the C++ CUDA kernel and Triton both want the CUDA
+# key. Registered as cross-attention's families: image_index sits where its key_padding_mask
+# does, an argument without grad that the backward gets back.
+_OPS = {
+    "cpu": "gathered_cross_attention_fwd",
+    "cuda": "gathered_cross_attention_fwd",
+    "triton": "gathered_cross_attention_fwd_triton",
+}
+for _suffix in ("", "_triton"):
+    _register_family(
+        _suffix,
+        "gathered_cross_attention",
+        _FWD,
+        _BWD,
+        reference.gathered_cross_attention_fwd,
+        reference.gathered_cross_attention_bwd,
+    )
 if _backend._triton_ok():
     from blip_fast.kernels import gathered_cross_attention as _k
+    from blip_fast.ops._library import lib
 
-    lib.impl("gathered_cross_attention_triton", _k.gathered_cross_attention_fwd, "CUDA")
-_backend.KERNEL_OPS.setdefault("triton", {})["gathered_cross_attention"] = (
-    "gathered_cross_attention_triton"
-)
-for _backend_name in ("cpu", "cuda"):  # available() also checks that _C registered the kernel
-    _backend.KERNEL_OPS.setdefault(_backend_name, {})["gathered_cross_attention"] = (
-        "gathered_cross_attention_fwd"
-    )
-
-
-def _fake(q, k_cache, v_cache, image_index, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-for _name in ("gathered_cross_attention_triton", "gathered_cross_attention_fwd"):
-    torch.library.register_fake(f"blip_fast::{_name}", _fake, lib=lib)
+    lib.impl("gathered_cross_attention_fwd_triton", _k.gathered_cross_attention_fwd, "CUDA")
+    lib.impl("gathered_cross_attention_bwd_triton", _k.gathered_cross_attention_bwd, "CUDA")
+for _name, _op in _OPS.items():  # available() also checks that _C registered the C++ kernel
+    _backend.KERNEL_OPS.setdefault(_name, {})["gathered_cross_attention"] = _op
 
 
 def _check(q, k_cache, v_cache, image_index):
@@ -70,14 +84,13 @@ def _check(q, k_cache, v_cache, image_index):
             f"gathered_cross_attention: image_index must be int64 of shape (P,) = "
             f"({q.shape[0]},); got {image_index.dtype} {tuple(image_index.shape)}"
         )
+    # Raises here on CPU; on CUDA a device-side assert, so training does not wait on the host.
     n_images = k_cache.shape[0]
-    if image_index.numel() and not torch.compiler.is_compiling():
-        lo, hi = image_index.min().item(), image_index.max().item()
-        if lo < 0 or hi >= n_images:
-            raise IndexError(
-                f"gathered_cross_attention: image_index holds values in [{lo}, {hi}] "
-                f"but k_cache {tuple(k_cache.shape)} has {n_images} images"
-            )
+    torch._assert_async(
+        ((image_index >= 0) & (image_index < n_images)).all(),
+        f"gathered_cross_attention: image_index holds values outside [0, {n_images}): "
+        f"k_cache {tuple(k_cache.shape)} has {n_images} images",
+    )
 
 
 def gathered_cross_attention(q, k_cache, v_cache, image_index, backend=None):
@@ -85,21 +98,12 @@ def gathered_cross_attention(q, k_cache, v_cache, image_index, backend=None):
 
     Arguments: q: (pairs, heads, q_len, head_dim); k_cache, v_cache: (images, heads, k_len,
     head_dim); image_index: (pairs,) int64 in [0, images). Returns (pairs, heads, q_len,
-    head_dim) in q's dtype. Only the reference backend records autograd (an automatic choice
-    falls back to it when an input requires grad).
+    head_dim) in q's dtype. Every backend records autograd: dk_cache / dv_cache of an image sum
+    over the pairs that read it.
     """
     _check(q, k_cache, v_cache, image_index)
-    requested, backend = backend, _backend.resolve("gathered_cross_attention", q.device, backend)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        if requested is None:
-            backend = "reference"  # automatic choice: only the reference records autograd
-        elif backend != "reference":
-            raise RuntimeError(
-                f"gathered_cross_attention: backend {backend!r} is inference "
-                f"only; run it under torch.no_grad() or use backend='reference' "
-                f"for grads"
-            )
+    backend = _backend.resolve("gathered_cross_attention", q.device, backend)
     if backend == "reference":
         return reference.gathered_cross_attention(q, k_cache, v_cache, image_index)
-    op = getattr(torch.ops.blip_fast, _backend.KERNEL_OPS[backend]["gathered_cross_attention"])
-    return op(q, k_cache, v_cache, image_index, q.shape[-1] ** -0.5)
+    op = getattr(torch.ops.blip_fast, _OPS[backend])
+    return op(q, k_cache, v_cache, image_index, q.shape[-1] ** -0.5)[0]

@@ -161,6 +161,22 @@ def gathered_cross_attention(q, k_cache, v_cache, image_index, scale=None):
     return cross_attention(q, k_cache[image_index], v_cache[image_index], scale=scale)
 
 
+def gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale: float):
+    """``cross_attention_fwd`` over the gathered caches: out (P, H, Lq, D) in q's dtype,
+    lse (P, H, Lq) fp32."""
+    return cross_attention_fwd(q, k_cache[image_index], v_cache[image_index], None, scale)
+
+
+def gathered_cross_attention_bwd(dout, q, k_cache, v_cache, image_index, out, lse, scale: float):
+    """Gradients of ``gathered_cross_attention_fwd``: dq (P, H, Lq, D) and dk_cache, dv_cache
+    (N_images, H, Lk, D), an image's the sum over the pairs that read it (0 if none does)."""
+    k, v = k_cache[image_index], v_cache[image_index]
+    dq, dk, dv = cross_attention_bwd(dout, q, k, v, None, out, lse, scale)
+    dk_cache = k_cache.new_zeros(k_cache.shape).index_add_(0, image_index, dk)
+    dv_cache = v_cache.new_zeros(v_cache.shape).index_add_(0, image_index, dv)
+    return dq, dk_cache, dv_cache
+
+
 def lm_head_loss(hidden, weight, bias, labels, label_smoothing: float = 0.0, reduction="mean"):
     """The LM head's output projection and label-smoothed cross-entropy, as official BLIP's
     ``BertLMHeadModel``: Linear, then ``F.cross_entropy`` on the fp32 logits (fp64 for fp64).

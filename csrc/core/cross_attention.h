@@ -1,6 +1,6 @@
 // Parameters of the cross-attention forward, one struct for the CPU (csrc/cpu) and CUDA
-// (csrc/cuda) launchers, filled by the host functions of cross_attention_fwd and
-// gathered_cross_attention_fwd (csrc/ops). No torch / ATen headers (see types.h).
+// (csrc/cuda) launchers, filled by the host functions of cross_attention_fwd / _bwd and
+// gathered_cross_attention_fwd / _bwd (csrc/ops). No torch / ATen headers (see types.h).
 #pragma once
 
 #include <cstdint>
@@ -18,7 +18,8 @@ struct CrossAttentionParams {
   int64_t batch, heads, q_len, k_len, head_dim;
   double scale;  // applied to q·k before the mask is added (in fp32 on CUDA)
   // [B] K / V row of each batch entry, for gathered cross-attention (ITM reranking: P pairs over
-  // N cached images), values in [0, N) (the caller checks); nullptr = row b. Forward only.
+  // N cached images), values in [0, N) (the caller checks); nullptr = row b. The CUDA kernels
+  // have a forward only; the CPU backward takes it without a key_padding_mask.
   const int64_t* kv_index = nullptr;
 };
 

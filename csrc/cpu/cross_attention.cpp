@@ -1,8 +1,12 @@
 // OpenMP cross-attention kernels: FlashAttention's tiling on CPU. The forward keeps an online
 // softmax over key tiles; the backward recomputes the probabilities from the saved lse
 // (dS = P ∘ (dP − rowsum(dO ∘ O))). Memory per thread is one [kBlockQ, kBlockK] score tile and
-// its operand tiles (plus the [Lq, D] query-side rows of one head in the backward), never
+// its operand tiles (plus, in the backward, the query-side rows of one K / V head), never
 // [B, H, Lq, Lk].
+//
+// With a K / V row index (gathered cross-attention: P pairs over N images), the backward works
+// per image and head: the queries of every pair reading the image form one block of rows, so
+// its dK / dV sum over those pairs inside one work item, with no atomics or reduction pass.
 //
 // All products go through one micro-kernel (vec.h), on tiles in the compute type (fp32, or
 // fp64 for fp64 inputs) padded to its block sizes. The forward holds scores transposed (keys
@@ -195,55 +199,99 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
   }
 }
 
-// Per-thread buffers of the backward: the query-side rows of one head (rows past Lq stay 0),
-// one key tile and the score tiles.
+// The batch entries grouped by the K / V row they read, in increasing order within a group (a
+// counting sort): entries order[offsets[n]], ..., order[offsets[n + 1] − 1] read row n. Without
+// kv_index, row b is read by entry b alone.
+struct KvGroups {
+  std::vector<int64_t> offsets;  // [N + 1]
+  std::vector<int64_t> order;    // [B]
+  int64_t largest;               // entries in the largest group
+};
+
+KvGroups group_by_kv_row(const CrossAttentionBwdParams& p) {
+  const auto row = [&](int64_t b) { return p.kv_index == nullptr ? b : p.kv_index[b]; };
+  KvGroups g{std::vector<int64_t>(p.kv_batch + 1, 0), std::vector<int64_t>(p.batch), 0};
+  for (int64_t b = 0; b < p.batch; ++b) ++g.offsets[row(b) + 1];
+  for (int64_t n = 0; n < p.kv_batch; ++n) {
+    g.largest = std::max(g.largest, g.offsets[n + 1]);
+    g.offsets[n + 1] += g.offsets[n];
+  }
+  std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
+  for (int64_t b = 0; b < p.batch; ++b) g.order[next[row(b)]++] = b;
+  return g;
+}
+
+// Per-thread buffers of the backward: the query-side rows of one work item (sized for the
+// largest group of batch entries), one key tile and the score tiles.
 template <typename acc_t>
 struct BwdScratch {
-  int64_t dp, lq_pad;
-  std::vector<acc_t> q, dout, dq, lse, delta;      // [lq_pad, dp] / [lq_pad]
+  int64_t dp;
+  std::vector<acc_t> q, dout, dq, lse, delta;      // [rows, dp] / [rows], rows padded to kBlockQ
   std::vector<acc_t> k, kt, vt, dk, dv, mask_add;  // one key tile
   std::vector<acc_t> s, ds, pt, dst;               // [kBlockQ, kBlockK] and transposes
-  BwdScratch(int64_t head_dim, int64_t q_len)
-      : dp(round_up(head_dim, kWidth)), lq_pad(round_up(q_len, kBlockQ)), q(lq_pad * dp),
-        dout(lq_pad * dp), dq(lq_pad * dp), lse(lq_pad), delta(lq_pad), k(kBlockK * dp),
+  BwdScratch(int64_t head_dim, int64_t rows)
+      : dp(round_up(head_dim, kWidth)), q(round_up(rows, kBlockQ) * dp), dout(q.size()),
+        dq(q.size()), lse(round_up(rows, kBlockQ)), delta(lse.size()), k(kBlockK * dp),
         kt(dp * kBlockK), vt(dp * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), mask_add(kBlockK),
         s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), pt(kBlockK * kBlockQ),
         dst(kBlockK * kBlockQ) {}
 };
 
-// One (batch, head) of the backward: outer loop over key tiles (their dK, dV finish inside
-// it), inner loop over query tiles (dQ accumulates across key tiles).
+// One (K / V row n, head h) of the backward, its query-side rows those of every batch entry
+// that reads row n, stacked. Outer loop over key tiles (their dK, dV finish inside it), inner
+// loop over query tiles (dQ accumulates across key tiles).
 template <typename scalar_t>
-BLIP_FAST_TARGET_CLONES void bwd_head(const CrossAttentionBwdParams& p, int64_t bh,
-                                      BwdScratch<acc_type<scalar_t>>& w) {
+BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const KvGroups& groups,
+                                      int64_t item, BwdScratch<acc_type<scalar_t>>& w) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t b = bh / p.heads, h = bh % p.heads, D = p.head_dim, dp = w.dp, Lq = p.q_len;
+  const int64_t n = item / p.heads, h = item % p.heads, D = p.head_dim, dp = w.dp, Lq = p.q_len;
+  const int64_t* entries = groups.order.data() + groups.offsets[n];
+  const int64_t count = groups.offsets[n + 1] - groups.offsets[n];
+  const int64_t rows = count * Lq, rows_pad = round_up(rows, kMR);
   const acc_t scale = static_cast<acc_t>(p.scale);
-
-  std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
-  load_rows<scalar_t>(p.q, b, h, 0, Lq, D, w.q.data(), dp);
-  load_rows<scalar_t>(p.dout, b, h, 0, Lq, D, w.dout.data(), dp);
-  const auto* out = static_cast<const scalar_t*>(p.out.data) + b * p.out.batch_stride +
-                    h * p.out.head_stride;
-  for (int64_t i = 0; i < Lq; ++i) {  // delta_i = dO_i · O_i, the softmax-gradient correction
-    acc_t sum = 0;
-    for (int64_t d = 0; d < D; ++d)
-      sum += w.dout[i * dp + d] * static_cast<acc_t>(out[i * p.out.row_stride + d]);
-    w.delta[i] = sum;
-    w.lse[i] = p.lse[bh * Lq + i];
+  auto* dk = static_cast<scalar_t*>(p.dk) + (n * p.heads + h) * p.k_len * D;
+  auto* dv = static_cast<scalar_t*>(p.dv) + (n * p.heads + h) * p.k_len * D;
+  if (count == 0) {  // a K / V row no entry reads (an image without pairs)
+    std::fill(dk, dk + p.k_len * D, scalar_t(0));
+    std::fill(dv, dv + p.k_len * D, scalar_t(0));
+    return;
   }
+
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t b = entries[e];
+    acc_t* dout = w.dout.data() + e * Lq * dp;
+    load_rows<scalar_t>(p.q, b, h, 0, Lq, D, w.q.data() + e * Lq * dp, dp);
+    load_rows<scalar_t>(p.dout, b, h, 0, Lq, D, dout, dp);
+    const auto* out = static_cast<const scalar_t*>(p.out.data) + b * p.out.batch_stride +
+                      h * p.out.head_stride;
+    const float* lse = p.lse + (b * p.heads + h) * Lq;
+    for (int64_t i = 0; i < Lq; ++i) {  // delta_i = dO_i · O_i, the softmax-gradient correction
+      acc_t sum = 0;
+      for (int64_t d = 0; d < D; ++d)
+        sum += dout[i * dp + d] * static_cast<acc_t>(out[i * p.out.row_stride + d]);
+      w.delta[e * Lq + i] = sum;
+      w.lse[e * Lq + i] = lse[i];
+    }
+  }
+  // The micro-kernel reads whole blocks of kMR rows: the rows past the last hold zeros.
+  std::fill(w.q.begin() + rows * dp, w.q.begin() + rows_pad * dp, acc_t(0));
+  std::fill(w.dout.begin() + rows * dp, w.dout.begin() + rows_pad * dp, acc_t(0));
+  std::fill(w.lse.begin() + rows, w.lse.begin() + rows_pad, acc_t(0));
+  std::fill(w.delta.begin() + rows, w.delta.begin() + rows_pad, acc_t(0));
+  std::fill(w.dq.begin(), w.dq.begin() + rows_pad * dp, acc_t(0));
 
   for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
     const int64_t bk = std::min(kBlockK, p.k_len - j0), bk_pad = round_up(bk, kMR);
     std::fill(w.dk.begin(), w.dk.end(), acc_t(0));
     std::fill(w.dv.begin(), w.dv.end(), acc_t(0));
-    load_rows<scalar_t>(p.k, b, h, j0, bk, D, w.k.data(), dp);
-    load_keys_t<scalar_t>(p.k, b, h, j0, bk, D, w.kt.data());
-    load_keys_t<scalar_t>(p.v, b, h, j0, bk, D, w.vt.data());
-    load_mask(p, b, j0, bk, w.mask_add.data());
+    load_rows<scalar_t>(p.k, n, h, j0, bk, D, w.k.data(), dp);
+    load_keys_t<scalar_t>(p.k, n, h, j0, bk, D, w.kt.data());
+    load_keys_t<scalar_t>(p.v, n, h, j0, bk, D, w.vt.data());
+    // a key_padding_mask comes without kv_index, so its group is one batch entry
+    load_mask(p, entries[0], j0, bk, w.mask_add.data());
 
-    for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
-      const int64_t bq = std::min(kBlockQ, Lq - i0), bq_pad = round_up(bq, kMR);
+    for (int64_t i0 = 0; i0 < rows; i0 += kBlockQ) {
+      const int64_t bq = std::min(kBlockQ, rows - i0), bq_pad = round_up(bq, kMR);
       const acc_t* q = w.q.data() + i0 * dp;
       const acc_t* dout = w.dout.data() + i0 * dp;
       vec::gemm<false>(bq_pad, kBlockK, D, q, dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
@@ -270,11 +318,13 @@ BLIP_FAST_TARGET_CLONES void bwd_head(const CrossAttentionBwdParams& p, int64_t 
       vec::gemm<true>(bk_pad, dp, bq, w.pt.data(), kBlockQ, dout, dp, w.dv.data(), dp);
       vec::gemm<true>(bk_pad, dp, bq, w.dst.data(), kBlockQ, q, dp, w.dk.data(), dp);
     }
-    const int64_t head_off = (b * p.heads + h) * p.k_len + j0;
-    store_rows(w.dk.data(), dp, bk, D, static_cast<scalar_t*>(p.dk) + head_off * D);
-    store_rows(w.dv.data(), dp, bk, D, static_cast<scalar_t*>(p.dv) + head_off * D);
+    store_rows(w.dk.data(), dp, bk, D, dk + j0 * D);
+    store_rows(w.dv.data(), dp, bk, D, dv + j0 * D);
   }
-  store_rows(w.dq.data(), dp, Lq, D, static_cast<scalar_t*>(p.dq) + bh * Lq * D);
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t bh = entries[e] * p.heads + h;
+    store_rows(w.dq.data() + e * Lq * dp, dp, Lq, D, static_cast<scalar_t*>(p.dq) + bh * Lq * D);
+  }
 }
 
 // Asks for the K / V rows of forward item `item` ahead of use. Gathered (ITM reranking),
@@ -312,12 +362,18 @@ void fwd(const CrossAttentionFwdParams& p, int num_threads) {
 
 template <typename scalar_t>
 void bwd(const CrossAttentionBwdParams& p, int num_threads) {
-  const int64_t heads = p.batch * p.heads;
+  const KvGroups groups = group_by_kv_row(p);
+  const int64_t items = p.kv_batch * p.heads;
 #pragma omp parallel num_threads(num_threads)
   {
-    BwdScratch<acc_type<scalar_t>> scratch(p.head_dim, p.q_len);
+    BwdScratch<acc_type<scalar_t>> scratch(p.head_dim, groups.largest * p.q_len);
+    if (p.kv_index == nullptr) {
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < heads; ++bh) bwd_head<scalar_t>(p, bh, scratch);
+      for (int64_t item = 0; item < items; ++item) bwd_item<scalar_t>(p, groups, item, scratch);
+    } else {  // groups differ in size: each thread takes the next item when it finishes one
+#pragma omp for schedule(dynamic)
+      for (int64_t item = 0; item < items; ++item) bwd_item<scalar_t>(p, groups, item, scratch);
+    }
   }
 }
 

@@ -1,6 +1,7 @@
-// Torch-typed host functions of blip_fast::cross_attention_fwd / _bwd, and the forward they
-// share with gathered_cross_attention_fwd: check the tensors, fill the kernel parameters,
-// allocate the outputs and call the CPU (csrc/cpu) or CUDA (csrc/cuda) launcher.
+// Torch-typed host functions of blip_fast::cross_attention_fwd / _bwd, and the forward and
+// backward they share with gathered_cross_attention_fwd / _bwd: check the tensors, fill the
+// kernel parameters, allocate the outputs and call the CPU (csrc/cpu) or CUDA (csrc/cuda)
+// launcher.
 #include "ops/cross_attention.h"
 
 #include <ATen/ops/empty.h>
@@ -119,12 +120,11 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
   return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale) {
-  const char* op = "cross_attention_bwd";
-  check_inputs(op, q, k, v, key_padding_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
+    const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_index, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
   TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout must have q's shape ", q.sizes(), ", got ",
               dout.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
@@ -138,12 +138,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
   CHECK_DEVICE(op, out, q);
   CHECK_DEVICE(op, lse, q);
   TORCH_CHECK(q.is_cpu(), op, ": only a CPU kernel is built, got ", q.device());
+  TORCH_CHECK(!(key_padding_mask.has_value() && kv_index.has_value()), op,
+              ": the backward takes a key_padding_mask or a K / V row index, not both");
 
   const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
   const at::Tensor v_rows = rows_contiguous(v), dout_rows = rows_contiguous(dout);
   const at::Tensor out_rows = rows_contiguous(out), lse_c = lse.contiguous();
   std::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  const at::Tensor index = kv_index.has_value() ? kv_index->contiguous() : at::Tensor();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -151,6 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
 
   cpu::CrossAttentionBwdParams p{};
   fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
+  p.kv_index = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  p.kv_batch = k.size(0);
   p.dout = operand(dout_rows);
   p.out = operand(out_rows);
   p.lse = lse_c.data_ptr<float>();
@@ -159,6 +164,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
   p.dv = dv.data_ptr();
   cpu::cross_attention_bwd(p, cpu_threads(attention_work(q, k), kMinWorkPerThread));
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale) {
+  const char* op = "cross_attention_bwd";
+  check_inputs(op, q, k, v, key_padding_mask);
+  return run_cross_attention_bwd(op, dout, q, k, v, key_padding_mask, std::nullopt, out, lse,
+                                 scale);
 }
 
 }  // namespace blip_fast

@@ -1,5 +1,5 @@
-// The cross-attention forward on q's device, shared by the host functions of
-// cross_attention_fwd and gathered_cross_attention_fwd (csrc/ops/).
+// The cross-attention forward on q's device and the CPU backward, shared by the host functions
+// of cross_attention_fwd / _bwd and gathered_cross_attention_fwd / _bwd (csrc/ops/).
 #pragma once
 
 #include <optional>
@@ -16,6 +16,16 @@ namespace blip_fast {
 std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_index,
+    double scale);
+
+// dout / out [B, H, Lq, D] and lse [B, H, Lq] fp32 (checked here), the forward's other
+// arguments (checked by the caller; a key_padding_mask or a kv_index, not both) -> dq, dk, dv
+// shaped like q, k, v. With kv_index, dk / dv of row n sum over the batch entries that read it
+// and are 0 for a row none reads. CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
+    const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_index, const at::Tensor& out, const at::Tensor& lse,
     double scale);
 
 }  // namespace blip_fast

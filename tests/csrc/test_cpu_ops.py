@@ -157,3 +157,127 @@ def test_bad_backward_inputs_name_the_problem():
         bwd(out, q, k, v, mask, out, lse.double(), 0.125)
     with pytest.raises(RuntimeError, match="dout must have q's shape"):
         bwd(out[:, :, :3], q, k, v, mask, out, lse, 0.125)
+
+
+# Gathered cross-attention: P pairs over the K / V caches of N images, pair p reading image
+# index[p]. The backward stacks the queries of every pair that reads an image into one block of
+# rows, so an image's dK / dV sum over its pairs inside one work item.
+gathered_fwd = torch.ops.blip_fast.gathered_cross_attention_fwd
+gathered_bwd = torch.ops.blip_fast.gathered_cross_attention_bwd
+
+
+def make_caches(pairs, images, lq, lk, d, heads=3, dtype=torch.float32):
+    q = torch.randn(pairs, heads, lq, d).to(dtype)
+    k_cache, v_cache = (torch.randn(images, heads, lk, d).to(dtype) for _ in "kv")
+    return q, k_cache, v_cache
+
+
+def check_gathered_against_reference(q, k_cache, v_cache, index, scale, tol):
+    """Forward and backward of the C++ gathered ops vs the reference oracle's autograd on fp32
+    copies; the gradients of an image no pair reads must be exactly 0."""
+    out, lse = gathered_fwd(q, k_cache, v_cache, index, scale)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    leaves = [t.float().requires_grad_() for t in (q, k_cache, v_cache)]
+    ref_out = reference.gathered_cross_attention(*leaves, index, scale=scale)
+    ref_lse = reference.gathered_cross_attention_fwd(*leaves, index, scale)[1]
+    assert_close_verbose(out, ref_out, **tol, name="out")
+    assert_close_verbose(lse, ref_lse, **tol, name="lse")
+    dout = torch.randn_like(out)
+    grads = gathered_bwd(dout, q, k_cache, v_cache, index, out, lse, scale)
+    ref_grads = torch.autograd.grad(ref_out, leaves, dout.float())
+    unread = torch.ones(k_cache.shape[0], dtype=torch.bool)
+    unread[index] = False
+    for name, grad, ref, x in zip(
+        ("q", "k_cache", "v_cache"), grads, ref_grads, (q, k_cache, v_cache)
+    ):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        assert bool(torch.isfinite(grad).all()), f"d{name} has NaN / inf"
+        assert_close_verbose(grad, ref, **tol, name=f"d{name}")
+    for name, grad in zip(("k_cache", "v_cache"), grads[1:]):
+        assert torch.count_nonzero(grad[unread]) == 0, f"d{name} of an unread image"
+
+
+# (pairs, images, Lq, Lk, D, index): repeated / out-of-order / all-the-same indices with an image
+# no pair reads; an image's rows 65 = one past a query tile (13 × 5), split inside a pair; one
+# query tile exactly; many pairs per image over two key tiles; the timing shape of the report.
+@pytest.mark.parametrize(
+    "pairs, images, lq, lk, d, index",
+    [
+        (6, 3, 9, 77, 40, [2, 0, 2, 1, 0, 2]),
+        (6, 3, 9, 77, 40, [2, 0, 2, 0, 0, 2]),
+        (6, 3, 9, 77, 40, [1, 1, 1, 1, 1, 1]),
+        (5, 2, 13, 129, 17, [0, 0, 0, 0, 0]),
+        (3, 4, 64, 64, 16, [3, 1, 0]),
+        (20, 5, 35, 130, 64, None),
+        (48, 16, 20, 197, 64, None),
+    ],
+)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_gathered_matches_reference(pairs, images, lq, lk, d, index, dtype):
+    index = torch.tensor(index) if index is not None else torch.randint(0, images, (pairs,))
+    check_gathered_against_reference(
+        *make_caches(pairs, images, lq, lk, d, dtype=dtype), index, d**-0.5, TOL[torch.float32]
+    )
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gathered_low_precision_within_1e_2(dtype):
+    index = torch.tensor([3, 0, 3, 1, 0, 3, 1, 3])  # image 2 unread
+    check_gathered_against_reference(
+        *make_caches(8, 4, 35, 197, 64, dtype=dtype), index, 0.125, TOL[dtype]
+    )
+
+
+def test_gathered_strided_inputs():
+    # q / caches as a model produces them: (N, L, H, D) viewed as (N, H, L, D).
+    pairs, images, lq, lk, heads, d = 5, 3, 35, 197, 3, 64
+    q = torch.randn(pairs, lq, heads, d).transpose(1, 2)
+    k_cache, v_cache = (torch.randn(images, lk, heads, d).transpose(1, 2) for _ in "kv")
+    index = torch.tensor([2, 0, 0, 2, 2])
+    check_gathered_against_reference(q, k_cache, v_cache, index, d**-0.5, TOL[torch.float32])
+
+
+def test_gathered_same_result_with_one_thread():
+    q, k_cache, v_cache = make_caches(24, 6, 35, 197, 64)
+    index = torch.randint(0, 6, (24,))
+    out, lse = gathered_fwd(q, k_cache, v_cache, index, 0.125)
+    dout = torch.randn_like(out)
+    grads = gathered_bwd(dout, q, k_cache, v_cache, index, out, lse, 0.125)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        grads1 = gathered_bwd(dout, q, k_cache, v_cache, index, out, lse, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(grads1, grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pairs, lq", [(0, 7), (4, 0)])
+def test_gathered_no_queries(pairs, lq):
+    q, k_cache, v_cache = make_caches(pairs, 3, lq, 13, 64)
+    index = torch.zeros(pairs, dtype=torch.long)
+    out, lse = gathered_fwd(q, k_cache, v_cache, index, 0.125)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    dq, dk, dv = gathered_bwd(out, q, k_cache, v_cache, index, out, lse, 0.125)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k_cache.shape
+    assert torch.count_nonzero(dk) == 0 and torch.count_nonzero(dv) == 0
+
+
+def test_gathered_bad_inputs_name_the_problem():
+    q, k_cache, v_cache = make_caches(4, 2, 7, 13, 40)
+    index = torch.tensor([0, 1, 1, 0])
+    out, lse = gathered_fwd(q, k_cache, v_cache, index, 0.1)
+    out_of_range = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(RuntimeError, match=r"fwd: image_index holds values in \[0, 2\] but the"):
+        gathered_fwd(q, k_cache, v_cache, out_of_range, 0.1)
+    with pytest.raises(RuntimeError, match=r"bwd: image_index holds values in \[-1, 1\]"):
+        gathered_bwd(out, q, k_cache, v_cache, torch.tensor([0, -1, 1, 0]), out, lse, 0.1)
+    with pytest.raises(RuntimeError, match="image_index must be int64"):
+        gathered_fwd(q, k_cache, v_cache, index.int(), 0.1)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[4, 3, 7\]"):
+        gathered_bwd(out, q, k_cache, v_cache, index, out, lse[:, :, :3], 0.1)
+    with pytest.raises(RuntimeError, match="dout must have q's shape"):
+        gathered_bwd(out[:, :, :3], q, k_cache, v_cache, index, out, lse, 0.1)
+    with pytest.raises(RuntimeError, match=r"v_cache must have k_cache's shape"):
+        gathered_bwd(out, q, k_cache, v_cache[:1], index, out, lse, 0.1)

@@ -60,7 +60,9 @@ def test_enumeration_covers_every_kernel_and_flag():
         (True, False, True),
         (False, True, False),
     }
-    assert flags(launches, bwd, ("HAS_MASK", "CAUSAL")) == {(m, c) for m in (0, 1) for c in (0, 1)}
+    assert flags(launches, bwd, ("HAS_MASK", "HAS_IDX", "CAUSAL")) == {
+        (m, False, c) for m in (False, True) for c in (False, True)
+    } | {(False, True, False)}
     for kernel in (fwd, bwd):
         assert flags(launches, kernel, ("BLOCK_M",)) == {(16,), (32,), (64,)}
         assert flags(launches, kernel, ("BLOCK_D",)) == {(64,), (128,)}

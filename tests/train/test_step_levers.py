@@ -1,7 +1,9 @@
 """The training step's speed levers keep its math: no host synchronisation inside a step,
 multi-tensor momentum updates (identical to the bit), text padded to the batch's longest caption
-(same losses and gradients within fp32 rounding), and optional image-token dropout (0 is the
-official ViT; > 0 changes the objective, so only its mechanics are checked)."""
+(same losses and gradients within fp32 rounding), image cross-attention keys / values projected
+once per distinct image for every text pass (same losses and gradients), and optional
+image-token dropout (0 is the official ViT; > 0 changes the objective, so only its mechanics
+are checked)."""
 
 import contextlib
 import copy
@@ -34,9 +36,9 @@ CAPTIONS = [
 _SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2"}
 
 
-def _model(task: str):
+def _model(task: str, dropout: float = 0.0):
     cfg = BlipConfig.preset("blip_tiny")
-    text = dataclasses.replace(cfg.text, hidden_dropout=0.0, attention_dropout=0.0)
+    text = dataclasses.replace(cfg.text, hidden_dropout=dropout, attention_dropout=dropout)
     torch.manual_seed(0)
     model = create_model(task, dataclasses.replace(cfg, text=text, queue_size=4 * B))
     model.copy_params()
@@ -222,6 +224,31 @@ def test_momentum_lists_follow_a_dtype_change():
     assert all(p.dtype == torch.float64 for p in online + momentum)
 
 
+def _step_losses_and_grads(model, task: ContrastiveTask, batch, seed: int = 5):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks in both runs
+    local = task.encode(batch)
+    out = task.objectives(local, local, batch)  # one rank: the world is this batch
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v for k, v in out.items() if k != "queue"}, grads
+
+
+def _assert_same_step(expected, got, lm: bool):
+    (loss_a, grad_a), (loss_b, grad_b) = expected, got
+    assert loss_a.keys() == loss_b.keys() and ("lm" in loss_a) == lm
+    for k, v in loss_a.items():
+        torch.testing.assert_close(loss_b[k], v, rtol=1e-5, atol=0, msg=k)
+    assert grad_a.keys() == grad_b.keys() and len(grad_a) > 50
+    largest = max(float(g.abs().max()) for g in grad_a.values())
+    for n, g in grad_a.items():
+        if n.endswith("key.bias"):  # softmax is shift-invariant: gradient 0 + rounding noise
+            assert max(g.abs().max(), grad_b[n].abs().max()) < 1e-9 * largest, n
+            continue
+        scale = float(g.abs().max())
+        torch.testing.assert_close(grad_b[n], g, rtol=1e-5, atol=1e-5 * scale, msg=n)
+
+
 @pytest.mark.parametrize("task", ["retrieval", "pretrain"])
 def test_text_padded_to_the_longest_caption_gives_the_padded_losses_and_gradients(task):
     model = _model(task)
@@ -231,27 +258,43 @@ def test_text_padded_to_the_longest_caption_gives_the_padded_losses_and_gradient
     longest = int(padded["mask"].sum(1).max())
     assert trimmed["ids"].shape == (B, longest) and longest < padded["ids"].shape[1]
     assert torch.equal(padded["ids"][:, :longest], trimmed["ids"])
+    task_module = ContrastiveTask(model, lm=task == "pretrain")
+    extra = {"alpha": 0.4, "neg_u": negative_uniforms(0, 0, 0, B)}
+    results = [
+        _step_losses_and_grads(model, task_module, {**b, **extra}) for b in (padded, trimmed)
+    ]
+    _assert_same_step(*results, lm=task == "pretrain")
+
+
+@pytest.mark.parametrize("negative_all_rank", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("task", ["retrieval", "pretrain"])
+def test_image_kv_projected_once_gives_the_per_row_losses_and_gradients(
+    task, dropout, negative_all_rank, monkeypatch
+):
+    """Without attention dropout the ITM rows read the shared K / V through the gathered op
+    (its default backend: the C++ kernel where built); with it, by index into the attention op.
+    With ``negative_all_rank`` the drawn negatives are projected beside the batch's images."""
+    model = _model(task, dropout)
+    batch = {**Collate(tokenizer(), task)(_samples(0)), "alpha": 0.4}
+    batch["neg_u"] = negative_uniforms(0, 0, 0, B)
+    projected = []
+    original = type(model.text_encoder).image_kv
+
+    def image_kv(encoder, image_embeds):
+        projected.append(image_embeds.shape[0])
+        return original(encoder, image_embeds)
+
+    monkeypatch.setattr(type(model.text_encoder), "image_kv", image_kv)
     results = []
-    for batch in (padded, trimmed):
-        model.zero_grad()
-        out = ContrastiveTask(model, lm=task == "pretrain")(
-            {**batch, "alpha": 0.4, "neg_u": negative_uniforms(0, 0, 0, B)}
+    for share in (False, True):
+        task_module = ContrastiveTask(
+            model, negative_all_rank, lm=task == "pretrain", share_image_kv=share
         )
-        out["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append(({k: v for k, v in out.items() if k != "queue"}, grads))
-    (loss_pad, grad_pad), (loss_trim, grad_trim) = results
-    assert loss_pad.keys() == loss_trim.keys() and ("lm" in loss_pad) == (task == "pretrain")
-    for k, v in loss_pad.items():
-        torch.testing.assert_close(loss_trim[k], v, rtol=1e-5, atol=0, msg=k)
-    assert grad_pad.keys() == grad_trim.keys() and len(grad_pad) > 50
-    largest = max(float(g.abs().max()) for g in grad_pad.values())
-    for n, g in grad_pad.items():
-        if n.endswith("key.bias"):  # softmax is shift-invariant: gradient 0 + rounding noise
-            assert max(g.abs().max(), grad_trim[n].abs().max()) < 1e-9 * largest, n
-            continue
-        scale = float(g.abs().max())
-        torch.testing.assert_close(grad_trim[n], g, rtol=1e-5, atol=1e-5 * scale, msg=n)
+        results.append(_step_losses_and_grads(model, task_module, batch))
+    # one projection for ITM and LM together: B images, or B + B drawn negatives
+    assert projected == [2 * B if negative_all_rank else B]
+    _assert_same_step(*results, lm=task == "pretrain")
 
 
 def _official_vit_tokens(vit, pixels):
