@@ -163,7 +163,15 @@ def speed_rows(result: dict) -> list[list[str]]:
 def train_step_rows(result: dict) -> list[list[str]]:
     lines = []
     for case, providers in by_case(result).items():
-        ref, fast = providers["reference"], providers["fast"]
+        ref, fast, eager = providers["reference"], providers["fast"], providers["fast eager"]
+        # a lever's share: how much slower fast eager gets with that lever off (or, for
+        # image-token dropout, how much faster with it on)
+        shares = [
+            f"{name.removeprefix('fast eager ')} {ratio(r['median_ms'] / eager['median_ms'])}"
+            for name, r in providers.items()
+            if name.startswith("fast eager ")
+        ]
+        mfu = fast.get("mfu")
         lines.append(
             [
                 result["provenance"]["device"],
@@ -171,11 +179,15 @@ def train_step_rows(result: dict) -> list[list[str]]:
                 f"{ref['precision']} / {fast['precision']}",
                 *(
                     f"{ms(r['median_ms'])} ({number(r['q1_ms'])}-{number(r['q3_ms'])}), "
-                    f"{r['samples_per_s']:.1f} samples/s"
-                    for r in (ref, fast)
+                    f"{r['samples_per_s']:.1f}/s"
+                    for r in (ref, fast, eager)
                 ),
-                f"**{ratio(fast['speedup_vs_reference'])}**",
-                f"+{ref['peak_extra_mib']:.0f} / +{fast['peak_extra_mib']:.0f} MiB",
+                f"**{ratio(fast['speedup_vs_reference'])}** / "
+                f"{ratio(eager['speedup_vs_reference'])}",
+                f"+{ref['peak_extra_mib']:.0f} / +{fast['peak_extra_mib']:.0f} / "
+                f"+{eager['peak_extra_mib']:.0f} MiB",
+                ", ".join(shares) or "—",
+                f"{100 * mfu:.1f}%" if mfu else "—",
             ]
         )
     return lines
@@ -264,10 +276,14 @@ TABLES = {
     ),
     "train_step": Table(
         ("train_step",),
-        ("device", "config, batch", "precision (ref / fast)", "reference: median step")
-        + ("fast: median step", "fast vs reference", "peak extra memory (ref / fast)"),
+        ("device", "task, config, batch", "precision (ref / fast)", "reference: median step")
+        + ("fast", "fast eager", "fast / fast eager vs reference")
+        + ("peak step memory (ref / fast / eager)", "lever shares (x = -lever / fast eager)")
+        + ("MFU",),
         train_step_rows,
-        "Median step time over the timed steps, quartiles in brackets.",
+        "Median step time over the timed steps, quartiles in brackets; samples/s at the median. "
+        "A lever's share: fast eager's step time with that one lever off (or +image_token_drop "
+        "on) over fast eager's; -kernels = every op on its reference kernel.",
     ),
     "optimizer": Table(("optimizer",), _SPEED_HEADER, speed_rows),
     "data": Table(("data",), ("device", "image size", "loader", "images/s", "setup"), data_rows),

@@ -78,8 +78,9 @@ class BertSelfAttention(nn.Module):
         if image_index is not None and self.attention_dropout == 0.0:
             backend = self.backends.get("gathered_cross_attention")
             return ops.gathered_cross_attention(q, k, v, image_index, backend=backend)
-        if image_index is not None:
-            k, v = k[image_index], v[image_index]
+        if image_index is not None:  # index_select: its backward (index_add_) is several
+            # times faster on the CPU than that of k[image_index] (index_put_ accumulate)
+            k, v = k.index_select(0, image_index), v.index_select(0, image_index)
         return self._attend(q, k, v, None, False)
 
     @property
