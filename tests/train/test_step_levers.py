@@ -14,15 +14,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import blip_fast
 from blip_fast import create_model, tokenizer
 from blip_fast.models.configs import BlipConfig, VisionConfig
 from blip_fast.models.vit import VisionTransformer
+from blip_fast.ops import _backend
 from blip_fast.train.data import Collate
 from blip_fast.train.distributed import DistInfo
 from blip_fast.train.loop import LoopConfig, Trainer, negative_uniforms
 from blip_fast.train.main import build_trainer
 from blip_fast.train.optim import LRSchedule, build_optimizer
-from blip_fast.train.task import ContrastiveTask
+from blip_fast.train.task import CaptionTask, ContrastiveTask
 
 B = 4
 CAPTIONS = [
@@ -36,12 +38,13 @@ CAPTIONS = [
 _SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2"}
 
 
-def _model(task: str, dropout: float = 0.0):
+def _model(task: str, dropout: float = 0.0, backend=None):
     cfg = BlipConfig.preset("blip_tiny")
     text = dataclasses.replace(cfg.text, hidden_dropout=dropout, attention_dropout=dropout)
     torch.manual_seed(0)
-    model = create_model(task, dataclasses.replace(cfg, text=text, queue_size=4 * B))
-    model.copy_params()
+    model = create_model(task, dataclasses.replace(cfg, text=text, queue_size=4 * B), backend)
+    if task != "caption":
+        model.copy_params()
     return model
 
 
@@ -224,11 +227,14 @@ def test_momentum_lists_follow_a_dtype_change():
     assert all(p.dtype == torch.float64 for p in online + momentum)
 
 
-def _step_losses_and_grads(model, task: ContrastiveTask, batch, seed: int = 5):
+def _step_losses_and_grads(model, task, batch, seed: int = 5):
     model.zero_grad()
     torch.manual_seed(seed)  # the same dropout masks in both runs
-    local = task.encode(batch)
-    out = task.objectives(local, local, batch)  # one rank: the world is this batch
+    if isinstance(task, ContrastiveTask):  # one rank: the world is this batch
+        local = task.encode(batch)
+        out = task.objectives(local, local, batch)
+    else:
+        out = task(batch)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v for k, v in out.items() if k != "queue"}, grads
@@ -295,6 +301,29 @@ def test_image_kv_projected_once_gives_the_per_row_losses_and_gradients(
     # one projection for ITM and LM together: B images, or B + B drawn negatives
     assert projected == [2 * B if negative_all_rank else B]
     _assert_same_step(*results, lm=task == "pretrain")
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval", "caption"])
+def test_fast_step_gives_the_official_steps_losses_and_gradients(task):
+    """Every lever and every default kernel at once against the official step (reference
+    kernels, text padded to the official length, K / V projected per row), same batch."""
+    samples = _samples(0)
+    if task == "caption":
+        samples = [(image, caption) for image, caption, _ in samples]
+    prompt = "a picture of " if task == "caption" else ""
+    results = []
+    for fast in (False, True):
+        model = _model(task, backend=None if fast else "reference")
+        batch = Collate(tokenizer(), task, prompt, pad_to_longest=fast)(samples)
+        if task == "caption":
+            step = CaptionTask(model)
+        else:
+            step = ContrastiveTask(model, lm=task == "pretrain", share_image_kv=fast)
+            batch = {**batch, "alpha": 0.4, "neg_u": negative_uniforms(0, 0, 0, B)}
+        if fast:  # the C++ kernels are the CPU default where built
+            assert _backend.resolve("cross_attention", "cpu") == "cpu" or not blip_fast.HAS_C
+        results.append(_step_losses_and_grads(model, step, batch))
+    _assert_same_step(*results, lm=task != "retrieval")
 
 
 def _official_vit_tokens(vit, pixels):
