@@ -285,7 +285,7 @@ def attention_cases(
 def attention_inputs(case: dict, device: str):
     """Random q (batch, heads, q_len, head_dim), k, v (batch, heads, k_len, head_dim)."""
     shape = (case["batch"], HEADS)
-    dtype = ATTENTION_DTYPE[device]
+    dtype = getattr(torch, case["dtype"])
     q = torch.randn(*shape, case["q_len"], HEAD_DIM, device=device, dtype=dtype)
     k, v = (torch.randn(*shape, case["k_len"], HEAD_DIM, device=device, dtype=dtype) for _ in "kv")
     return q, k, v

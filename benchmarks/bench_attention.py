@@ -23,7 +23,10 @@ SHAPES = {"cpu": [(128, 35), (32, 197)], "cuda": [(512, 35), (256, 197)]}
 
 
 def cases(device):
-    return _harness.attention_cases(device, [(b, n, n) for b, n in SHAPES[device]])
+    cases = _harness.attention_cases(device, [(b, n, n) for b, n in SHAPES[device]])
+    if device == "cpu":  # bf16 too: the C++ kernels' bf16 products (AMX / AVX512-BF16) vs sdpa
+        cases += [{**c, "case": f"{c['case']} bf16", "dtype": "bfloat16"} for c in cases]
+    return cases
 
 
 def providers(device):

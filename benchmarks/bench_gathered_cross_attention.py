@@ -26,10 +26,13 @@ SHAPES = {"cpu": [(64, 16, 577)], "cuda": [(512, 64, 577), (512, 64, 197)]}
 def cases(device):
     shapes = SHAPES[device]
     fwd = _harness.attention_cases(device, [(p, Q_LEN, n) for p, _, n in shapes], modes=("fwd",))
-    return [
+    cases = [
         {**case, "case": f"{case['case']} ({images} images)", "images": images}
         for case, (_, images, _) in zip(fwd, shapes)
     ]
+    if device == "cpu":  # bf16 too: the C++ kernels' bf16 products (AMX / AVX512-BF16) vs sdpa
+        cases += [{**c, "case": f"{c['case']} bf16", "dtype": "bfloat16"} for c in cases]
+    return cases
 
 
 def providers(device):

@@ -9,7 +9,8 @@
 // its dK / dV sum over those pairs inside one work item, with no atomics or reduction pass.
 //
 // All products go through one micro-kernel (vec.h), on tiles in the compute type (fp32, or
-// fp64 for fp64 inputs) padded to its block sizes. The forward holds scores transposed (keys
+// fp64 for fp64 inputs) padded to its block sizes; a bf16 forward on a CPU with bf16 dot
+// products runs cross_attention_bf16.cpp instead. The forward holds scores transposed (keys
 // x queries, the queries as vector lanes), so fp32 / fp64 key and value rows are read where
 // they lie; fp16 / bf16 tiles and a tile's ragged last rows are copied into per-thread scratch.
 // The backward copies every tile; its key columns past Lk get score −inf, so their
@@ -27,6 +28,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cpu/attention_tiles.h"
+#include "cpu/cross_attention_bf16.h"
 #include "cpu/vec.h"
 
 namespace blip_fast::cpu {
@@ -36,18 +39,10 @@ using vec::kMR;
 using vec::kWidth;
 using vec::Vec;
 
-// Query rows per tile: BLIP's text side (Lq <= 40) is a single tile, so each key tile is
-// loaded once per head. Keys per tile: swept over 32 / 64 / 128 on an AMD EPYC with AVX-512 (one
-// thread, 16 × 12 heads × 35 queries, D = 64, best of 7): 64 gave the fastest backward
-// (Lk 577: 46 ms vs 51 at 32 and 50 at 128) and a forward within 5% of the best (Lk 197:
-// 8.1 ms vs 7.7 at 128; Lk 577: 19.5 ms vs 20.1 at 128 and 24.0 at 32).
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 64;
-static_assert(kBlockK % kWidth == 0 && kBlockQ % kMR == 0, "tiles must hold whole blocks");
-// Official BERT adds (1 − mask) · −10000 to the scores instead of −inf.
-constexpr double kMaskValue = -10000.0;
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+using tiles::kBlockK;
+using tiles::kBlockQ;
+using tiles::load_mask;
+using tiles::round_up;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -84,18 +79,6 @@ BLIP_FAST_INLINE void store_rows(const acc_t* src, int64_t ld, int64_t rows, int
     for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<scalar_t>(src[i * ld + d]);
 }
 
-// What each key j0 + j of batch b adds to its scores: 0 to attend, −10000 for padding, −inf
-// past the last key.
-template <typename acc_t>
-BLIP_FAST_INLINE void load_mask(const CrossAttentionParams& p, int64_t b, int64_t j0, int64_t bk,
-                                acc_t* dst) {
-  const bool* mask =
-      p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.k_len + j0;
-  for (int64_t j = 0; j < bk; ++j)
-    dst[j] = mask == nullptr || mask[j] ? acc_t(0) : static_cast<acc_t>(kMaskValue);
-  std::fill(dst + bk, dst + kBlockK, -std::numeric_limits<acc_t>::infinity());
-}
-
 // Per-thread tiles of the forward. Scores are held transposed, st[key, query]: the queries are
 // the vector lanes, so keys are the broadcast operand of both products and fp32 / fp64 key and
 // value tiles are read where they lie, never copied or transposed per tile.
@@ -115,7 +98,7 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
                                       FwdScratch<acc_type<scalar_t>>& w) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;  // no conversion needed
-  const int64_t q_tiles = (p.q_len + kBlockQ - 1) / kBlockQ;
+  const int64_t q_tiles = tiles::query_tiles(p);
   const int64_t bh = item / q_tiles, b = bh / p.heads, h = bh % p.heads;
   const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b];  // K / V row (gathered)
   const int64_t i0 = (item % q_tiles) * kBlockQ, bq = std::min(kBlockQ, p.q_len - i0);
@@ -152,29 +135,8 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
     load_mask(p, b, j0, bk, w.mask_add.data());
     vec::gemm<false>(bk_pad, lanes, D, k_rows, ldk, w.qt.data(), lanes, w.st.data(), lanes);
 
-    // Online softmax per query lane: st becomes exp(score − running max); what earlier tiles
-    // summed is rescaled when the running max grows.
-    for (int64_t c = 0; c < lanes; c += kWidth) {
-      const Vec<acc_t> m_old = vec::load(w.m.data() + c);
-      Vec<acc_t> m_new = m_old;
-      for (int64_t j = 0; j < bk; ++j) {
-        acc_t* s = w.st.data() + j * lanes + c;
-        const Vec<acc_t> x = vec::load(s) * scale + w.mask_add[j];
-        vec::store(s, x);
-        m_new = x > m_new ? x : m_new;
-      }
-      Vec<acc_t> sum{};
-      for (int64_t j = 0; j < bk; ++j) {
-        acc_t* s = w.st.data() + j * lanes + c;
-        const Vec<acc_t> prob = vec::exp(vec::load(s) - m_new);
-        vec::store(s, prob);
-        sum += prob;
-      }
-      const Vec<acc_t> correction = vec::exp(m_old - m_new);  // 0 on the first tile
-      vec::store(w.l.data() + c, vec::load(w.l.data() + c) * correction + sum);
-      vec::store(w.m.data() + c, m_new);
-      vec::store(w.correction.data() + c, correction);
-    }
+    tiles::online_softmax(w.st.data(), lanes, bk, scale, w.mask_add.data(), w.m.data(),
+                          w.l.data(), w.correction.data());
     for (int64_t i = 0; i < bq; ++i) {
       acc_t* o = w.o.data() + i * dp;
       for (int64_t d = 0; d < dp; d += kWidth)
@@ -327,34 +289,15 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
   }
 }
 
-// Asks for the K / V rows of forward item `item` ahead of use. Gathered (ITM reranking),
-// consecutive pairs attend over different images whose K / V are rarely in cache: 128 pairs
-// x 4 heads x 23 queries over 65 tokens took 4.0-4.4 ms with 200 images' caches vs 2.5-2.8
-// with 8; prefetching 2 items ahead: 3.6-3.7 ms (1 ahead: 3.7-4.2, 3: 3.8; AMD EPYC, 1 thread,
-// best of 7, a noisy VM).
-template <typename scalar_t>
-BLIP_FAST_INLINE void prefetch_kv(const CrossAttentionFwdParams& p, int64_t item) {
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
-  const int64_t bh = item / ((p.q_len + kBlockQ - 1) / kBlockQ), b = bh / p.heads;
-  const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b], h = bh % p.heads;
-  for (const Operand* x : {&p.k, &p.v}) {
-    const auto* head = static_cast<const scalar_t*>(x->data) + kb * x->batch_stride +
-                       h * x->head_stride;
-    for (int64_t j = 0; j < p.k_len; ++j)
-      for (int64_t d = 0; d < p.head_dim; d += kLine)
-        __builtin_prefetch(head + j * x->row_stride + d, 0, 3);
-  }
-}
-
 template <typename scalar_t>
 void fwd(const CrossAttentionFwdParams& p, int num_threads) {
-  const int64_t items = p.batch * p.heads * ((p.q_len + kBlockQ - 1) / kBlockQ);
+  const int64_t items = p.batch * p.heads * tiles::query_tiles(p);
 #pragma omp parallel num_threads(num_threads)
   {
     FwdScratch<acc_type<scalar_t>> scratch(p.head_dim);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      if (p.kv_index != nullptr && item + 2 < items) prefetch_kv<scalar_t>(p, item + 2);
+      if (p.kv_index != nullptr && item + 2 < items) tiles::prefetch_kv<scalar_t>(p, item + 2);
       fwd_tile<scalar_t>(p, item, scratch);
     }
   }
@@ -391,6 +334,10 @@ void dispatch_dtype(Dtype dtype, Run&& run) {
 }  // namespace
 
 void cross_attention_fwd(const CrossAttentionFwdParams& params, int num_threads) {
+  if (params.dtype == Dtype::kBFloat16) {
+    if (const Bf16Products products = bf16_products(); products != Bf16Products::kFp32)
+      return cross_attention_fwd_bf16(params, products, num_threads);
+  }
   dispatch_dtype(params.dtype, [&](auto zero) { fwd<decltype(zero)>(params, num_threads); });
 }
 

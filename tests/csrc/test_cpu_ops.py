@@ -281,3 +281,67 @@ def test_gathered_bad_inputs_name_the_problem():
         gathered_bwd(out[:, :, :3], q, k_cache, v_cache, index, out, lse, 0.1)
     with pytest.raises(RuntimeError, match=r"v_cache must have k_cache's shape"):
         gathered_bwd(out, q, k_cache, v_cache[:1], index, out, lse, 0.1)
+
+
+# The bf16 forward on the CPU's bf16 instructions (AMX tiles, else AVX512-BF16): products with
+# bf16 operands and fp32 accumulation, P rounded to bf16 before P V. BLIP_FAST_CPU_BF16_PRODUCTS
+# caps the instructions it may use ("amx", "avx512_bf16", "fp32"); each cap must match the
+# reference, and on a CPU that has the instructions each must take its own path.
+BF16_PRODUCTS = ("amx", "avx512_bf16", "fp32")
+
+
+def bf16_forward(monkeypatch, products, *args, gathered=False):
+    monkeypatch.setenv("BLIP_FAST_CPU_BF16_PRODUCTS", products)
+    return (gathered_fwd if gathered else fwd)(*args)
+
+
+# (B, H, Lq, Lk, D): BLIP's reranker tile; odd Lq / Lk around the 16-row tiles, the 64-key and
+# the 64-query tiles; head_dim 40 (not a multiple of a tile row's 32 bf16) and an odd one.
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 35, 577, 64), (1, 2, 65, 129, 40), (2, 1, 130, 63, 40), (1, 2, 17, 33, 17)],
+)
+@pytest.mark.parametrize("products", BF16_PRODUCTS)
+def test_bf16_products_match_reference(monkeypatch, products, shape):
+    b, h, lq, lk, d = shape
+    q, k, v, mask = make_inputs(b, h, lq, lk, d, torch.bfloat16)
+    out, lse = bf16_forward(monkeypatch, products, q, k, v, mask, d**-0.5)
+    ref_out, ref_lse = reference.cross_attention_fwd(q.float(), k.float(), v.float(), mask, d**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert_close_verbose(out, ref_out, **TOL[torch.bfloat16], name="out")
+    assert_close_verbose(lse, ref_lse, **TOL[torch.bfloat16], name="lse")
+
+
+@pytest.mark.parametrize("products", BF16_PRODUCTS)
+def test_gathered_bf16_products_match_reference(monkeypatch, products):
+    q, k_cache, v_cache = make_caches(9, 4, 35, 197, 40, dtype=torch.bfloat16)
+    index = torch.tensor([3, 0, 3, 1, 0, 3, 1, 3, 0])
+    out, lse = bf16_forward(monkeypatch, products, q, k_cache, v_cache, index, 0.125, gathered=True)
+    caches = (k_cache.float(), v_cache.float())
+    ref_out, ref_lse = reference.gathered_cross_attention_fwd(q.float(), *caches, index, 0.125)
+    assert_close_verbose(out, ref_out, **TOL[torch.bfloat16], name="out")
+    assert_close_verbose(lse, ref_lse, **TOL[torch.bfloat16], name="lse")
+
+
+def test_bf16_products_use_the_instructions_the_cpu_has(monkeypatch):
+    # Each path is deterministic, so two caps give bitwise-equal results exactly when they run
+    # the same code: the fp32 path keeps P in fp32, and AMX sums a tile's products in another
+    # order than vdpbf16ps, which shows in the fp32 lse.
+    has = {
+        "amx": torch.cpu._is_amx_tile_supported(),
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+    }
+    q, k, v, mask = make_inputs(2, 3, 35, 577, 64, torch.bfloat16)
+    results = {p: bf16_forward(monkeypatch, p, q, k, v, mask, 0.125) for p in BF16_PRODUCTS}
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(results[a], results[b]))
+
+    assert same("avx512_bf16", "fp32") != has["avx512_bf16"]
+    assert same("amx", "avx512_bf16") != has["amx"]
+
+
+def test_an_unknown_bf16_products_cap_is_an_error(monkeypatch):
+    q, k, v, mask = make_inputs(1, 2, 5, 9, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="BLIP_FAST_CPU_BF16_PRODUCTS=amx2: expected amx"):
+        bf16_forward(monkeypatch, "amx2", q, k, v, mask, 0.25)
