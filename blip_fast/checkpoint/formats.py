@@ -32,13 +32,18 @@ def detect_key_format(path, sd: dict) -> str:
 
 
 def infer_task(sd: dict) -> str:
-    """pretrain (decoder + ITM head), retrieval (ITM head), caption (decoder only)."""
+    """pretrain (decoder + ITM head), retrieval (ITM head), vqa (text encoder + decoder, no ITM
+    head), caption (decoder only), nlvr (``cls_head``)."""
+    if any(k.startswith("cls_head.") for k in sd):
+        return "nlvr"
     dec = any(k.startswith("text_decoder.") for k in sd)
     itm = any(k.startswith("itm_head.") for k in sd)
     if dec and itm:
         return "pretrain"
     if itm:
         return "retrieval"
+    if dec and any(k.startswith("text_encoder.") for k in sd):
+        return "vqa"
     if dec:
         return "caption"
     raise CheckpointError(

@@ -18,6 +18,7 @@ from blip_fast.checkpoint.formats import apply_official_yaml, infer_config, infe
 from blip_fast.checkpoint.reading import read_state_dict
 from blip_fast.checkpoint.report import LoadReport
 from blip_fast.models import convert
+from blip_fast.models.blip_nlvr import has_twin_cross_attention, nlvr_state_dict
 from blip_fast.models.factory import TASKS, as_config, create_model
 from blip_fast.models.vit import interpolate_pos_embed
 
@@ -108,7 +109,9 @@ def load(
     path: official ``.pth`` / ``.pt`` (``{'model': sd, ...}`` or a bare state dict), a
     ``.safetensors`` file (official or HF keys), or an HF directory (``config.json`` +
     ``model.safetensors`` / ``pytorch_model.bin``). task: ``retrieval`` / ``pretrain`` /
-    ``caption``, inferred from the keys when None. config: BlipConfig, preset name, JSON or
+    ``caption`` / ``nlvr`` / ``vqa``, inferred from the keys when None; ``nlvr`` also starts from a
+    pre-training or retrieval checkpoint (``blip_nlvr.nlvr_state_dict``, reported as
+    ``new_task_init`` / ``other_task_dropped``). config: BlipConfig, preset name, JSON or
     official YAML path; when None, the checkpoint's (HF config.json, our saved config) or one
     inferred from shapes. Position embeddings are interpolated to the config's image size.
     Missing momentum encoders are copied from the online ones; missing queues / pointer /
@@ -130,11 +133,13 @@ def load(
     model = create_model(task, cfg, backend)
     report = LoadReport(str(path), info["source_format"], task, cfg_src)
     own = model.state_dict()
+    if task == "nlvr" and not has_twin_cross_attention(sd):  # fine-tuning starts here
+        sd, report.new_task_init, report.other_task_dropped = nlvr_state_dict(sd, own)
 
     _fit_to_model(sd, own, report)
     _check_shapes_and_dtypes(path, task, sd, own)
     unexpected = sorted(sd.keys() - own.keys())
-    missing = report.sort_missing(sorted(own.keys() - sd.keys()), own)
+    missing = report.sort_missing(sorted(own.keys() - sd.keys() - {*report.new_task_init}), own)
     if strict:
         _check_strict(path, task, missing, unexpected)
     _check_tied(path, sd, model)

@@ -25,6 +25,10 @@ class LoadReport:
     initialised_from_online: list[str] = field(default_factory=list)  # momentum: copy_params
     kept_random: list[str] = field(default_factory=list)  # queues, ptr, temp: model init
     interpolated: list[str] = field(default_factory=list)  # pos_embed resized
+    # Starting a task from another task's checkpoint (nlvr from pre-training / retrieval):
+    # the new task's layers keep their initialisation, the other task's heads are dropped.
+    new_task_init: list[str] = field(default_factory=list)
+    other_task_dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # strict=False only
     unexpected: list[str] = field(default_factory=list)  # strict=False only
 
@@ -50,6 +54,8 @@ class LoadReport:
             "initialised_from_online",
             "kept_random",
             "interpolated",
+            "new_task_init",
+            "other_task_dropped",
             "missing",
             "unexpected",
         ):

@@ -63,6 +63,8 @@ def save(model, path, format: str = "official"):
         return path
     if format != "hf":
         raise ValueError(f"format must be 'official' or 'hf', got {format!r}")
+    if task not in convert.HF_ARCHITECTURES:
+        raise ValueError(f"HF BLIP has no {task} model: save it with format='official'")
     tok = model.tokenizer if hasattr(model, "tokenizer") else None
     if tok is None:
         from blip_fast.tokenization import tokenizer

@@ -1,7 +1,8 @@
 """Checkpoint converters between official BLIP and HuggingFace ``transformers`` BLIP.
 
 Official BLIP (Li et al. 2022, https://github.com/salesforce/BLIP) and HF
-``BlipForImageTextRetrieval`` / ``BlipForConditionalGeneration`` hold the same tensors; only the
+``BlipForImageTextRetrieval`` / ``BlipForConditionalGeneration`` /
+``BlipForQuestionAnswering`` hold the same tensors; only the
 vision tower is renamed (``visual_encoder.blocks.N.attn.qkv`` <->
 ``vision_model.encoder.layers.N.self_attn.qkv`` ...). Text encoder / decoder, projections and the
 ITM head keep their names. Our native names ARE the official ones, so converting HF -> official
@@ -46,6 +47,7 @@ HF_ARCHITECTURES = {
     "caption": ["BlipForConditionalGeneration"],
     # no HF class holds both; either class loads its part of the file
     "pretrain": ["BlipForImageTextRetrieval", "BlipForConditionalGeneration"],
+    "vqa": ["BlipForQuestionAnswering"],
 }
 
 # Tied in HF (omitted from its model.safetensors) -> the tensor they alias.
@@ -282,7 +284,7 @@ def hf_config_to_blip(config: dict) -> BlipConfig:
 
 def blip_to_hf_config(cfg: BlipConfig, task: str) -> dict:
     """BlipConfig -> HF BLIP ``config.json`` dict for ``task`` (``retrieval``, ``caption``,
-    ``pretrain``). Our eps values are written as they are (official 1e-6 stays 1e-6)."""
+    ``pretrain``, ``vqa``). Our eps values are written as they are (official 1e-6 stays 1e-6)."""
     if task not in HF_ARCHITECTURES:
         raise ValueError(f"unknown task {task!r}; known: {sorted(HF_ARCHITECTURES)}")
     v, t = cfg.vision, cfg.text

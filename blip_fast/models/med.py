@@ -200,7 +200,8 @@ class BertModel(nn.Module):
     image_mask (B, Li) bool or None, mode, cache, image_kv) -> (B, L, hidden). ``cache``: a list
     with one dict per layer, filled and extended in place (KV cache for decoding).
     ``image_kv`` (an ``ImageKV`` from ``image_kv``) replaces image_embeds: cross-attention reads
-    keys / values projected once per distinct image, text row b those of image index[b].
+    keys / values projected once per distinct image, text row b those of image index[b]; a
+    ``cache`` then holds and extends self-attention keys / values only.
     """
 
     def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
@@ -235,8 +236,8 @@ class BertModel(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "text" and image_embeds is None and image_kv is None:
             raise ValueError(f"mode {mode!r} needs image_embeds or image_kv")
-        if image_kv is not None and (image_mask is not None or cache is not None):
-            raise ValueError("image_kv reads every image token: no image_mask, no cache")
+        if image_kv is not None and image_mask is not None:
+            raise ValueError("image_kv reads every image token: no image_mask")
         past_len = 0 if not cache or "self_k" not in cache[0] else cache[0]["self_k"].shape[2]
         x = self.embeddings(input_ids, past_len)
         mask = attention_mask.bool() if attention_mask is not None else None

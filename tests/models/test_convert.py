@@ -198,4 +198,4 @@ def test_config_round_trip_and_hf_defaults():
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         convert.hf_config_to_blip({"text_config": {"hidden_act": "relu"}})
     with pytest.raises(ValueError, match="unknown task"):
-        convert.blip_to_hf_config(cfg, "vqa")
+        convert.blip_to_hf_config(cfg, "segmentation")
