@@ -1,5 +1,8 @@
 """BLIP captioning model (official ``BLIP_Decoder``): ViT + image-grounded decoder with the
-prompt "a picture of "; ``generate`` decodes with beam search or nucleus sampling."""
+prompt "a picture of "; ``generate`` decodes with beam search or nucleus sampling, in fp32 or
+bf16."""
+
+import logging
 
 import torch
 from torch import nn
@@ -9,8 +12,11 @@ from blip_fast.models.blip_base import backend_map
 from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertLMHeadModel
 from blip_fast.models.vit import VisionTransformer
+from blip_fast.ops.linear import native_bf16, prepack_linears
 
 BOS_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 30522, 102, 0
+PRECISIONS = ("fp32", "bf16")
+log = logging.getLogger("blip_fast")
 
 
 class BlipCaption(nn.Module):
@@ -21,6 +27,8 @@ class BlipCaption(nn.Module):
         self.visual_encoder = VisionTransformer(cfg.vision, self.backends.get("attention"))
         self.text_decoder = BertLMHeadModel(cfg.text, cfg.vision.width, self.backends)
         self._tokenizer = tokenizer
+        self._bf16_modules = None  # (weights' fingerprint, packed ViT, packed decoder)
+        self._bf16_fallback_logged = False
 
     @property
     def tokenizer(self):
@@ -36,6 +44,36 @@ class BlipCaption(nn.Module):
         ids[:, 0] = BOS_TOKEN_ID
         return ids.to(device).expand(batch, -1).contiguous()
 
+    def _inference_modules(self, precision: str, device):
+        """(visual encoder, decoder, compute dtype) that ``precision`` runs on ``device``.
+        bf16 on the CPU: copies with linear layers prepacked for oneDNN (bf16 GEMMs on AMX /
+        AVX512-BF16, ``ops.prepack_linears``), rebuilt when a weight changed; without native
+        bf16, fp32 (one log line per model). bf16 on CUDA: autocast alone."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "fp32":
+            return self.visual_encoder, self.text_decoder, None
+        if torch.device(device).type != "cpu":
+            return self.visual_encoder, self.text_decoder, torch.bfloat16
+        if not native_bf16():
+            if not self._bf16_fallback_logged:
+                log.warning(
+                    "caption precision bf16: this CPU has neither AMX nor AVX512-BF16, "
+                    "generating in fp32"
+                )
+                self._bf16_fallback_logged = True
+            return self.visual_encoder, self.text_decoder, None
+        # in-place updates (optimizer steps, load_state_dict) bump _version; .to() moves data
+        fingerprint = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._bf16_modules is None or self._bf16_modules[0] != fingerprint:
+            backend = self.backends.get("linear")
+            self._bf16_modules = (
+                fingerprint,
+                prepack_linears(self.visual_encoder, backend),
+                prepack_linears(self.text_decoder, backend),
+            )
+        return *self._bf16_modules[1:], torch.bfloat16
+
     @torch.no_grad()
     def generate_ids(
         self,
@@ -47,45 +85,38 @@ class BlipCaption(nn.Module):
         top_p=0.9,
         repetition_penalty=1.0,
         generator=None,
+        precision="fp32",
     ) -> list[list[int]]:
         """Token ids (prompt included) per image; see ``generate``."""
-        image_embeds = self.visual_encoder(pixels)
+        vit, decoder, dtype = self._inference_modules(precision, pixels.device)
+        if dtype is None:
+            image_embeds = vit(pixels)
+        else:
+            with torch.autocast(pixels.device.type, dtype):
+                image_embeds = vit(pixels)
         prompt = self.prompt_ids(pixels.shape[0], pixels.device)
-        decoder = self.text_decoder
-        if sample:
+        lengths = (max_length, min_length, SEP_TOKEN_ID)
+        if sample or num_beams == 1:
             return generation.sample(
                 decoder,
                 image_embeds,
                 prompt,
-                max_length,
-                min_length,
-                SEP_TOKEN_ID,
+                *lengths,
                 PAD_TOKEN_ID,
-                do_sample=True,
+                do_sample=sample,
                 top_p=top_p,
                 repetition_penalty=repetition_penalty,
                 generator=generator,
-            )
-        if num_beams == 1:
-            return generation.sample(
-                decoder,
-                image_embeds,
-                prompt,
-                max_length,
-                min_length,
-                SEP_TOKEN_ID,
-                PAD_TOKEN_ID,
-                repetition_penalty=repetition_penalty,
+                compute_dtype=dtype,
             )
         return generation.beam_search(
             decoder,
             image_embeds,
             prompt,
             num_beams,
-            max_length,
-            min_length,
-            SEP_TOKEN_ID,
+            *lengths,
             repetition_penalty,
+            compute_dtype=dtype,
         )
 
     def generate(
@@ -98,12 +129,25 @@ class BlipCaption(nn.Module):
         top_p=0.9,
         repetition_penalty=1.0,
         generator=None,
+        precision="fp32",
     ) -> list[str]:
         """Captions for pixels (B, 3, S, S): beam search (3 beams, lengths counted with the
         prompt, max 20, min 5) or, with ``sample=True``, nucleus sampling (top_p 0.9; official
-        CapFilt passes repetition_penalty=1.1). The prompt is stripped from each caption."""
+        CapFilt passes repetition_penalty=1.1). The prompt is stripped from each caption.
+        ``precision``: "fp32" (as the caller runs: its autocast applies), or "bf16": the ViT
+        and the decoder under bf16 autocast, on the CPU with prepacked bf16 weights (fp32 with
+        a log line where the CPU lacks native bf16); each beam's 16 largest logits are
+        recomputed in fp32, and log-probabilities and beam scores stay fp32."""
         ids = self.generate_ids(
-            pixels, sample, num_beams, max_length, min_length, top_p, repetition_penalty, generator
+            pixels,
+            sample,
+            num_beams,
+            max_length,
+            min_length,
+            top_p,
+            repetition_penalty,
+            generator,
+            precision,
         )
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t[len(self.cfg.prompt) :] for t in texts]

@@ -1,7 +1,11 @@
+import logging
+
+import pytest
 import torch
 
-from blip_fast.models import create_model
-from blip_fast.models.generation import beam_search, sample
+from blip_fast.models import blip_caption, create_model
+from blip_fast.models.generation import _exact_top, _Stepper, _topk, beam_search, sample
+from blip_fast.ops.linear import PackedLinear, native_bf16
 
 
 def _model():
@@ -31,6 +35,28 @@ def test_greedy_equals_full_recompute_argmax():
         assert len(got[b]) >= 6
 
 
+@pytest.mark.parametrize("v", [30524, 91572, 1000, 40])
+def test_topk_equals_torch_topk(v):
+    x = torch.randn(7, v)
+    x[:, 5] = -float("inf")  # eos forbidden by min_length
+    x[0, v - 1] = 10.0  # the winner in the tail that the strided groups leave out
+    x[1, :6] = 10.0 + torch.arange(6.0)  # every winner in one group
+    want, got = torch.topk(x, 6), _topk(x, 6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_exact_top_recomputes_each_rows_largest_logits_in_fp32():
+    hidden, weight, bias = torch.randn(4, 32), torch.randn(1000, 32), torch.randn(1000)
+    exact = torch.addmm(bias, hidden, weight.t())
+    approx = exact.bfloat16().float()
+    top = _topk(approx, 16)[1]
+    got = approx.clone()
+    _exact_top(got, hidden, weight, bias, 16)
+    torch.testing.assert_close(got.gather(1, top), exact.gather(1, top), rtol=1e-6, atol=1e-5)
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(1, top, False)
+    assert torch.equal(got[rest], approx[rest]) and not torch.equal(approx[~rest], got[~rest])
+
+
 def test_beam_search_respects_lengths_and_prompt():
     m = _model()
     img = m.visual_encoder(torch.randn(3, 3, 64, 64))
@@ -51,3 +77,72 @@ def test_generate_strips_prompt_and_sampling_is_seeded():
     a = m.generate_ids(px, sample=True, generator=g, repetition_penalty=1.1)
     g = torch.Generator().manual_seed(3)
     assert a == m.generate_ids(px, sample=True, generator=g, repetition_penalty=1.1)
+
+
+needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="CPU without AMX / AVX512-BF16")
+
+
+def _fast_model():
+    """``_model``'s weights on the default backends (oneDNN linear layers on CPU)."""
+    ref = _model()
+    m = create_model("caption", "blip_tiny").eval()
+    m.load_state_dict(ref.state_dict())
+    return m, ref
+
+
+def test_cross_attention_kv_projected_once_per_image(monkeypatch):
+    m = _model()
+    rows = []
+    for layer in m.text_decoder.bert.encoder.layer:
+        cross = layer.crossattention.self
+        project = cross.kv
+        monkeypatch.setattr(
+            cross, "kv", lambda x, project=project: rows.append(len(x)) or project(x)
+        )
+    m.generate_ids(torch.randn(2, 3, 64, 64), num_beams=3, max_length=10)
+    assert rows == [2] * len(m.text_decoder.bert.encoder.layer)
+
+
+@needs_bf16
+@torch.no_grad()
+def test_bf16_decoder_step_matches_fp32_reference():
+    m, ref = _fast_model()
+    img = ref.visual_encoder(torch.randn(3, 3, 64, 64))
+    prompt = ref.prompt_ids(3, "cpu")
+    want = _Stepper(ref.text_decoder, img)(prompt)
+    _, decoder, dtype = m._inference_modules("bf16", "cpu")
+    assert dtype == torch.bfloat16 and isinstance(decoder.cls.predictions.decoder, PackedLinear)
+    got = _Stepper(decoder, img, dtype)(prompt)
+    assert got.dtype == torch.float32
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2
+
+
+@needs_bf16
+def test_bf16_generation_runs_and_repacks_after_a_weight_change():
+    m, _ = _fast_model()
+    px = torch.randn(2, 3, 64, 64)
+    for kwargs in (dict(num_beams=3), dict(num_beams=1), dict(sample=True)):
+        ids = m.generate_ids(px, max_length=10, min_length=5, precision="bf16", **kwargs)
+        prompt = m.prompt_ids(1, "cpu")[0].tolist()
+        assert all(s[: len(prompt)] == prompt and 5 <= len(s) <= 10 for s in ids)
+    packed = m._inference_modules("bf16", "cpu")[1]
+    assert m._inference_modules("bf16", "cpu")[1] is packed  # cached while weights stand
+    with torch.no_grad():
+        m.visual_encoder.patch_embed.proj.weight.mul_(2)
+    assert m._inference_modules("bf16", "cpu")[1] is not packed
+
+
+def test_bf16_falls_back_to_fp32_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(blip_caption, "native_bf16", lambda: False)
+    m = _model()
+    px = torch.randn(2, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="blip_fast"):
+        got = [m.generate_ids(px, max_length=10, precision="bf16") for _ in range(2)]
+    assert got[0] == got[1] == m.generate_ids(px, max_length=10)
+    lines = [r for r in caplog.records if "bf16" in r.getMessage()]
+    assert len(lines) == 1 and "fp32" in lines[0].getMessage()
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        _model().generate_ids(torch.randn(1, 3, 64, 64), precision="fp16")
