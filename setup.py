@@ -114,7 +114,8 @@ setup(
     package_dir=PACKAGE_DIR,
     packages=packages(),
     # vocab/: the bert-base-uncased vocab the tokenizer reads, with its LICENSE and NOTICE
-    package_data={"blip_fast": ["configs/*.json", "vocab/*"]},
+    # search/page.html: the page blip-fast serve answers at /
+    package_data={"blip_fast": ["configs/*.json", "vocab/*", "search/*.html"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -140,11 +141,22 @@ setup(
             "nvidia-dali-cuda130",
             "scikit-image",
             "simplejpeg",
+            # blip-fast serve's API and page tests (chromium itself is a system package)
+            "fastapi",
+            "uvicorn",
+            "python-multipart",
+            "httpx",
+            "playwright",
         ],
         "triton": ["triton>=3.7,<3.8"],
         "dali": ["nvidia-dali-cuda130", "simplejpeg"],
         "jpeg": ["simplejpeg"],  # libjpeg-turbo decode, bit-identical to PIL, ~1.3-2.5x faster
         "bench": ["matplotlib"],
+        # caption metrics (blip-fast eval-caption); its tokenizer and METEOR also need java
+        "caption": ["pycocoevalcap"],
+        # approximate search (blip-fast search --approximate)
+        "ann": ["faiss-cpu"],
+        "serve": ["fastapi", "uvicorn", "python-multipart"],  # blip-fast serve
     },
     entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},
 )

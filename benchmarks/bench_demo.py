@@ -39,6 +39,7 @@ def run_demo(extra: list[str]) -> dict:
     return {
         "wall_s": wall,
         "load_avg_1min": [load, os.getloadavg()[0]],
+        "precision": re.search(r"^precision: (.*)$", out, re.M).group(1),
         "training_s": float(re.search(r"trained in (\d+) s", out).group(1)),
         "setup": re.search(r"training (.*) on", out).group(1),
         "metrics": {k: float(v) for k, v in (kv.split("=") for kv in metrics_line.split())},
@@ -57,7 +58,8 @@ def main():
     best = min(runs, key=lambda r: r["wall_s"])
     m = best["metrics"]
     print(
-        f"demo {' '.join(args.demo_args) or '(defaults)'}: {best['wall_s']:.1f} s wall "
+        f"demo {' '.join(args.demo_args) or '(defaults)'}, {best['precision']}: "
+        f"{best['wall_s']:.1f} s wall "
         f"(training {best['training_s']:.0f} s), TR@1 {m['txt_r1']:.1f}, IR@1 {m['img_r1']:.1f}"
         f"; target >= 50 / 50 within 180 s: "
         f"{'met' if min(m['txt_r1'], m['img_r1']) >= 50 and best['wall_s'] <= 180 else 'NOT met'}"

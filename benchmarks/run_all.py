@@ -24,8 +24,11 @@ STEPS = {
     + [f"benchmarks/bench_{name}.py" for name in OP_BENCHMARKS],
     "train_step": ["benchmarks/bench_train_step.py"],
     "retrieval_eval": ["benchmarks/bench_retrieval_eval.py"],
+    "vqa_rank": ["benchmarks/bench_vqa_rank.py"],
+    "caption": ["benchmarks/bench_caption.py"],
     "demo": ["benchmarks/bench_demo.py"],
     "data": ["benchmarks/bench_data.py"],
+    "search": ["benchmarks/bench_search.py"],
 }
 
 

@@ -229,6 +229,46 @@ def retrieval_rows(result: dict) -> list[list[str]]:
     return lines
 
 
+def vqa_rank_rows(result: dict) -> list[list[str]]:
+    lines = []
+    for case, providers in by_case(result).items():
+        fast = providers["fast"]
+        lines.append(
+            [
+                result["provenance"]["device"],
+                str(result["provenance"]["threads"]),
+                f"{fast['config']}, {case}",
+                *(seconds(providers[p]["best_s"]) for p in ("reference", "reference+kernels")),
+                seconds(fast["best_s"]),
+                f"**{ratio(fast['speedup_vs_reference'])}** / "
+                f"{ratio(fast['speedup_vs_best_baseline'])}",
+                f"{fast['max_abs_score_diff_vs_reference']:.1e}",
+                ratio(fast["matmul_flops"]["ratio"]),
+            ]
+        )
+    return lines
+
+
+def caption_rows(result: dict) -> list[list[str]]:
+    lines = []
+    for case, providers in by_case(result).items():
+        bf16 = providers["fast bf16"]
+        lines.append(
+            [
+                result["provenance"]["device"],
+                str(result["provenance"]["threads"]),
+                case,
+                *(
+                    f"{providers[p]['images_per_s']:.1f}"
+                    for p in ("reference", "fast", "fast bf16")
+                ),
+                f"**{ratio(bf16['speedup_vs_fast_fp32'])}**",
+                f"{100 * bf16['identical_to_fast']:.0f}%",
+            ]
+        )
+    return lines
+
+
 def demo_rows(result: dict) -> list[list[str]]:
     return [
         [
@@ -294,6 +334,22 @@ TABLES = {
         speed_rows,
         "Median times; blip-fast = the fastest of blip-fast's backends; ITC and LM head loss: "
         "+ peak extra memory of one step.",
+    ),
+    "vqa_rank": Table(
+        ("vqa_rank",),
+        ("device", "threads", "config, questions x answers, k", "reference")
+        + ("reference+kernels", "fast", "fast vs reference / best baseline")
+        + ("max score diff", "matmul FLOP ratio"),
+        vqa_rank_rows,
+        "Time to rank every question (best of the runs); best baseline = the faster of "
+        "`reference` and `reference+kernels`; same chosen answers in every provider.",
+    ),
+    "caption": Table(
+        ("caption",),
+        ("device", "threads", "case", "reference img/s", "fast fp32 img/s", "fast bf16 img/s")
+        + ("bf16 vs fp32", "bf16 captions identical to fp32"),
+        caption_rows,
+        "Beam 3, max 20, min 5 (official COCO decoding); best of the runs.",
     ),
     "retrieval_eval": Table(
         ("retrieval_eval",),

@@ -1,4 +1,5 @@
-"""``blip-fast`` command line: demo, info, convert, eval-retrieval, capfilt, train."""
+"""``blip-fast`` command line: demo, info, convert, eval-retrieval, eval-caption, eval-nlvr,
+capfilt, train."""
 
 import argparse
 import json
@@ -31,6 +32,8 @@ def _demo(args):
     from blip_fast.models.blip_caption import BlipCaption
     from blip_fast.train.main import build_trainer
 
+    precision, why = _demo_precision(args.precision)
+    print(f"precision: {precision} ({why})")
     root = args.data or tempfile.mkdtemp(prefix="blip_fast_demo_")
     t0 = time.perf_counter()
     paths = make_synthetic(
@@ -70,6 +73,7 @@ def _demo(args):
         max_steps=args.steps,
         seed=args.seed,
         save_every=0,
+        precision=precision,
     )
     model = trainer.model
     print(
@@ -85,6 +89,10 @@ def _demo(args):
         + ", ".join(f"{k} {stats[k]:.3f}" for k in ("itc", "itm", "lm") if k in stats)
     )
     model.eval()
+    if args.save:
+        from blip_fast.checkpoint import save
+
+        print(f"saved the trained model: {save(model, args.save)}")
     size = model.cfg.vision.image_size
     dataset = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(size))
     print(
@@ -96,6 +104,7 @@ def _demo(args):
         tokenizer(),
         k_test=args.k_test,
         mode=args.mode,
+        precision=precision,
         progress=sys.stderr.isatty(),
     )
     _print_result(result)
@@ -106,6 +115,26 @@ def _demo(args):
     for i, caption in enumerate(captioner.eval().generate(images)):
         truth = dataset.text[dataset.img2txt[i][0]]
         print(f"caption {dataset.image[i]}: {caption!r} (truth: {truth!r})")
+
+
+def _demo_precision(requested: str) -> tuple[str, str]:
+    """The demo's autocast precision (training and retrieval evaluation; captions are fp32) for
+    ``--precision``, and why: auto is bf16 where the hardware has it (a GPU, a CPU with AMX or
+    AVX512-BF16), else fp32."""
+    from blip_fast.ops.linear import native_bf16
+
+    if torch.cuda.is_available():
+        native, hardware = True, "CUDA GPU"
+    elif native_bf16():
+        amx = torch.cpu._is_amx_tile_supported()
+        native, hardware = True, f"CPU has {'AMX' if amx else 'AVX512-BF16'} bf16"
+    else:
+        native, hardware = False, "no AMX / AVX512-BF16"
+    if requested == "auto":
+        return ("bf16" if native else "fp32"), f"auto: {hardware}"
+    if requested == "bf16" and not native:
+        return "bf16", f"requested; {hardware}: emulated, slower than fp32"
+    return requested, "requested"
 
 
 def _print_result(result):
@@ -135,6 +164,11 @@ def _info(args):
         "python": platform.python_version(),
         "extension_C": blip_fast.HAS_C,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_bf16": {  # what the C++ attention kernels may run bf16 products on
+            "amx": torch.cpu._is_amx_tile_supported(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+            "BLIP_FAST_CPU_BF16_PRODUCTS": envs.cpu_bf16_products(),
+        },
         "backends": {
             op: {
                 d: [
@@ -252,6 +286,46 @@ def _write_result(result, out, save_scores):
         print(text)
 
 
+def _eval_caption(args):
+    from blip_fast.eval.caption import evaluate
+
+    summary = evaluate(
+        args.model,
+        args.ann,
+        args.image_root,
+        args.out,
+        ground_truth=args.gt,
+        nocaps=args.nocaps,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def _eval_nlvr(args):
+    from blip_fast import tokenizer
+    from blip_fast.checkpoint import load
+    from blip_fast.data import test_transform
+    from blip_fast.data.nlvr import NLVRDataset
+    from blip_fast.eval.nlvr import evaluate
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load(args.model, task="nlvr").to(dev)
+    dataset = NLVRDataset(args.ann, args.image_root, test_transform(model.cfg.vision.image_size))
+    result = evaluate(
+        model,
+        dataset,
+        tokenizer(),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=dev,
+        progress=sys.stderr.isatty(),
+    )
+    print(json.dumps({**result, "model": str(args.model), "ann": str(args.ann)}, indent=2))
+
+
 def _capfilt(args):
     from blip_fast.train.capfilt import run
 
@@ -296,6 +370,14 @@ def main(argv=None):
     demo.add_argument("--captions", type=non_negative_int, default=3, help="test images to caption")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="training and retrieval evaluation (auto: bf16 on a GPU or a CPU with AMX / "
+        "AVX512-BF16, else fp32)",
+    )
+    demo.add_argument("--save", help="save the trained model here (official .pth layout)")
+    demo.add_argument(
         "--mode",
         choices=("fast", "reference"),
         default="fast",
@@ -333,6 +415,38 @@ def main(argv=None):
         help="also save both score matrices (OUT with .scores.pt)",
     )
     ev.set_defaults(fn=_eval_retrieval)
+    ec = sub.add_parser(
+        "eval-caption",
+        help="official caption evaluation: beam search, results JSON, pycocoevalcap metrics",
+    )
+    ec.add_argument("model", help="caption checkpoint (.pth, .safetensors or HF directory)")
+    ec.add_argument(
+        "--ann",
+        required=True,
+        help="split JSON [{image, caption: [...]}] (NoCaps: [{image, img_id}])",
+    )
+    ec.add_argument("--image-root", required=True)
+    ec.add_argument(
+        "--gt", help="COCO caption-format ground truth (default: from the --ann captions)"
+    )
+    ec.add_argument(
+        "--nocaps",
+        action="store_true",
+        help="NoCaps: repetition penalty 1.1, results for the evaluation server, no scoring",
+    )
+    ec.add_argument("--out", required=True, help="results JSON [{image_id, caption}]")
+    ec.add_argument("--batch-size", type=positive_int, default=32)
+    ec.add_argument("--num-workers", type=non_negative_int, default=4)
+    ec.add_argument("--device", type=device)
+    ec.set_defaults(fn=_eval_caption)
+    en = sub.add_parser("eval-nlvr", help="NLVR² accuracy of a fine-tuned model on a split")
+    en.add_argument("model", help="NLVR² checkpoint (.pth or .safetensors)")
+    en.add_argument("--ann", required=True, help="split JSON [{images: [2], sentence, label}]")
+    en.add_argument("--image-root", required=True)
+    en.add_argument("--batch-size", type=positive_int, default=64)
+    en.add_argument("--num-workers", type=non_negative_int, default=0)
+    en.add_argument("--device", type=device)
+    en.set_defaults(fn=_eval_nlvr)
     cf = sub.add_parser(
         "capfilt",
         help="caption + filter web data (JSON or webdataset shards) "
@@ -365,10 +479,55 @@ def main(argv=None):
     cf.add_argument("--num-workers", type=non_negative_int, default=4)
     cf.add_argument("--device", type=device)
     cf.set_defaults(fn=_capfilt)
-    tr = sub.add_parser(
-        "train", help="pre-training / retrieval / caption fine-tuning (alone or under torchrun)"
+    # search over one's own images (blip_fast.search)
+    from blip_fast.search import commands as search_commands
+
+    ix = sub.add_parser("index", help="index a folder / JSON list / .tar shards of images")
+    ix.add_argument("model", help="retrieval checkpoint (.pth, .safetensors or HF directory)")
+    ix.add_argument("src", help="image folder, JSON list of image paths, or .tar shards")
+    ix.add_argument("out", help="index folder (a rerun continues an interrupted build)")
+    ix.add_argument("--add", action="store_true", help="add SRC's new images to index OUT")
+    ix.add_argument("--batch-size", type=positive_int, default=32)
+    ix.add_argument("--chunk-size", type=positive_int, default=1024, help="images per commit")
+    ix.add_argument("--num-workers", type=non_negative_int, default=0)
+    ix.add_argument(
+        "--store-tokens",
+        choices=("fp16", "int8"),
+        help="keep each image's ViT tokens for reranking (fp16: 2 bytes a value; int8 ~1)",
     )
-    tr.add_argument("task", choices=("pretrain", "retrieval", "caption"))
+    ix.add_argument("--device", type=device)
+    ix.set_defaults(fn=search_commands.index)
+    se = sub.add_parser("search", help="the best images of an index for a text or an image")
+    se.add_argument("index", help="index folder (blip-fast index)")
+    se.add_argument("query", help="text, or an image file with --image")
+    se.add_argument("--image", action="store_true", help="QUERY is an image file")
+    se.add_argument("-k", type=positive_int, default=10, help="results")
+    se.add_argument("--candidates", type=positive_int, default=128, help="reranked by ITM")
+    se.add_argument("--no-rerank", action="store_true", help="ITC similarity only")
+    se.add_argument(
+        "--approximate",
+        action="store_true",
+        help="ITC candidates from a faiss index (pip install 'blip-fast[ann]'), not exact",
+    )
+    se.add_argument("--model", help="checkpoint (default: the one that built the index)")
+    se.add_argument("--device", type=device)
+    se.add_argument("--json", action="store_true", help="results as JSON")
+    se.add_argument("--html", metavar="OUT", help="also write the results as a contact sheet")
+    se.set_defaults(fn=search_commands.search)
+    sv = sub.add_parser("serve", help="a search page and JSON API over an index (extra: serve)")
+    sv.add_argument("index", help="index folder (blip-fast index)")
+    sv.add_argument("--model", help="checkpoint (default: the one that built the index)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=positive_int, default=8000)
+    sv.add_argument("--candidates", type=positive_int, default=128, help="reranked by ITM")
+    sv.add_argument("--no-rerank", action="store_true", help="ITC similarity only")
+    sv.add_argument("--device", type=device)
+    sv.set_defaults(fn=search_commands.serve)
+    tr = sub.add_parser(
+        "train",
+        help="pre-training / retrieval / caption / NLVR² fine-tuning (alone or under torchrun)",
+    )
+    tr.add_argument("task", choices=("pretrain", "retrieval", "caption", "nlvr"))
     tr.add_argument("--config", help="official YAML (pretrain.yaml, retrieval_coco.yaml, ...)")
     tr.add_argument(
         "overrides",

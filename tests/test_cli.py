@@ -2,6 +2,11 @@ import json
 import subprocess
 import sys
 
+import torch
+
+from blip_fast.cli import _demo_precision
+from blip_fast.ops.linear import native_bf16
+
 
 def _run(*args):
     return subprocess.run(
@@ -39,11 +44,22 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "txt_r1=" in r.stdout and "img_r10=" in r.stdout and "ITM pairs scored" in r.stdout
     assert "training 3 steps of 4 (1 ITC only, then ITC + ITM + LM)" in r.stdout
     assert sum(line.startswith("caption images/test/") for line in r.stdout.splitlines()) == 2
+    precision, why = _demo_precision("auto")
+    assert r.stdout.startswith(f"precision: {precision} ({why})\n"), r.stdout.splitlines()[0]
     ref = _run("demo", *small, "--mode", "reference")
     assert ref.returncode == 0, ref.stderr
     metrics = [line for line in r.stdout.splitlines() if line.startswith("txt_r1=")]
     assert metrics == [line for line in ref.stdout.splitlines() if line.startswith("txt_r1=")]
     assert (tmp_path / "test.json").exists()
+
+
+def test_demo_precision_auto_is_bf16_only_where_the_hardware_has_it():
+    auto, why = _demo_precision("auto")
+    assert auto == ("bf16" if torch.cuda.is_available() or native_bf16() else "fp32"), why
+    assert _demo_precision("fp32") == ("fp32", "requested")
+    assert _demo_precision("bf16")[0] == "bf16"
+    r = _run("demo", "--precision", "fp16")
+    assert r.returncode == 2 and "invalid choice: 'fp16'" in r.stderr
 
 
 def test_demo_defaults_reach_r1_50_on_the_synthetic_test_split(tmp_path):

@@ -19,8 +19,9 @@ from blip_fast.models.configs import list_configs
 
 __all__ = ["ConfigError", "validate_config"]
 
-ALL_TASKS = frozenset({"pretrain", "retrieval", "caption"})
+ALL_TASKS = frozenset({"pretrain", "retrieval", "caption", "nlvr"})
 CONTRASTIVE = frozenset({"pretrain", "retrieval"})
+TEXT_GENERATING = frozenset({"pretrain", "retrieval", "caption"})  # models with an LM decoder
 
 
 class ConfigError(ValueError):
@@ -99,7 +100,7 @@ SCHEMA: dict[str, Key] = {
     "train_file": Key(_paths),
     "train_shards": Key(_paths, frozenset({"pretrain"})),
     "image_root": Key(_str),
-    "ann_root": Key(_str, frozenset({"retrieval", "caption"})),
+    "ann_root": Key(_str, frozenset({"retrieval", "caption", "nlvr"})),
     "dataset": Key(_choice("flickr", "coco"), frozenset({"retrieval", "caption"})),
     "laion_path": Key(_optional_str, frozenset({"pretrain"})),  # official, unused
     "coco_gt_root": Key(_str, frozenset({"caption"})),  # official caption eval, unused here
@@ -118,8 +119,8 @@ SCHEMA: dict[str, Key] = {
     "negative_all_rank": Key(_bool, frozenset({"retrieval"})),
     "momentum": Key(_float(0.0, 1.0, open_high=True), CONTRASTIVE),
     "embed_dim": Key(POSITIVE, CONTRASTIVE),
-    "prompt": Key(lambda v: None if isinstance(v, str) else "expected a string"),
-    "label_smoothing": Key(_float(0.0, 1.0, open_high=True)),
+    "prompt": Key(lambda v: None if isinstance(v, str) else "expected a string", TEXT_GENERATING),
+    "label_smoothing": Key(_float(0.0, 1.0, open_high=True), TEXT_GENERATING),
     # optimisation
     "batch_size": Key(POSITIVE),
     "batch_size_train": Key(POSITIVE),

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset, Sampler
 
 from blip_fast.data.corrupt_report import record_corrupt
 from blip_fast.data.datasets import CorruptImage
+from blip_fast.data.nlvr import collate_nlvr
+from blip_fast.eval.nlvr import tokenize as tokenize_nlvr
 
 # (padding, max_length) per task, as the official models tokenise
 TOKENISATION = {
@@ -119,3 +121,17 @@ class Collate:
         if self.task == "retrieval":
             batch["idx"] = torch.tensor([s[2] for s in samples], dtype=torch.long)
         return batch
+
+
+class NLVRCollate:
+    """NLVR² samples (image0, image1, sentence, label) -> a batch: ``image`` (2B, 3, S, S), the
+    B first images then the B second ones; ``label`` (B,); the sentences tokenised as
+    evaluation does (padded to the longest, never truncated: ``pre_caption`` keeps 40 words)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples) -> dict:
+        images, sentences, labels = collate_nlvr(samples)
+        ids, mask = tokenize_nlvr(self.tokenizer, sentences, "cpu")
+        return {"image": images, "ids": ids, "mask": mask, "label": labels}

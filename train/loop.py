@@ -198,6 +198,10 @@ class Trainer:
                 if isinstance(v, float):
                     self.writer.add_scalar(f"train/{k}", v, record["global_step"])
 
+    def log_evaluation(self, split: str, metrics: dict):
+        """Append an evaluation of the model as it stands (``split``'s metrics) to the log."""
+        self._log({"global_step": self.global_step, "split": split, **metrics})
+
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
 

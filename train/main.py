@@ -1,9 +1,9 @@
-"""``blip-fast train pretrain|retrieval|caption --config CFG.yaml [key=value ...]``.
+"""``blip-fast train pretrain|retrieval|caption|nlvr --config CFG.yaml [key=value ...]``.
 
 Reads the official YAML configs unchanged (pretrain.yaml, retrieval_flickr.yaml,
-retrieval_coco.yaml, caption_coco.yaml); ``key=value`` arguments override their keys (values
-parsed as YAML). Keys beyond the official ones: ``model`` (a preset such as blip_small_demo
-instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead of
+retrieval_coco.yaml, caption_coco.yaml, nlvr.yaml); ``key=value`` arguments override their
+keys (values parsed as YAML). Keys beyond the official ones: ``model`` (a preset such as
+blip_small_demo instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead of
 ``ann_root`` + ``dataset``), ``image_root`` for pre-training JSONs with relative paths and
 ``train_shards`` (webdataset tar shards: a list, glob or ``{000..099}`` range) for pre-training,
 ``min_scale`` (random-resized-crop scale floor), ``train_augment: false`` (no augmentation),
@@ -11,6 +11,7 @@ instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead
 trained from scratch whose ITM hard negatives and captions mean nothing before ITC aligns) and
 ``image_token_drop`` (pre-training: the fraction of patch tokens the online ViT drops, FLIP-
 style; 0, the default, is the official objective; see ``ContrastiveTask``).
+NLVR² fine-tuning ends with the dev and test accuracy (``ann_root``'s official files), logged.
 Run alone, or under torchrun for several processes / nodes.
 """
 
@@ -21,23 +22,25 @@ from pathlib import Path
 import torch
 
 from blip_fast.data import PretrainDataset, RetrievalTrainDataset, test_transform, train_transform
+from blip_fast.data.nlvr import NLVRDataset
 from blip_fast.data.shards import ShardDataset
 from blip_fast.models.blip_base import backend_map
 from blip_fast.models.configs import BlipConfig, load_yaml, parse_yaml_value
 from blip_fast.train.config import validate_config
-from blip_fast.train.data import Collate, SeededSamples, TrainSampler
+from blip_fast.train.data import Collate, NLVRCollate, SeededSamples, TrainSampler
 from blip_fast.train.distributed import init_distributed, shutdown
 from blip_fast.train.loop import LoopConfig, Trainer
 from blip_fast.train.optim import LRSchedule, build_optimizer
-from blip_fast.train.task import CaptionTask, ContrastiveTask
+from blip_fast.train.task import CaptionTask, ContrastiveTask, NLVRTask
 
-TASKS = ("pretrain", "retrieval", "caption")
+TASKS = ("pretrain", "retrieval", "caption", "nlvr")
 # Official annotation file names under ``ann_root`` (BLIP data/*_dataset.py)
 TRAIN_FILES = {
     ("retrieval", "flickr"): "flickr30k_train.json",
     ("retrieval", "coco"): "coco_karpathy_train.json",
     ("caption", "coco"): "coco_karpathy_train.json",
 }
+NLVR_FILES = {"train": "nlvr_train.json", "dev": "nlvr_dev.json", "test": "nlvr_test.json"}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -69,10 +72,14 @@ def train_files(task: str, y: dict) -> list[str]:
     if files is None:
         if "ann_root" not in y:
             raise KeyError(f"{task} config: give 'train_file' or 'ann_root' (+ 'dataset')")
-        key = (task, y.get("dataset", "coco"))
-        if key not in TRAIN_FILES:
-            raise KeyError(f"{task} config: unknown dataset {key[1]!r}; give 'train_file'")
-        files = os.path.join(y["ann_root"], TRAIN_FILES[key])
+        if task == "nlvr":
+            name = NLVR_FILES["train"]
+        else:
+            key = (task, y.get("dataset", "coco"))
+            if key not in TRAIN_FILES:
+                raise KeyError(f"{task} config: unknown dataset {key[1]!r}; give 'train_file'")
+            name = TRAIN_FILES[key]
+        files = os.path.join(y["ann_root"], name)
     return [files] if isinstance(files, str) else list(files)
 
 
@@ -95,6 +102,11 @@ def build_dataset(task: str, y: dict, image_size: int):
         )
     if "image_root" not in y:
         raise KeyError(f"{task} config: 'image_root' is missing")
+    if task == "nlvr":
+        datasets = [
+            NLVRDataset(f, y["image_root"], transform, train=True) for f in train_files(task, y)
+        ]
+        return datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
     return RetrievalTrainDataset(
         train_files(task, y), y["image_root"], transform, skip_corrupt=True
     )
@@ -163,7 +175,7 @@ def build_trainer(
     torch.manual_seed(seed + dist_info.rank)  # official: seed + rank
     cfg = model_config(y)
     model = build_model(task, cfg, y, _with_levers(backend, levers)).to(dist_info.device)
-    if task != "caption":
+    if task in ("pretrain", "retrieval"):
         model.copy_params()  # momentum copies start as the online weights (official)
         model.foreach_momentum = levers.foreach_momentum
     batch_size = int(y.get("batch_size_train", y.get("batch_size", 32)))
@@ -178,7 +190,9 @@ def build_trainer(
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=dist_info.device.type == "cuda",
-        collate_fn=Collate(
+        collate_fn=NLVRCollate(tokenizer())
+        if task == "nlvr"
+        else Collate(
             tokenizer(), task, cfg.prompt if task == "caption" else "", levers.pad_to_longest
         ),
         generator=torch.Generator(),
@@ -203,15 +217,16 @@ def build_trainer(
         )
     else:
         schedule = LRSchedule("cosine", init_lr, float(y.get("min_lr", 0.0)), max_epoch)
-        step_module = (
-            CaptionTask(model)
-            if task == "caption"
-            else ContrastiveTask(
+        if task == "caption":
+            step_module = CaptionTask(model)
+        elif task == "nlvr":
+            step_module = NLVRTask(model)
+        else:
+            step_module = ContrastiveTask(
                 model,
                 negative_all_rank=cfg.negative_all_rank,
                 share_image_kv=levers.share_image_kv,
             )
-        )
     optimizer = build_optimizer(model, init_lr, float(y.get("weight_decay", 0.05)))
     precision = precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
     loop_cfg = LoopConfig(
@@ -239,6 +254,32 @@ def build_trainer(
     if resume:
         trainer.resume(resume)
     return trainer
+
+
+def evaluate_nlvr(trainer: Trainer, y: dict, num_workers: int = 0) -> dict[str, float]:
+    """Accuracy (%) of the NLVR² model being trained on the dev and test files of ``ann_root``
+    (official ``nlvr_dev.json`` / ``nlvr_test.json``), each logged; {} when the config gives
+    no ``ann_root`` (a ``train_file`` alone names no evaluation split)."""
+    from blip_fast import tokenizer
+    from blip_fast.eval.nlvr import evaluate
+
+    if "ann_root" not in y:
+        return {}
+    transform = test_transform(trainer.model.cfg.vision.image_size)
+    accuracy = {}
+    for split in ("dev", "test"):
+        dataset = NLVRDataset(Path(y["ann_root"]) / NLVR_FILES[split], y["image_root"], transform)
+        result = evaluate(
+            trainer.model,
+            dataset,
+            tokenizer(),
+            batch_size=int(y.get("batch_size_test", 64)),
+            num_workers=num_workers,
+            device=trainer.dist.device,
+        )
+        trainer.log_evaluation(split, result)
+        accuracy[split] = result["acc"]
+    return accuracy
 
 
 def main(args):
@@ -273,5 +314,11 @@ def main(args):
             f"trained {trainer.global_step} steps; last: "
             + ", ".join(f"{k} {v:.4f}" for k, v in stats.items())
         )
+        if args.task == "nlvr":
+            accuracy = evaluate_nlvr(trainer, y, args.num_workers)
+            print(
+                ", ".join(f"{split} accuracy {acc:.2f}%" for split, acc in accuracy.items())
+                or "no ann_root in the config: dev and test were not evaluated"
+            )
     trainer.close()
     shutdown()

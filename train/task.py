@@ -3,9 +3,11 @@
 A batch is a dict: ``image`` (B, 3, S, S), ``ids`` / ``mask`` (B, L) tokenised with [CLS] first,
 ``idx`` (B,) image ids (retrieval fine-tuning), ``alpha`` (float, ITC distillation weight) and
 ``neg_u`` (2, B) uniform numbers that draw the hard negatives, ``itc_only`` (bool, optional:
-an ITC warm-up step, ITM and LM skipped). ``forward(batch)`` returns the
-losses (``loss`` = their sum) and ``queue``: this rank's momentum features (and idx) to enqueue
-once the backward pass no longer reads the queues.
+an ITC warm-up step, ITM and LM skipped). NLVR² batches hold two images per text: ``image``
+(2B, 3, S, S), the B first images then the B second ones, and ``label`` (B,) int64, 1 = "True".
+``forward(batch)`` returns the losses (``loss`` = their sum) and, in the contrastive tasks,
+``queue``: this rank's momentum features (and idx) to enqueue once the backward pass no longer
+reads the queues.
 
 The contrastive task runs in three phases so a test can stand in for the collectives and
 simulate several ranks in one process: ``encode`` (this rank's features), ``exchange`` (the
@@ -200,3 +202,19 @@ class CaptionTask(nn.Module):
             m.cfg.label_smoothing,
         )
         return {"lm": lm, "loss": lm}
+
+
+class NLVRTask(nn.Module):
+    """NLVR² fine-tuning (``BlipNLVR``): cross-entropy of ``cls_head``'s two logits, as
+    official ``train_nlvr``; ``acc`` (the batch's accuracy, not a loss) is logged beside it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> dict:
+        logits = self.model(batch["image"], batch["ids"], batch["mask"])
+        ce = F.cross_entropy(logits.float(), batch["label"])
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return {"nlvr": ce, "loss": ce, "acc": acc}

@@ -7,6 +7,10 @@ and shape, their left-to-right order and, in most phrasings, the background. No 
 twice in or across splits, so captions are discriminative: a small contrastive model can learn
 retrieval from them. Everything derives from ``seed`` (same seed and Pillow build, same bytes).
 
+NLVR²-style annotations pair two scenes of a split with a statement about the pair ("the left
+image contains a red circle", "both images contain a square", "the right image has more shapes
+than the left image"), half of them true.
+
     python -m blip_fast.data.synthetic ROOT [--n-train 1000] [--image-size 128]
 """
 
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["Scene", "make_synthetic", "render", "scene_captions"]
+__all__ = ["NLVR_KINDS", "Scene", "make_synthetic", "nlvr_statements", "render", "scene_captions"]
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {
@@ -173,6 +177,65 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
     return [templates[order[k % len(templates)]]() for k in range(n)]
 
 
+NLVR_KINDS = ("contains", "more", "both")
+
+
+def nlvr_statements(left: Scene, right: Scene, kind: str, label: bool) -> list[str]:
+    """Every statement of ``kind`` about the pair (``left``, ``right``) whose truth is
+    ``label`` (possibly none).
+
+    Objects are named by colour and shape, without size. A false "contains" statement names
+    an object that neither image holds: which image holds an object is left to the other
+    kinds, as a small model pre-trained for minutes learns that too slowly to show."""
+    sides = (("left", left, "right", right), ("right", right, "left", left))
+    if kind == "contains":
+        pair = {(c, s) for scene in (left, right) for _, c, s in scene.objects}
+        absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - pair)
+        out = []
+        for side, own, _, _ in sides:
+            have = sorted({(colour, shape) for _, colour, shape in own.objects})
+            out += [f"the {side} image contains a {c} {s}" for c, s in (have if label else absent)]
+        return out
+    if kind == "more":
+        return [
+            f"the {side} image has more shapes than the {other_side} image"
+            for side, own, other_side, other in sides
+            if (len(own.objects) > len(other.objects)) == label
+        ]
+    if kind == "both":
+        shapes = [{shape for _, _, shape in scene.objects} for scene in (left, right)]
+        named = shapes[0] & shapes[1] if label else shapes[0] ^ shapes[1]
+        return [f"both images contain a {shape}" for shape in sorted(named)]
+    raise ValueError(f"unknown NLVR statement kind {kind!r}; known: {NLVR_KINDS}")
+
+
+def _nlvr_pairs(images: list[tuple[str, Scene]], n: int, rng: np.random.Generator) -> list[dict]:
+    """``n`` NLVR² entries (official format) over pairs of ``images``: labels exactly
+    balanced (the odd one out "True"), and within each kind of statement a label is as likely
+    as the other, so the sentence alone tells nothing. A pair without a statement of the drawn
+    kind and label is replaced by another pair (up to 100 times)."""
+    if len(images) < 2:
+        return []
+    entries = []
+    for label in rng.permutation(np.arange(n) % 2 == 0).tolist():
+        kind = NLVR_KINDS[int(rng.integers(len(NLVR_KINDS)))]
+        for _ in range(100):
+            i, j = rng.choice(len(images), size=2, replace=False)
+            statements = nlvr_statements(images[i][1], images[j][1], kind, label)
+            if statements:
+                break
+        else:  # a split too small to hold such a pair: a "contains" statement fits any pair
+            statements = nlvr_statements(images[i][1], images[j][1], "contains", label)
+        entries.append(
+            {
+                "images": [images[i][0], images[j][0]],
+                "sentence": statements[int(rng.integers(len(statements)))],
+                "label": str(label),
+            }
+        )
+    return entries
+
+
 def _split(name: str, n: int, root: Path, size: int, seen: set, rng: np.random.Generator):
     """Render ``n`` new scenes as ``images/<name>/<i>.jpg``; yields (relpath, stem, scene)."""
     folder = root / "images" / name
@@ -201,6 +264,7 @@ def make_synthetic(
     captions_per_train_image: int = 5,
     pretrain_noise: float = 0.2,
     seed: int = 0,
+    nlvr_pairs_per_image: int = 2,
 ) -> dict[str, Path]:
     """Write the data set under ``root`` and return its paths.
 
@@ -210,19 +274,26 @@ def make_synthetic(
     - ``val.json``, ``test.json``: ``[{"image", "caption": [5 str]}]`` (retrieval eval format);
     - ``pretrain.json``: ``[{"image", "caption": str}]`` over the train images, one caption each,
       where a ``pretrain_noise`` fraction of captions belong to another image (web-like noise
-      for CapFilt to remove); ``pretrain_noisy.json`` lists the indices of those entries.
+      for CapFilt to remove); ``pretrain_noisy.json`` lists the indices of those entries;
+    - ``nlvr_train.json``, ``nlvr_dev.json``, ``nlvr_test.json``: ``[{"images": [2 paths],
+      "sentence", "label": "True" | "False"}]`` (official NLVR² format), ``nlvr_pairs_per_image``
+      entries per image of the train, val and test split, drawn from their own random stream:
+      every other file is the same with or without them.
     Test scenes come first, so they depend only on ``seed`` and ``n_test_images``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
+    # a SeedSequence's n-th child is the same however many are spawned: stream 4 (NLVR²) was
+    # added without changing the others
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     seen: set[Scene] = set()
     paths = {"root": root, "image_root": root}
+    scenes = {}
     for name, n, rng in (("test", n_test_images, rngs[0]), ("val", n_val_images, rngs[1])):
-        ann = [
-            {"image": rel, "caption": scene_captions(scene, rng, 5)}
-            for rel, _, scene in _split(name, n, root, image_size, seen, rng)
-        ]
+        ann, scenes[name] = [], []
+        for rel, _, scene in _split(name, n, root, image_size, seen, rng):
+            ann.append({"image": rel, "caption": scene_captions(scene, rng, 5)})
+            scenes[name].append((rel, scene))
         paths[name] = _dump(ann, root / f"{name}.json")
     train, images = [], []
     for rel, stem, scene in _split("train", n_train_images, root, image_size, seen, rngs[2]):
@@ -244,6 +315,11 @@ def make_synthetic(
         pretrain[i]["caption"] = scene_captions(images[j][1], rng, 1)[0]
     paths["pretrain"] = _dump(pretrain, root / "pretrain.json")
     paths["pretrain_noisy"] = _dump(noisy, root / "pretrain_noisy.json")
+
+    for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        split_images = images if split == "train" else scenes[split]
+        pairs = _nlvr_pairs(split_images, nlvr_pairs_per_image * len(split_images), rngs[4])
+        paths[f"nlvr_{name}"] = _dump(pairs, root / f"nlvr_{name}.json")
     return paths
 
 

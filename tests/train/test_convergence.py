@@ -12,8 +12,9 @@ STEPS = 60
 BATCH = 8
 
 
-def _losses(synthetic_train, out_dir, backend, levers) -> list[dict]:
-    # the demo's hyper-parameters (blip_fast.cli), full steps from the first
+def _losses(synthetic_train, out_dir, backend=None, levers=None, precision="fp32") -> list[dict]:
+    """Each step's logged losses, training as ``blip-fast demo`` does: its hyper-parameters
+    (blip_fast.cli), full steps from the first, seed 0."""
     y = {
         "model": "blip_demo",
         "train_file": str(synthetic_train["train"]),
@@ -36,7 +37,8 @@ def _losses(synthetic_train, out_dir, backend, levers) -> list[dict]:
         max_steps=STEPS,
         seed=0,
         backend=backend,
-        levers=levers,
+        levers=levers or StepLevers(),
+        precision=precision,
     )
     trainer.train()
     trainer.close()
