@@ -141,6 +141,9 @@ setup(
             "nvidia-dali-cuda130",
             "scikit-image",
             "simplejpeg",
+            # caption scoring (needs java) and approximate search, so their tests run in CI
+            "pycocoevalcap",
+            "faiss-cpu",
             # blip-fast serve's API and page tests (chromium itself is a system package)
             "fastapi",
             "uvicorn",
