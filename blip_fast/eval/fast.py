@@ -14,8 +14,9 @@ similarity, every other entry -100), but:
   distinct text, and the last layer only for the [ENC] token the ITM head reads
   (``blip_fast.models.blip_retrieval.GatheredITM``);
 - the text encoder's linear layers run prepacked oneDNN GEMMs on CPU (``ops.prepack_linears``:
-  2.1-2.4x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path; bf16 on AMX under
-  bf16 autocast).
+  2.1-2.4x MKL's fp32 throughput on AMD EPYC, where MKL takes its AVX2 path); under bf16
+  autocast the reranker runs an all-bf16 copy of the text encoder (``reranker_dtype``): bf16
+  GEMMs on AMX with no cast between layers.
 The similarities that choose the candidates are fp32 at any precision (``similarities``).
 Top-k candidates are selected with exactly the reference's calls, so ties at the k-th place
 resolve identically. Multi-process (torch.distributed initialised): rank 0's embeddings are
@@ -103,6 +104,16 @@ def _rank_image_range(pairs_per_image: torch.Tensor, rank: int, world: int):
     return bounds[rank], bounds[rank + 1]
 
 
+def reranker_dtype(device) -> torch.dtype | None:
+    """bf16 under bf16 autocast: the reranker then runs an all-bf16 copy of the text encoder
+    (``GatheredITM``), the scores' similarities stay fp32. None otherwise: the model's weights
+    under whatever autocast the caller set (fp16's range is too narrow for an all-fp16 copy)."""
+    dev = torch.device(device).type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
 @torch.no_grad()
 def fast_scores(
     model,
@@ -143,7 +154,7 @@ def fast_scores(
     per_image_bytes = len(layers) * 2 * n_tok * hidden * image_feats.element_size()
     chunk = max(1, int(kv_budget_bytes // max(per_image_bytes, 1)))
     starts = torch.cat([per_image.new_zeros(1), torch.cumsum(per_image, 0)]).tolist()
-    itm = model.gathered_itm()
+    itm = model.gathered_itm(reranker_dtype(sims.device))
     kv_s = itm_s = 0.0
     ran = 0
     for c0 in tqdm(range(lo, hi, chunk), desc="rerank", disable=not progress):

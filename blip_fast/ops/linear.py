@@ -18,7 +18,7 @@ copy of its weight, packed on first use: oneDNN's AMX / AVX512-BF16 kernels wher
 them. On a Xeon with AMX (2 shared cores, 1 thread) bf16 GEMMs at BERT-base's reranker shapes
 run 4-8x the fp32 ones, less at 256-wide layers; the packed one ~1.4x autocast's ``F.linear``,
 which casts the weight on every call (``benchmarks/bench_linear.py``). The fp32 bias is fused
-as is.
+as is. A module already in bf16 (an all-bf16 inference copy) packs its bf16 weights directly.
 
 Backends (``_backend.PREFERENCE["linear"]``): ``onednn`` on CPU where torch has mkldnn, else
 ``reference`` (``prepack_linears`` returns ``module`` itself: ``F.linear``, what models run).
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_fast.ops import _backend
+
+_PACKABLE = (torch.float32, torch.bfloat16)  # weight dtypes oneDNN packs
 
 
 def native_bf16() -> bool:
@@ -57,9 +59,9 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, activation: str | None = None, packed=None):
         """``packed``: another PackedLinear's packed weights (dtype -> packed), shared."""
         super().__init__()
-        if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+        if linear.weight.device.type != "cpu" or linear.weight.dtype not in _PACKABLE:
             raise ValueError(
-                f"PackedLinear: needs an fp32 CPU weight, got "
+                f"PackedLinear: needs an fp32 or bf16 CPU weight, got "
                 f"{linear.weight.dtype} on {linear.weight.device}"
             )
         if activation not in self.ACTIVATIONS:
@@ -69,11 +71,11 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.linear, self.activation = linear, activation  # shared, for the F.linear path
         # dtype -> (out_features, in_features) in oneDNN's blocked layout, an opaque mkldnn
-        # tensor; fp32 now, bf16 on first use (a dict shared by ``with_activation`` copies)
+        # tensor; the weight's dtype now, the other on first use (a dict shared by
+        # ``with_activation`` copies)
+        w = linear.weight.detach()
         self.packed = (
-            {torch.float32: torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())}
-            if packed is None
-            else packed
+            {w.dtype: torch.ops.mkldnn._reorder_linear_weight(w)} if packed is None else packed
         )
 
     @property
@@ -123,12 +125,11 @@ class PackedLinear(nn.Module):
 
 
 def _packable(m: nn.Module) -> bool:
-    # fp32 only: bf16 / fp16 F.linear already runs oneDNN on CPU
-    return type(m) is nn.Linear and m.weight.dtype == torch.float32
+    return type(m) is nn.Linear and m.weight.dtype in _PACKABLE
 
 
 def prepack_linears(module: nn.Module, backend: str | None = None) -> nn.Module:
-    """Inference copy of ``module`` with every fp32 ``nn.Linear`` (or ``module`` itself, if
+    """Inference copy of ``module`` with every fp32 or bf16 ``nn.Linear`` (or ``module`` itself, if
     one) replaced by a ``PackedLinear`` (backend ``onednn``), or ``module`` itself (backend
     ``reference``). ``backend``: None = ``BLIP_FAST_BACKEND``, else the best available for
     the module's device."""

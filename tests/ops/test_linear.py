@@ -139,9 +139,27 @@ def test_falls_back_to_linear_for_grads_fp16_autocast_and_other_dtypes():
             packed(x64)
 
 
-def test_packed_linear_rejects_non_fp32_weights():
-    with pytest.raises(ValueError, match="fp32 CPU weight"):
-        PackedLinear(nn.Linear(4, 4).bfloat16())
+def test_packed_linear_rejects_unpackable_weights():
+    with pytest.raises(ValueError, match="fp32 or bf16 CPU weight, got torch.float16"):
+        PackedLinear(nn.Linear(4, 4).half())
+
+
+@needs_onednn
+@needs_bf16
+def test_bf16_module_packs_its_bf16_weights():
+    """An all-bf16 inference copy: bf16 in, bf16 out on the bf16 packed weight, the same
+    product as bf16 ``F.linear`` up to accumulation order (no cast of the weight per call)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96).bfloat16()
+    x = torch.randn(8, 64).bfloat16()
+    packed = PackedLinear(linear)
+    assert list(packed.packed) == [torch.bfloat16]
+    with torch.no_grad():
+        out = torch.full((8, 96), float("nan"), dtype=torch.bfloat16)
+        out.copy_(packed(x))
+        want = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
 
 
 @needs_onednn
@@ -166,6 +184,7 @@ def test_prepack_copies_modules_shares_tensors_leaves_original():
         nn.LayerNorm(64),
         nn.Sequential(nn.Linear(64, 16)),
         nn.Linear(16, 8).bfloat16(),
+        nn.Linear(8, 8).half(),
     )
     packed = prepack_linears(model)
     assert [type(m) for m in packed] == [
@@ -173,8 +192,9 @@ def test_prepack_copies_modules_shares_tensors_leaves_original():
         nn.GELU,
         nn.LayerNorm,
         nn.Sequential,
+        PackedLinear,
         nn.Linear,
-    ]  # the bf16 layer is kept
+    ]  # fp32 and bf16 layers packed, the fp16 one kept
     assert type(packed[3][0]) is PackedLinear
     assert all(type(m) is not PackedLinear for m in model.modules())
     ids = {id(p) for p in model.parameters()}
