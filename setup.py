@@ -150,6 +150,7 @@ setup(
             "python-multipart",
             "httpx",
             "playwright",
+            "av>=18",  # PyAV: video clips for text-to-video retrieval
         ],
         "triton": ["triton>=3.7,<3.8"],
         "dali": ["nvidia-dali-cuda130", "simplejpeg"],
@@ -160,6 +161,7 @@ setup(
         # approximate search (blip-fast search --approximate)
         "ann": ["faiss-cpu"],
         "serve": ["fastapi", "uvicorn", "python-multipart"],  # blip-fast serve
+        "video": ["av>=18"],  # PyAV: decoding clips (blip-fast eval-video)
     },
     entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},
 )

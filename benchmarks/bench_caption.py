@@ -23,12 +23,15 @@ captions without a prompt, as the demo's do): ``--checkpoint`` one saved by ``bl
 --save``, or, without it, the demo is run here first (defaults, a few minutes on 2 cores).
 The test images are the demo's (synthetic set, seed 0, regenerated here). The demo model is
 tiny (one 128-wide text layer): its decoding step is mostly (beams, 30524-word) passes that bf16
-does not speed up. A second case, speed only, captions the same images with random weights of
-``--random-config`` (default ``blip_small_demo``: 4 text layers of 256, the official prompt),
-where the GEMMs weigh more; its caption agreement is not meaningful.
+does not speed up. Further cases, speed only, caption the same images with random weights of
+the ``--random`` presets (default ``blip_small_demo``: 4 text layers of 256, 100 images, and
+``blip_base_vit_b16_224``: ViT-B/16 and a 12-layer BERT-base decoder as people serve it, 12
+images), with the official prompt, where the GEMMs weigh more; their caption agreement is not
+meaningful.
 
     python benchmarks/bench_caption.py [--checkpoint PATH] [--device cpu|cuda] [--images N]
-        [--batch-size B] [--threads N] [--repeats R] [--allow-dirty]
+        [--random PRESET[:IMAGES] ...] [--batch-size B] [--threads N] [--repeats R]
+        [--allow-dirty]
 
 Writes benchmarks/results/caption[_<N>t]-<device>.json; refuses an uncommitted tree unless
 ``--allow-dirty`` (a dry run).
@@ -176,9 +179,11 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=3, help="alternated runs, fastest kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--random-config",
-        default="blip_small_demo",
-        help="preset of the random-weight speed case ('' for none)",
+        "--random",
+        nargs="*",
+        default=["blip_small_demo", "blip_base_vit_b16_224:12"],
+        metavar="PRESET[:IMAGES]",
+        help="presets of the random-weight speed cases (IMAGES: default --images)",
     )
     p.add_argument(
         "--bf16",
@@ -197,19 +202,18 @@ def main():
     dev = args.device
     folder = tempfile.mkdtemp(prefix="bench_caption_")
     checkpoint = args.checkpoint or train_demo(folder)
-    cases = [(f"demo model, {args.images} images", demo_captioners(checkpoint, dev))]
-    if args.random_config:
-        models = random_captioners(args.random_config, dev)
-        cases.append((f"{args.random_config} random, {args.images} images", models))
+    cases = [(f"demo model, {args.images} images", args.images, demo_captioners(checkpoint, dev))]
+    for spec in args.random:
+        config, _, n = spec.partition(":")
+        n = int(n) if n else args.images
+        cases.append((f"{config} random, {n} images", n, random_captioners(config, dev)))
     print(
         f"{_harness.device_name(dev)}; torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; batch {args.batch_size}, {DECODING}"
     )
     rows = []
-    for case, models in cases:
-        images = test_images(
-            os.path.join(folder, "test"), args.images, models[1].cfg.vision.image_size, dev
-        )
+    for case, n, models in cases:
+        images = test_images(os.path.join(folder, "test"), n, models[1].cfg.vision.image_size, dev)
         rows += measure(case, models, images, args)
     backends = {op: _backend.resolve(op, dev) for op in _backend.PREFERENCE}
     demo = args.checkpoint or "blip-fast demo, trained here"

@@ -15,11 +15,19 @@ candidates' image tokens recomputed vs stored.
     tokens recomputed from the files (the default; the reference) against tokens stored at
     build (``--store-tokens fp16`` / ``int8``): latency p50 / p95 over ``--rerank-queries``
     (base: ``--base-queries``) queries after one warm-up, bytes per item, and the top-10
-    agreement of the int8-token ranking with the fp16-token one. Base on the CPU is slow: there
+    agreement of the int8-token ranking with the fp16-token one; with bf16 (CUDA, or a CPU with
+    AMX / AVX512-BF16) also the recomputed path reranking in bf16 (``Index(...,
+    precision="bf16")``) and its top-10 agreement with fp32's. Base on the CPU is slow: there
     ``--base-candidates`` (default 8) candidates and no int8 index.
 
+(c) Index build: images per second of ``Index.build`` over ``--build-images`` synthetic
+    480 px JPEGs (decoding, resizing, the ViT, the commits), with image decoding in the main
+    process and in ``--num-workers`` processes, against the bare ViT + projection forward on
+    the same images already decoded, in batches of the same size (32): the share of the
+    build the model itself takes. ``blip_base_vit_b16_224``; ms per image, 2 rounds each.
+
     python benchmarks/bench_search.py [--sizes N ...] [--device cpu|cuda] [--skip-base]
-        [--allow-dirty]
+        [--build-images N] [--num-workers N] [--allow-dirty]
 
 Rows carry ``median_ms`` (p50), ``p95_ms`` and ratios against the section's reference (exact;
 recomputed tokens), and the 1-minute load average around them (others may share the CPU).
@@ -37,9 +45,11 @@ import numpy as np
 import torch
 
 from blip_fast import create_model
-from blip_fast.data import make_synthetic
+from blip_fast.data import load_image, make_synthetic, test_transform
+from blip_fast.ops.linear import native_bf16
 from blip_fast.search import Index, rank
 from blip_fast.search.ann import AnnIndex
+from blip_fast.search.encode import encode_pixels
 from blip_fast.search.sources import Item
 from blip_fast.search.store import Store
 from blip_fast.search.tokens import bytes_per_item
@@ -154,34 +164,89 @@ def rerank_rows(name: str, candidates: int, n_queries: int, formats, device: str
         # the recomputed path: the fp16 index read as one built without tokens
         plain = Store.open(os.path.join(root, formats[0]))
         plain.manifest = {**plain.manifest, "tokens": None}
-        indexes = {None: Index(plain, model), **indexes}
+        providers = {"recomputed tokens": Index(plain, model)}
+        if device.startswith("cuda") or native_bf16():
+            providers["recomputed tokens, bf16"] = Index(plain, model, "bf16")
+        providers.update({f"stored {fmt} tokens": index for fmt, index in indexes.items()})
         queries = QUERIES[:n_queries]
         with torch.no_grad():
             num_tokens, width = model.image_embeds(
                 torch.zeros(1, 3, size, size, device=device)
             ).shape[1:]
-        for fmt, index in indexes.items():
+        for provider, index in providers.items():
             load = os.getloadavg()[0]
             rows.append(
                 {
                     "case": f"{name} {size}px, {candidates} candidates",
-                    "provider": f"stored {fmt} tokens" if fmt else "recomputed tokens",
+                    "provider": provider,
                     **latency(lambda q, i=index: i.search(q, k=K, candidates=candidates), queries),
                 }
             )
             rows[-1]["load_avg_1min"] = [load, os.getloadavg()[0]]
-            rankings[fmt] = [
+            rankings[provider] = [
                 [h.path for h in index.search(q, k=K, candidates=candidates)] for q in queries
             ]
     stored = {fmt: bytes_per_item(num_tokens, width, fmt) for fmt in ("fp16", "int8")}
+    agreement_with = {  # provider -> the ranking it approximates
+        "stored int8 tokens": "stored fp16 tokens",
+        "recomputed tokens, bf16": "recomputed tokens",
+    }
     for row in rows:
         row["bytes_per_item"] = {"feature": 2 * model.cfg.embed_dim, "tokens": stored}
-        if row["provider"] == "stored int8 tokens":
+        exact = agreement_with.get(row["provider"])
+        if exact:
             agreement = [
-                len(set(a) & set(b)) / K for a, b in zip(rankings["int8"], rankings["fp16"])
+                len(set(a) & set(b)) / K for a, b in zip(rankings[row["provider"]], rankings[exact])
             ]
-            row["top10_agreement_with_fp16"] = float(np.mean(agreement))
+            row["top10_agreement"] = {"with": exact, "share": float(np.mean(agreement))}
     _harness.add_ratios(rows, ("recomputed tokens",))
+    return rows
+
+
+def build_rows(name: str, n: int, num_workers: int, device: str) -> list[dict]:
+    """ms per image of ``Index.build`` on ``n`` 480 px photos against the bare image forward."""
+    torch.manual_seed(0)
+    model = create_model("retrieval", name).to(device).eval()
+    size = model.cfg.vision.image_size
+    case = f"{name} {size}px, build from {n} 480px JPEGs"
+    with tempfile.TemporaryDirectory(prefix="bench_search_") as root:
+        make_synthetic(root, n_train_images=0, n_test_images=n, n_val_images=0, image_size=480)
+        photos = os.path.join(root, "images", "test")
+        transform = test_transform(size)
+        pixels = torch.stack(
+            [transform(load_image(os.path.join(photos, f))) for f in os.listdir(photos)]
+        )
+
+        def bare(_):
+            with torch.no_grad():
+                for b in range(0, n, 32):
+                    encode_pixels(model, pixels[b : b + 32], device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def build(_, workers):
+            out = tempfile.mkdtemp(dir=root)  # a new index every round, not a resumed one
+            Index.build(model, photos, out, num_workers=workers, progress=False)
+
+        runs = {"bare ViT forward": bare, "Index.build, decoding inline": lambda i: build(i, 0)}
+        if num_workers:
+            runs[f"Index.build, {num_workers} decoding workers"] = lambda i: build(i, num_workers)
+        rows = []
+        for provider, fn in runs.items():
+            load = os.getloadavg()[0]
+            timing = latency(fn, [0, 1])
+            rows.append(
+                {
+                    "case": case,
+                    "provider": provider,
+                    "median_ms": timing["median_ms"] / n,
+                    "p95_ms": timing["p95_ms"] / n,
+                    "rounds": timing["rounds"],
+                    "images_per_s": 1e3 * n / timing["median_ms"],
+                    "load_avg_1min": [load, os.getloadavg()[0]],
+                }
+            )
+    _harness.add_ratios(rows, ("bare ViT forward",))
     return rows
 
 
@@ -195,6 +260,8 @@ def main():
     p.add_argument("--base-candidates", type=int)
     p.add_argument("--base-queries", type=int, default=2)
     p.add_argument("--skip-base", action="store_true")
+    p.add_argument("--build-images", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow-dirty", action="store_true", help=_harness.ALLOW_DIRTY_HELP)
     args = p.parse_args()
@@ -215,6 +282,9 @@ def main():
         rows += _print(
             rerank_rows("blip_base_vit_b16_384", base, args.base_queries, formats, args.device)
         )
+    rows += _print(
+        build_rows("blip_base_vit_b16_224", args.build_images, args.num_workers, args.device)
+    )
     path = _harness.write_results(
         "search",
         args.device,
@@ -235,7 +305,13 @@ def main():
 
 
 def _print(rows: list[dict]) -> list[dict]:
-    shown = ("recall_at_10", "faiss_build_s", "bytes_per_item", "top10_agreement_with_fp16")
+    shown = (
+        "recall_at_10",
+        "faiss_build_s",
+        "bytes_per_item",
+        "top10_agreement",
+        "images_per_s",
+    )
     for r in rows:
         extra = {k: r[k] for k in shown if k in r}
         print(

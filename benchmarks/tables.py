@@ -277,9 +277,16 @@ def demo_rows(result: dict) -> list[list[str]]:
             f"{seconds(row['best_wall_s'])} (best of {len(row['runs_wall_s'])})",
             seconds(row["training_s"]),
             *(f"{row['metrics'][key]:.1f}%" for key in ("txt_r1", "img_r1", "txt_r5", "img_r5")),
+            _bf16_delta(row.get("bf16_vs_fp32")),
         ]
         for row in result["rows"]
     ]
+
+
+def _bf16_delta(deltas: dict | None) -> str:
+    if deltas is None:
+        return "—"
+    return f"{deltas['max_abs_delta']:.2f} ({deltas['images']} images, k {deltas['k_test']})"
 
 
 def data_rows(result: dict) -> list[list[str]]:
@@ -293,6 +300,34 @@ def data_rows(result: dict) -> list[list[str]]:
         ]
         for row in result["rows"]
     ]
+
+
+def search_rows(result: dict) -> list[list[str]]:
+    lines = []
+    for row in result["rows"]:
+        notes = []
+        if "recall_at_10" in row:
+            notes.append(f"recall@10 {row['recall_at_10']:.3f}")
+        if row["provider"].startswith("stored "):
+            fmt = row["provider"].split()[1]
+            notes.append(f"{row['bytes_per_item']['tokens'][fmt]:,} B/item of tokens")
+        if "top10_agreement" in row:
+            agreement = row["top10_agreement"]
+            notes.append(f"top-10 {100 * agreement['share']:.0f}% as `{agreement['with']}`")
+        if "images_per_s" in row:
+            notes.append(f"{row['images_per_s']:.2f} images/s")
+        lines.append(
+            [
+                result["provenance"]["device"],
+                row["case"],
+                f"`{row['provider']}`",
+                ms(row["median_ms"]),
+                ms(row["p95_ms"]),
+                ratio(row["speedup_vs_reference"]),
+                ", ".join(notes) or "—",
+            ]
+        )
+    return lines
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -311,7 +346,8 @@ _SPEED_HEADER += ("blip-fast vs reference", "vs best baseline")
 TABLES = {
     "demo": Table(
         ("demo",),
-        ("device", "demo arguments", "wall time", "training", "TR@1", "IR@1", "TR@5", "IR@5"),
+        ("device", "demo arguments", "wall time", "training", "TR@1", "IR@1", "TR@5", "IR@5")
+        + ("bf16 vs fp32: largest R@1/5/10 change",),
         demo_rows,
     ),
     "train_step": Table(
@@ -350,6 +386,13 @@ TABLES = {
         + ("bf16 vs fp32", "bf16 captions identical to fp32"),
         caption_rows,
         "Beam 3, max 20, min 5 (official COCO decoding); best of the runs.",
+    ),
+    "search": Table(
+        ("search",),
+        ("device", "case", "provider", "p50", "p95", "vs section reference", "notes"),
+        search_rows,
+        "Per query (build: per image); section references: exact top-k, recomputed tokens, the "
+        "bare ViT forward.",
     ),
     "retrieval_eval": Table(
         ("retrieval_eval",),

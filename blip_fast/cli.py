@@ -1,5 +1,5 @@
-"""``blip-fast`` command line: demo, info, convert, eval-retrieval, eval-caption, eval-nlvr,
-capfilt, train."""
+"""``blip-fast`` command line: demo, info, convert, eval-retrieval, eval-video, eval-caption,
+eval-nlvr, eval-vqa, capfilt, train."""
 
 import argparse
 import json
@@ -108,6 +108,8 @@ def _demo(args):
         progress=sys.stderr.isatty(),
     )
     _print_result(result)
+    if args.captions == 0:
+        return
     # The pre-training decoder captions without a prompt ([DEC] only), as it was trained.
     captioner = BlipCaption(dataclasses.replace(model.cfg, prompt=""))
     captioner.visual_encoder, captioner.text_decoder = model.visual_encoder, model.text_decoder
@@ -203,11 +205,25 @@ def _convert(args):
     print(f"wrote {args.dst} ({args.format})")
 
 
-def _eval_retrieval(args):
+def _load_retrieval(checkpoint, image_size):
+    """(model, size): the retrieval model of ``checkpoint`` at ``image_size`` (None: its own;
+    another size interpolates the position embeddings)."""
     import dataclasses
 
-    from blip_fast import tokenizer
     from blip_fast.checkpoint import load
+
+    model = load(checkpoint, task="retrieval")
+    size = int(image_size or model.cfg.vision.image_size)
+    if size != model.cfg.vision.image_size:  # position embeddings interpolated by load
+        cfg = dataclasses.replace(
+            model.cfg, vision=dataclasses.replace(model.cfg.vision, image_size=size)
+        )
+        model = load(checkpoint, task="retrieval", config=cfg)
+    return model, size
+
+
+def _eval_retrieval(args):
+    from blip_fast import tokenizer
     from blip_fast.data import RetrievalEvalDataset, test_transform
     from blip_fast.eval.retrieval import evaluate
     from blip_fast.models.configs import load_yaml
@@ -223,13 +239,7 @@ def _eval_retrieval(args):
     # of a long re-ranking waits for the others in the final all-reduce (a long timeout)
     info = init_distributed(args.device, timeout_s=24 * 3600)
     device = info.device
-    model = load(args.checkpoint, task="retrieval")
-    size = args.image_size or int(y.get("image_size", model.cfg.vision.image_size))
-    if size != model.cfg.vision.image_size:  # position embeddings interpolated by load
-        cfg = dataclasses.replace(
-            model.cfg, vision=dataclasses.replace(model.cfg.vision, image_size=size)
-        )
-        model = load(args.checkpoint, task="retrieval", config=cfg)
+    model, size = _load_retrieval(args.checkpoint, args.image_size or y.get("image_size"))
     model = model.to(device).eval()
     dataset = RetrievalEvalDataset(args.ann_file, image_root, test_transform(size))
     if info.is_main:
@@ -261,6 +271,49 @@ def _eval_retrieval(args):
     if info.is_main:  # every rank holds the same result
         _write_result(result, args.out, args.save_scores)
     shutdown()
+
+
+def _eval_video(args):
+    from blip_fast import tokenizer
+    from blip_fast.data import test_transform
+    from blip_fast.data.video import VideoRetrievalDataset
+    from blip_fast.eval.video import evaluate
+    from blip_fast.models.configs import load_yaml
+
+    y = load_yaml(args.config) if args.config else {}
+    k_test = args.k_test if args.k_test is not None else _config_int(y, "k_test", 128, args)
+    batch_size = args.batch_size or _config_int(y, "batch_size", 64, args)
+    num_frames = args.num_frames or _config_int(y, "num_frm_test", 8, args)
+    video_root = args.video_root or y.get("video_root")
+    if video_root is None:
+        sys.exit("eval-video: no video root (--video-root or video_root in the config)")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, size = _load_retrieval(args.checkpoint, args.image_size or y.get("image_size"))
+    model = model.to(dev).eval()
+    dataset = VideoRetrievalDataset(args.ann_file, video_root, test_transform(size), num_frames)
+    result = evaluate(
+        model,
+        dataset,
+        tokenizer(),
+        k_test=k_test,
+        batch_size=batch_size,
+        device=dev,
+        progress=sys.stderr.isatty(),
+        mode=args.mode,
+        precision=args.precision,
+        num_workers=args.num_workers,
+    )
+    result.update(
+        k_test=k_test,
+        image_size=size,
+        device=str(dev),
+        checkpoint=str(args.checkpoint),
+        ann_file=str(args.ann_file),
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 def _config_int(y: dict, key: str, default: int, args) -> int:
@@ -324,6 +377,34 @@ def _eval_nlvr(args):
         progress=sys.stderr.isatty(),
     )
     print(json.dumps({**result, "model": str(args.model), "ann": str(args.ann)}, indent=2))
+
+
+def _eval_vqa(args):
+    from blip_fast.checkpoint import load
+    from blip_fast.data import test_transform
+    from blip_fast.data.vqa import VQADataset, read_answer_list
+    from blip_fast.eval.vqa import evaluate_split
+
+    if args.inference == "rank" and not args.answer_list:
+        sys.exit("eval-vqa: rank inference needs --answer-list (answer_list.json)")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load(args.model, task="vqa").to(dev)
+    transform = test_transform(model.cfg.vision.image_size)
+    dataset = VQADataset(args.ann, args.image_root, transform, "test", args.vg_root)
+    summary = evaluate_split(
+        model,
+        dataset,
+        args.out,
+        read_answer_list(args.answer_list) if args.inference == "rank" else None,
+        args.inference,
+        args.k_test,
+        args.mode,
+        args.batch_size,
+        args.num_workers,
+        dev,
+        progress=sys.stderr.isatty(),
+    )
+    print(json.dumps({**summary, "model": str(args.model), "ann": str(args.ann)}, indent=2))
 
 
 def _capfilt(args):
@@ -415,6 +496,29 @@ def main(argv=None):
         help="also save both score matrices (OUT with .scores.pt)",
     )
     ev.set_defaults(fn=_eval_retrieval)
+    evv = sub.add_parser(
+        "eval-video", help="official zero-shot text-to-video retrieval (MSRVTT test format)"
+    )
+    evv.add_argument(
+        "--config",
+        help="official YAML (retrieval_msrvtt.yaml); k_test, batch_size, num_frm_test, "
+        "image_size, video_root are read from it",
+    )
+    evv.add_argument("--checkpoint", required=True, help="image-text retrieval checkpoint")
+    evv.add_argument("--video-root", help="folder of <clip_name>.mp4 (overrides the config)")
+    evv.add_argument(
+        "--ann-file", required=True, help="msrvtt_test.jsonl: {clip_name, caption} per line"
+    )
+    evv.add_argument("--num-frames", type=positive_int, help="frames per video (config: 8)")
+    evv.add_argument("--k-test", type=positive_int)
+    evv.add_argument("--image-size", type=positive_int)
+    evv.add_argument("--batch-size", type=positive_int, help="videos per ViT batch")
+    evv.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding processes")
+    evv.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
+    evv.add_argument("--mode", choices=("fast", "reference"), default="fast")
+    evv.add_argument("--device", type=device)
+    evv.add_argument("--out", help="results JSON (also printed)")
+    evv.set_defaults(fn=_eval_video)
     ec = sub.add_parser(
         "eval-caption",
         help="official caption evaluation: beam search, results JSON, pycocoevalcap metrics",
@@ -447,6 +551,28 @@ def main(argv=None):
     en.add_argument("--num-workers", type=non_negative_int, default=0)
     en.add_argument("--device", type=device)
     en.set_defaults(fn=_eval_nlvr)
+    eq = sub.add_parser(
+        "eval-vqa",
+        help="VQA answers of a fine-tuned model (official result file; accuracy where known)",
+    )
+    eq.add_argument("model", help="VQA checkpoint (.pth, .safetensors or HF directory)")
+    eq.add_argument("--ann", required=True, help="test JSON [{question_id, question, image, ...}]")
+    eq.add_argument("--answer-list", help="answer_list.json: the candidates of rank inference")
+    eq.add_argument("--image-root", required=True, help="root of 'vqa' images (vqa_root)")
+    eq.add_argument("--vg-root", help="root of 'vg' images")
+    eq.add_argument("--out", required=True, help="results JSON [{question_id, answer}]")
+    eq.add_argument("--inference", choices=("rank", "generate"), default="rank")
+    eq.add_argument("--k-test", type=positive_int, default=128, help="answers ranked in full")
+    eq.add_argument(
+        "--mode",
+        choices=("fast", "reference"),
+        default="fast",
+        help="rank: batched candidates (same answers) or the official loop",
+    )
+    eq.add_argument("--batch-size", type=positive_int, default=32)
+    eq.add_argument("--num-workers", type=non_negative_int, default=0)
+    eq.add_argument("--device", type=device)
+    eq.set_defaults(fn=_eval_vqa)
     cf = sub.add_parser(
         "capfilt",
         help="caption + filter web data (JSON or webdataset shards) "
@@ -484,16 +610,31 @@ def main(argv=None):
 
     ix = sub.add_parser("index", help="index a folder / JSON list / .tar shards of images")
     ix.add_argument("model", help="retrieval checkpoint (.pth, .safetensors or HF directory)")
-    ix.add_argument("src", help="image folder, JSON list of image paths, or .tar shards")
+    ix.add_argument(
+        "src", help="image folder, JSON list of image paths, or .tar shards (captions: --texts)"
+    )
     ix.add_argument("out", help="index folder (a rerun continues an interrupted build)")
     ix.add_argument("--add", action="store_true", help="add SRC's new images to index OUT")
     ix.add_argument("--batch-size", type=positive_int, default=32)
     ix.add_argument("--chunk-size", type=positive_int, default=1024, help="images per commit")
-    ix.add_argument("--num-workers", type=non_negative_int, default=0)
+    ix.add_argument(
+        "--num-workers", type=non_negative_int, default=4, help="image-decoding processes"
+    )
     ix.add_argument(
         "--store-tokens",
         choices=("fp16", "int8"),
         help="keep each image's ViT tokens for reranking (fp16: 2 bytes a value; int8 ~1)",
+    )
+    ix.add_argument(
+        "--videos",
+        action="store_true",
+        help="also index a folder's .mp4/.avi/.mov/.mkv/.webm (8 frames each; needs PyAV)",
+    )
+    ix.add_argument(
+        "--texts",
+        action="store_true",
+        help="SRC is a JSON list of captions or a text file (one a line): a caption index, "
+        "searched with --image",
     )
     ix.add_argument("--device", type=device)
     ix.set_defaults(fn=search_commands.index)
@@ -511,6 +652,12 @@ def main(argv=None):
     )
     se.add_argument("--model", help="checkpoint (default: the one that built the index)")
     se.add_argument("--device", type=device)
+    se.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="ITM reranking (bf16: a GPU or a CPU with AMX / AVX512-BF16; candidates stay fp32)",
+    )
     se.add_argument("--json", action="store_true", help="results as JSON")
     se.add_argument("--html", metavar="OUT", help="also write the results as a contact sheet")
     se.set_defaults(fn=search_commands.search)
@@ -522,12 +669,14 @@ def main(argv=None):
     sv.add_argument("--candidates", type=positive_int, default=128, help="reranked by ITM")
     sv.add_argument("--no-rerank", action="store_true", help="ITC similarity only")
     sv.add_argument("--device", type=device)
+    sv.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="as search's")
     sv.set_defaults(fn=search_commands.serve)
     tr = sub.add_parser(
         "train",
-        help="pre-training / retrieval / caption / NLVR² fine-tuning (alone or under torchrun)",
+        help="pre-training / retrieval / caption / NLVR² / VQA fine-tuning (alone or under "
+        "torchrun)",
     )
-    tr.add_argument("task", choices=("pretrain", "retrieval", "caption", "nlvr"))
+    tr.add_argument("task", choices=("pretrain", "retrieval", "caption", "nlvr", "vqa"))
     tr.add_argument("--config", help="official YAML (pretrain.yaml, retrieval_coco.yaml, ...)")
     tr.add_argument(
         "overrides",

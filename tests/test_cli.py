@@ -46,8 +46,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert sum(line.startswith("caption images/test/") for line in r.stdout.splitlines()) == 2
     precision, why = _demo_precision("auto")
     assert r.stdout.startswith(f"precision: {precision} ({why})\n"), r.stdout.splitlines()[0]
-    ref = _run("demo", *small, "--mode", "reference")
+    ref = _run("demo", *small, "--mode", "reference", "--captions", "0")
     assert ref.returncode == 0, ref.stderr
+    assert not any(line.startswith("caption ") for line in ref.stdout.splitlines())
     metrics = [line for line in r.stdout.splitlines() if line.startswith("txt_r1=")]
     assert metrics == [line for line in ref.stdout.splitlines() if line.startswith("txt_r1=")]
     assert (tmp_path / "test.json").exists()

@@ -19,7 +19,7 @@ from blip_fast.models.configs import list_configs
 
 __all__ = ["ConfigError", "validate_config"]
 
-ALL_TASKS = frozenset({"pretrain", "retrieval", "caption", "nlvr"})
+ALL_TASKS = frozenset({"pretrain", "retrieval", "caption", "nlvr", "vqa"})
 CONTRASTIVE = frozenset({"pretrain", "retrieval"})
 TEXT_GENERATING = frozenset({"pretrain", "retrieval", "caption"})  # models with an LM decoder
 
@@ -100,7 +100,10 @@ SCHEMA: dict[str, Key] = {
     "train_file": Key(_paths),
     "train_shards": Key(_paths, frozenset({"pretrain"})),
     "image_root": Key(_str),
-    "ann_root": Key(_str, frozenset({"retrieval", "caption", "nlvr"})),
+    "ann_root": Key(_str, frozenset({"retrieval", "caption", "nlvr", "vqa"})),
+    "train_files": Key(_paths, frozenset({"vqa"})),  # official: names of JSONs in ann_root
+    "vqa_root": Key(_str, frozenset({"vqa"})),
+    "vg_root": Key(_str, frozenset({"vqa"})),
     "dataset": Key(_choice("flickr", "coco"), frozenset({"retrieval", "caption"})),
     "laion_path": Key(_optional_str, frozenset({"pretrain"})),  # official, unused
     "coco_gt_root": Key(_str, frozenset({"caption"})),  # official caption eval, unused here
@@ -135,7 +138,8 @@ SCHEMA: dict[str, Key] = {
     "itc_warmup_steps": Key(NON_NEGATIVE, CONTRASTIVE),
     "image_token_drop": Key(_float(0.0, 1.0, open_high=True), frozenset({"pretrain"})),
     # official evaluation / decoding keys, read by evaluation, not by training
-    "k_test": Key(POSITIVE, frozenset({"retrieval"})),
+    "k_test": Key(POSITIVE, frozenset({"retrieval", "vqa"})),
+    "inference": Key(_choice("rank", "generate"), frozenset({"vqa"})),
     "max_length": Key(POSITIVE, frozenset({"caption"})),
     "min_length": Key(NON_NEGATIVE, frozenset({"caption"})),
     "num_beams": Key(POSITIVE, frozenset({"caption"})),

@@ -14,7 +14,9 @@ from torch.utils.data import Dataset, Sampler
 from blip_fast.data.corrupt_report import record_corrupt
 from blip_fast.data.datasets import CorruptImage
 from blip_fast.data.nlvr import collate_nlvr
+from blip_fast.data.vqa import collate_vqa
 from blip_fast.eval.nlvr import tokenize as tokenize_nlvr
+from blip_fast.models.blip_vqa import tokenize_answers, tokenize_questions
 
 # (padding, max_length) per task, as the official models tokenise
 TOKENISATION = {
@@ -135,3 +137,27 @@ class NLVRCollate:
         images, sentences, labels = collate_nlvr(samples)
         ids, mask = tokenize_nlvr(self.tokenizer, sentences, "cpu")
         return {"image": images, "ids": ids, "mask": mask, "label": labels}
+
+
+class VQACollate:
+    """VQA samples (image, question, answers, weights) -> the official batch (``collate_vqa``)
+    tokenised as ``BlipVQA`` does: ``ids`` / ``mask`` (B, Lq) the questions, ``answer_ids`` /
+    ``answer_mask`` (sum(n), La) every question's answers in turn, ``weights`` (sum(n),),
+    ``n`` (B,) int64 each question's number of answers."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples) -> dict:
+        images, questions, answers, weights, n = collate_vqa(samples)
+        ids, mask = tokenize_questions(self.tokenizer, questions, "cpu")
+        answer_ids, answer_mask = tokenize_answers(self.tokenizer, answers, "cpu")
+        return {
+            "image": images,
+            "ids": ids,
+            "mask": mask,
+            "answer_ids": answer_ids,
+            "answer_mask": answer_mask,
+            "weights": weights,
+            "n": torch.tensor(n, dtype=torch.long),
+        }

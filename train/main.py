@@ -1,7 +1,7 @@
-"""``blip-fast train pretrain|retrieval|caption|nlvr --config CFG.yaml [key=value ...]``.
+"""``blip-fast train pretrain|retrieval|caption|nlvr|vqa --config CFG.yaml [key=value ...]``.
 
 Reads the official YAML configs unchanged (pretrain.yaml, retrieval_flickr.yaml,
-retrieval_coco.yaml, caption_coco.yaml, nlvr.yaml); ``key=value`` arguments override their
+retrieval_coco.yaml, caption_coco.yaml, nlvr.yaml, vqa.yaml); ``key=value`` arguments override their
 keys (values parsed as YAML). Keys beyond the official ones: ``model`` (a preset such as
 blip_small_demo instead of ``vit`` / ``image_size``), ``train_file`` (annotation JSON(s) instead of
 ``ann_root`` + ``dataset``), ``image_root`` for pre-training JSONs with relative paths and
@@ -12,6 +12,9 @@ trained from scratch whose ITM hard negatives and captions mean nothing before I
 ``image_token_drop`` (pre-training: the fraction of patch tokens the online ViT drops, FLIP-
 style; 0, the default, is the official objective; see ``ContrastiveTask``).
 NLVR² fine-tuning ends with the dev and test accuracy (``ann_root``'s official files), logged.
+VQA fine-tuning ends with the official test loop: answers to ``ann_root``'s vqa_test.json in
+``output_dir/result/vqa_result.json`` (and their accuracy, logged, where the test file holds the
+annotators' answers); ``image_root`` may stand for both ``vqa_root`` and ``vg_root``.
 Run alone, or under torchrun for several processes / nodes.
 """
 
@@ -24,16 +27,17 @@ import torch
 from blip_fast.data import PretrainDataset, RetrievalTrainDataset, test_transform, train_transform
 from blip_fast.data.nlvr import NLVRDataset
 from blip_fast.data.shards import ShardDataset
+from blip_fast.data.vqa import VQADataset, read_answer_list
 from blip_fast.models.blip_base import backend_map
 from blip_fast.models.configs import BlipConfig, load_yaml, parse_yaml_value
 from blip_fast.train.config import validate_config
-from blip_fast.train.data import Collate, NLVRCollate, SeededSamples, TrainSampler
+from blip_fast.train.data import Collate, NLVRCollate, SeededSamples, TrainSampler, VQACollate
 from blip_fast.train.distributed import init_distributed, shutdown
 from blip_fast.train.loop import LoopConfig, Trainer
 from blip_fast.train.optim import LRSchedule, build_optimizer
-from blip_fast.train.task import CaptionTask, ContrastiveTask, NLVRTask
+from blip_fast.train.task import CaptionTask, ContrastiveTask, NLVRTask, VQATask
 
-TASKS = ("pretrain", "retrieval", "caption", "nlvr")
+TASKS = ("pretrain", "retrieval", "caption", "nlvr", "vqa")
 # Official annotation file names under ``ann_root`` (BLIP data/*_dataset.py)
 TRAIN_FILES = {
     ("retrieval", "flickr"): "flickr30k_train.json",
@@ -41,6 +45,7 @@ TRAIN_FILES = {
     ("caption", "coco"): "coco_karpathy_train.json",
 }
 NLVR_FILES = {"train": "nlvr_train.json", "dev": "nlvr_dev.json", "test": "nlvr_test.json"}
+VQA_FILES = {"test": "vqa_test.json", "answer_list": "answer_list.json"}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -69,6 +74,12 @@ def model_config(y: dict) -> BlipConfig:
 
 def train_files(task: str, y: dict) -> list[str]:
     files = y.get("train_file")
+    if files is None and task == "vqa":  # official: train_files names JSONs of ann_root
+        if "ann_root" not in y or "train_files" not in y:
+            raise KeyError("vqa config: give 'train_file' or 'ann_root' + 'train_files'")
+        names = y["train_files"]
+        names = [names] if isinstance(names, str) else names
+        return [os.path.join(y["ann_root"], f"{name}.json") for name in names]
     if files is None:
         if "ann_root" not in y:
             raise KeyError(f"{task} config: give 'train_file' or 'ann_root' (+ 'dataset')")
@@ -100,6 +111,9 @@ def build_dataset(task: str, y: dict, image_size: int):
         return PretrainDataset(
             train_files(task, y), y.get("image_root"), transform, skip_corrupt=True
         )
+    if task == "vqa":
+        vqa_root, vg_root = vqa_roots(y)
+        return VQADataset(train_files(task, y), vqa_root, transform, "train", vg_root)
     if "image_root" not in y:
         raise KeyError(f"{task} config: 'image_root' is missing")
     if task == "nlvr":
@@ -112,12 +126,31 @@ def build_dataset(task: str, y: dict, image_size: int):
     )
 
 
+def vqa_roots(y: dict) -> tuple[str, str | None]:
+    """(vqa_root, vg_root) of a VQA config; ``image_root`` stands for either one not given."""
+    vqa_root = y.get("vqa_root", y.get("image_root"))
+    if vqa_root is None:
+        raise KeyError("vqa config: 'vqa_root' (or 'image_root') is missing")
+    return vqa_root, y.get("vg_root", y.get("image_root"))
+
+
 def build_model(task: str, cfg: BlipConfig, y: dict, backend):
     from blip_fast import create_model, load
 
-    if y.get("pretrained"):
+    if not y.get("pretrained"):
+        return create_model(task, cfg, backend=backend)
+    if task != "vqa":
         return load(y["pretrained"], task=task, config=cfg, backend=backend)
-    return create_model(task, cfg, backend=backend)
+    # official VQA fine-tuning starts from a pre-trained checkpoint, whose ITC / ITM heads,
+    # momentum encoders and queues the VQA model has no place for (ignored, logged); every key
+    # of the VQA model must be in it
+    model = load(y["pretrained"], task=task, config=cfg, backend=backend, strict=False)
+    if model.load_report.missing:
+        raise KeyError(
+            f"{y['pretrained']}: {len(model.load_report.missing)} keys of the VQA model "
+            f"missing, e.g. {model.load_report.missing[:3]}: give a pre-trained or VQA checkpoint"
+        )
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +161,7 @@ class StepLevers:
     ever waits for the device."""
 
     share_image_kv: bool = True  # image cross-attention K / V once per step (ContrastiveTask)
+    itm_enc_only: bool = True  # ITM's last text layer for the [ENC] token alone (ContrastiveTask)
     fused_lm_head_loss: bool = True  # LM head + cross-entropy chunked (ops.lm_head_loss)
     foreach_momentum: bool = True  # momentum update in multi-tensor calls
     pad_to_longest: bool = True  # text trimmed to the batch's longest caption (Collate)
@@ -165,7 +199,6 @@ def build_trainer(
 ) -> Trainer:
     """Everything ``blip-fast train`` runs, from a config dict ``y`` (official keys), checked
     first by ``validate_config`` (``origins``: where each key was set, for its messages)."""
-    from blip_fast import tokenizer
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
@@ -190,11 +223,7 @@ def build_trainer(
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=dist_info.device.type == "cuda",
-        collate_fn=NLVRCollate(tokenizer())
-        if task == "nlvr"
-        else Collate(
-            tokenizer(), task, cfg.prompt if task == "caption" else "", levers.pad_to_longest
-        ),
+        collate_fn=_collate(task, cfg, levers),
         generator=torch.Generator(),
     )  # leaves the global RNG (dropout) untouched
     max_epoch = int(y.get("max_epoch", 1))
@@ -214,6 +243,7 @@ def build_trainer(
             lm=True,
             image_token_drop=float(y.get("image_token_drop", 0.0)),
             share_image_kv=levers.share_image_kv,
+            itm_enc_only=levers.itm_enc_only,
         )
     else:
         schedule = LRSchedule("cosine", init_lr, float(y.get("min_lr", 0.0)), max_epoch)
@@ -221,11 +251,14 @@ def build_trainer(
             step_module = CaptionTask(model)
         elif task == "nlvr":
             step_module = NLVRTask(model)
+        elif task == "vqa":
+            step_module = VQATask(model)
         else:
             step_module = ContrastiveTask(
                 model,
                 negative_all_rank=cfg.negative_all_rank,
                 share_image_kv=levers.share_image_kv,
+                itm_enc_only=levers.itm_enc_only,
             )
     optimizer = build_optimizer(model, init_lr, float(y.get("weight_decay", 0.05)))
     precision = precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
@@ -256,6 +289,18 @@ def build_trainer(
     return trainer
 
 
+def _collate(task: str, cfg: BlipConfig, levers: StepLevers):
+    from blip_fast import tokenizer
+
+    if task == "nlvr":
+        return NLVRCollate(tokenizer())
+    if task == "vqa":
+        return VQACollate(tokenizer())
+    return Collate(
+        tokenizer(), task, cfg.prompt if task == "caption" else "", levers.pad_to_longest
+    )
+
+
 def evaluate_nlvr(trainer: Trainer, y: dict, num_workers: int = 0) -> dict[str, float]:
     """Accuracy (%) of the NLVR² model being trained on the dev and test files of ``ann_root``
     (official ``nlvr_dev.json`` / ``nlvr_test.json``), each logged; {} when the config gives
@@ -280,6 +325,35 @@ def evaluate_nlvr(trainer: Trainer, y: dict, num_workers: int = 0) -> dict[str, 
         trainer.log_evaluation(split, result)
         accuracy[split] = result["acc"]
     return accuracy
+
+
+def evaluate_vqa(trainer: Trainer, y: dict, num_workers: int = 0) -> dict:
+    """The official test loop on the VQA model being trained: ``ann_root``'s vqa_test.json
+    answered by ``inference`` (rank over answer_list.json, k_test, or generate) into
+    ``output_dir/result/vqa_result.json``; ``blip_fast.eval.vqa.evaluate_split``'s summary,
+    logged. {} when the config gives no ``ann_root``."""
+    from blip_fast.eval.vqa import evaluate_split
+
+    if "ann_root" not in y:
+        return {}
+    ann_root = Path(y["ann_root"])
+    vqa_root, vg_root = vqa_roots(y)
+    transform = test_transform(trainer.model.cfg.vision.image_size)
+    dataset = VQADataset(ann_root / VQA_FILES["test"], vqa_root, transform, "test", vg_root)
+    inference = y.get("inference", "rank")
+    summary = evaluate_split(
+        trainer.model,
+        dataset,
+        trainer.out_dir / "result" / "vqa_result.json",
+        read_answer_list(ann_root / VQA_FILES["answer_list"]) if inference == "rank" else None,
+        inference,
+        int(y.get("k_test", 128)),
+        batch_size=int(y.get("batch_size_test", 32)),
+        num_workers=num_workers,
+        device=trainer.dist.device,
+    )
+    trainer.log_evaluation("test", summary)
+    return summary
 
 
 def main(args):
@@ -319,6 +393,13 @@ def main(args):
             print(
                 ", ".join(f"{split} accuracy {acc:.2f}%" for split, acc in accuracy.items())
                 or "no ann_root in the config: dev and test were not evaluated"
+            )
+        if args.task == "vqa":
+            summary = evaluate_vqa(trainer, y, args.num_workers)
+            print(
+                (f"test answers: {summary['result_file']}" if summary else "")
+                + (f", accuracy {summary['acc']:.2f}%" if "acc" in summary else "")
+                or "no ann_root in the config: the test split was not answered"
             )
     trainer.close()
     shutdown()

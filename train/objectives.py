@@ -35,17 +35,27 @@ def negative_weights(sim_i2t, sim_t2i, positive_i2t, positive_t2i, smoothing: fl
     return w_i2t, w_t2i
 
 
-def itm_loss(model, ids, mask, neg_text_ids, neg_text_mask, image_embeds=None, image_kv=None):
+def itm_loss(
+    model,
+    ids,
+    mask,
+    neg_text_ids,
+    neg_text_mask,
+    image_embeds=None,
+    image_kv=None,
+    enc_only=False,
+):
     """CE over 3B pairs: B positives (text b, image b), B (text b, its hard negative image),
     B (hard negative text of image b, image b); ``itm_head`` on the [ENC] output, one pass.
     The rows' images: ``image_embeds`` (3B, Li, W) in that order, or ``image_kv`` (``ImageKV``
-    whose index gives each row's image)."""
+    whose index gives each row's image). ``enc_only``: see ``BlipITMMixin.itm_logits``."""
     B = ids.shape[0]
     logits = model.itm_logits(  # replaces the first token by [ENC]
         torch.cat([ids, ids, neg_text_ids]),
         torch.cat([mask, mask, neg_text_mask]),
         image_embeds,
         image_kv,
+        enc_only,
     )
     # made on the device: copying a host tensor there would make the host wait
     labels = torch.zeros(3 * B, dtype=torch.long, device=logits.device)

@@ -5,6 +5,8 @@ A batch is a dict: ``image`` (B, 3, S, S), ``ids`` / ``mask`` (B, L) tokenised w
 ``neg_u`` (2, B) uniform numbers that draw the hard negatives, ``itc_only`` (bool, optional:
 an ITC warm-up step, ITM and LM skipped). NLVR² batches hold two images per text: ``image``
 (2B, 3, S, S), the B first images then the B second ones, and ``label`` (B,) int64, 1 = "True".
+VQA batches hold the questions as ``ids`` / ``mask`` ([ENC] first) and their answers as
+``answer_ids`` / ``answer_mask`` (sum(n), La), ``weights`` (sum(n),) and ``n`` (B,).
 ``forward(batch)`` returns the losses (``loss`` = their sum) and, in the contrastive tasks,
 ``queue``: this rank's momentum features (and idx) to enqueue once the backward pass no longer
 reads the queues.
@@ -37,7 +39,11 @@ class ContrastiveTask(nn.Module):
     text encoder's, tied) read cross-attention keys / values projected once per distinct image
     (``BertModel.image_kv``) instead of once per row: B images instead of 4B rows in
     pre-training, 2B instead of 3B with negatives from every rank. Same math; off, every pass
-    projects its own rows, as the official code does."""
+    projects its own rows, as the official code does.
+
+    ``itm_enc_only`` (default): the ITM pass's last text layer computes the [ENC] token alone,
+    the only one the ITM head reads (``BlipITMMixin.itm_logits``). Same losses and gradients;
+    with dropout, other masks are drawn (fewer of them) from the same distribution."""
 
     def __init__(
         self,
@@ -46,6 +52,7 @@ class ContrastiveTask(nn.Module):
         lm: bool = False,
         image_token_drop: float = 0.0,
         share_image_kv: bool = True,
+        itm_enc_only: bool = True,
     ):
         super().__init__()
         if not 0.0 <= image_token_drop < 1.0:
@@ -55,6 +62,7 @@ class ContrastiveTask(nn.Module):
         self.lm = lm
         self.image_token_drop = image_token_drop
         self.share_image_kv = share_image_kv
+        self.itm_enc_only = itm_enc_only
 
     def encode(self, batch) -> dict:
         m = self.model
@@ -131,6 +139,7 @@ class ContrastiveTask(nn.Module):
             world["ids"][neg_text],
             world["mask"][neg_text],
             **images,
+            enc_only=self.itm_enc_only,
         )
         losses = {"itc": itc, "itm": itm}
         if self.lm:
@@ -218,3 +227,25 @@ class NLVRTask(nn.Module):
         with torch.no_grad():
             acc = (logits.argmax(-1) == batch["label"]).float().mean()
         return {"nlvr": ce, "loss": ce, "acc": acc}
+
+
+class VQATask(nn.Module):
+    """VQA fine-tuning (``BlipVQA``): the official weighted answer loss, sum over every
+    (question, answer) row of weight x the answer's summed label-smoothed token cross-entropy,
+    divided by the batch size (official ``BLIP_VQA.forward`` with ``train=True``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> dict:
+        vqa = self.model.token_loss(
+            batch["image"],
+            batch["ids"],
+            batch["mask"],
+            batch["answer_ids"],
+            batch["answer_mask"],
+            batch["n"],
+            batch["weights"],
+        )
+        return {"vqa": vqa, "loss": vqa}

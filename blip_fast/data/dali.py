@@ -19,6 +19,9 @@ whole image where torchvision's is a centre crop clamped to the ratio range.
 
 With ``device_id=None`` the pipeline runs DALI's CPU operators (decoders.image(device='cpu'));
 tests run that graph on machines without a GPU.
+
+``video_batches``: the frames of ``blip_fast.data.video``'s clips (official sampler) through
+``decoders.video`` (NVDEC), resized and normalised as the test images.
 """
 
 from __future__ import annotations
@@ -35,16 +38,17 @@ from blip_fast.data.corrupt_report import record_corrupt
 from blip_fast.data.datasets import CorruptImage
 from blip_fast.data.transforms import MEAN, STD
 from blip_fast.data.uint8_transforms import Uint8TestTransform, Uint8TrainTransform
+from blip_fast.data.video import count_frames, sample_frame_indices
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
     IMPORT_ERROR = None
 except ImportError as err:  # the [dali] extra is optional
     IMPORT_ERROR = f"nvidia.dali not importable ({err}); pip install 'blip-fast[dali]'"
 
-__all__ = ["DaliLoader", "available", "image_pipeline"]
+__all__ = ["DaliLoader", "available", "image_pipeline", "video_batches", "video_pipeline"]
 
 
 def available() -> bool:
@@ -52,8 +56,9 @@ def available() -> bool:
 
 
 def _resize_like_pil(images, size: int):
-    """(H, W, 3) -> (size, size, 3) bicubic: rows, rounded to uint8, then columns (PIL's order)."""
-    height = fn.cast(images.shape()[0], dtype=types.FLOAT)
+    """(H, W, 3) -> (size, size, 3) bicubic: rows, rounded to uint8, then columns (PIL's order).
+    A video's frames (F, H, W, 3) are resized each alike."""
+    height = fn.cast(images.shape()[-3], dtype=types.FLOAT)
     images = fn.resize(images, resize_x=size, resize_y=height, interp_type=types.INTERP_CUBIC)
     return fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
 
@@ -233,3 +238,62 @@ class DaliLoader:
             if idx != indices:  # a FIFO out of step would pair images with the wrong captions
                 raise RuntimeError(f"DALI batch indices {idx[:8]} != queued {indices[:8]}")
             yield (out[0]["images"], *default_collate(fields))
+
+
+def video_pipeline(*, image_size: int, batch_size: int, device_id: int | None, num_threads=4):
+    """The DALI graph of a video clip's frames, fed per batch through ``feed_input``:
+    "encoded" (uint8 file bytes) and "frames" (int32 (n,) frame indices) -> float32
+    (n, 3, S, S) per clip, resized and normalised as ``image_pipeline``'s test images.
+    Decoded on GPU ``device_id`` (NVDEC: MPEG-4, H.264, HEVC, AV1, VP8/9, MJPEG) or, when it is
+    None, on the CPU, whose decoder reads VP8, VP9 and MJPEG only."""
+    if not available():
+        raise ImportError(IMPORT_ERROR)
+    decoder = "cpu" if device_id is None else "mixed"
+
+    # fed and run one batch at a time: a deeper prefetch queue asks for batches not yet fed
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1
+    )
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        frames = fn.external_source(name="frames", dtype=types.INT32)
+        video = fn.decoders.video(encoded, device=decoder, frames=frames)  # (n, H, W, 3)
+        return fn.crop_mirror_normalize(
+            _resize_like_pil(video, image_size),
+            dtype=types.FLOAT,
+            output_layout="FCHW",
+            mean=[255 * m for m in MEAN],
+            std=[255 * s for s in STD],
+        )
+
+    return pipeline()
+
+
+def video_batches(dataset, batch_size: int, *, device_id: int | str | None = "auto", num_threads=4):
+    """(frames float32 (B, n, 3, S, S), index (B,)) batches of a ``VideoRetrievalDataset`` in
+    order, as its DataLoader gives them: the same frames (official sampler over the packet
+    count of ``count_frames``) decoded by DALI, on the GPU by default. ``device_id`` as
+    ``DaliLoader``'s. Pixels differ from PyAV + PIL by the decoders' YUV -> RGB conversion
+    (a grey level or two on average, more at sharp colour edges)."""
+    if device_id == "auto":
+        device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    pipe = video_pipeline(
+        image_size=dataset.transform.image_size,
+        batch_size=batch_size,
+        device_id=device_id,
+        num_threads=num_threads,
+    )
+    pipe.build()
+    out_device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+    for start in range(0, len(dataset), batch_size):
+        index = range(start, min(start + batch_size, len(dataset)))
+        paths = [dataset.video_path(i) for i in index]
+        frames = [sample_frame_indices(count_frames(p), dataset.num_frames) for p in paths]
+        pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p in paths])
+        pipe.feed_input("frames", [np.array(f, dtype=np.int32) for f in frames])
+        (video,) = pipe.run()
+        video = video.as_tensor()
+        batch = torch.empty(video.shape(), dtype=torch.float32, device=out_device)
+        stream = None if device_id is None else torch.cuda.current_stream(out_device)
+        feed_ndarray(video, batch, cuda_stream=stream)
+        yield batch, torch.tensor(index)

@@ -8,10 +8,10 @@ twice in or across splits, so captions are discriminative: a small contrastive m
 retrieval from them. Everything derives from ``seed`` (same seed and Pillow build, same bytes).
 
 NLVR²-style annotations pair two scenes of a split with a statement about the pair ("the left
-image contains a red circle", "both images contain a square", "the right image has more shapes
-than the left image"), half of them true.
+image contains a red shape", "the left image contains a red circle", "both images contain a
+square", "the right image has more shapes than the left image"), half of them true.
 
-    python -m blip_fast.data.synthetic ROOT [--n-train 1000] [--image-size 128]
+    python -m blip_fast.data.synthetic ROOT [--n-train 1000] [--nlvr-kinds colour,contains]
 """
 
 from __future__ import annotations
@@ -177,17 +177,27 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
     return [templates[order[k % len(templates)]]() for k in range(n)]
 
 
-NLVR_KINDS = ("contains", "more", "both")
+# From the easiest for a small model to the hardest: a colour, a colour and shape, counts, a
+# shape in both images whatever its colour.
+NLVR_KINDS = ("colour", "contains", "more", "both")
 
 
 def nlvr_statements(left: Scene, right: Scene, kind: str, label: bool) -> list[str]:
     """Every statement of ``kind`` about the pair (``left``, ``right``) whose truth is
     ``label`` (possibly none).
 
-    Objects are named by colour and shape, without size. A false "contains" statement names
-    an object that neither image holds: which image holds an object is left to the other
-    kinds, as a small model pre-trained for minutes learns that too slowly to show."""
+    Objects are named by colour ("colour") or colour and shape ("contains"), without size. A
+    false "colour" or "contains" statement names a colour or an object that neither image
+    holds: which image holds it is left to the other kinds, as a small model pre-trained for
+    minutes learns that too slowly to show."""
     sides = (("left", left, "right", right), ("right", right, "left", left))
+    if kind == "colour":
+        absent = sorted(set(COLOURS) - {c for scene in (left, right) for _, c, _ in scene.objects})
+        out = []
+        for side, own, _, _ in sides:
+            have = sorted({colour for _, colour, _ in own.objects})
+            out += [f"the {side} image contains a {c} shape" for c in (have if label else absent)]
+        return out
     if kind == "contains":
         pair = {(c, s) for scene in (left, right) for _, c, s in scene.objects}
         absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - pair)
@@ -209,16 +219,21 @@ def nlvr_statements(left: Scene, right: Scene, kind: str, label: bool) -> list[s
     raise ValueError(f"unknown NLVR statement kind {kind!r}; known: {NLVR_KINDS}")
 
 
-def _nlvr_pairs(images: list[tuple[str, Scene]], n: int, rng: np.random.Generator) -> list[dict]:
-    """``n`` NLVR² entries (official format) over pairs of ``images``: labels exactly
-    balanced (the odd one out "True"), and within each kind of statement a label is as likely
-    as the other, so the sentence alone tells nothing. A pair without a statement of the drawn
-    kind and label is replaced by another pair (up to 100 times)."""
+def _nlvr_pairs(
+    images: list[tuple[str, Scene]], n: int, rng: np.random.Generator, kinds: tuple[str, ...]
+) -> list[dict]:
+    """``n`` NLVR² entries (official format) over pairs of ``images``, their statements of
+    ``kinds`` drawn uniformly: labels exactly balanced (the odd one out "True"), and within
+    each kind of statement a label is as likely as the other, so the sentence alone tells
+    nothing. A pair without a statement of the drawn kind and label is replaced by another
+    pair (up to 100 times)."""
+    if not kinds or not set(kinds) <= set(NLVR_KINDS):
+        raise ValueError(f"NLVR statement kinds must be some of {NLVR_KINDS}, got {kinds}")
     if len(images) < 2:
         return []
     entries = []
     for label in rng.permutation(np.arange(n) % 2 == 0).tolist():
-        kind = NLVR_KINDS[int(rng.integers(len(NLVR_KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
         for _ in range(100):
             i, j = rng.choice(len(images), size=2, replace=False)
             statements = nlvr_statements(images[i][1], images[j][1], kind, label)
@@ -265,6 +280,8 @@ def make_synthetic(
     pretrain_noise: float = 0.2,
     seed: int = 0,
     nlvr_pairs_per_image: int = 2,
+    nlvr_kinds: tuple[str, ...] = NLVR_KINDS,
+    vqa_questions_per_image: int = 3,
 ) -> dict[str, Path]:
     """Write the data set under ``root`` and return its paths.
 
@@ -277,15 +294,19 @@ def make_synthetic(
       for CapFilt to remove); ``pretrain_noisy.json`` lists the indices of those entries;
     - ``nlvr_train.json``, ``nlvr_dev.json``, ``nlvr_test.json``: ``[{"images": [2 paths],
       "sentence", "label": "True" | "False"}]`` (official NLVR² format), ``nlvr_pairs_per_image``
-      entries per image of the train, val and test split, drawn from their own random stream:
-      every other file is the same with or without them.
+      entries per image of the train, val and test split, statements of ``nlvr_kinds``
+      (``NLVR_KINDS``), drawn from their own random stream: every other file is the same with
+      or without them;
+    - ``vqa_train.json``, ``vqa_test.json``, ``answer_list.json``: official VQA files,
+      ``vqa_questions_per_image`` questions per train / test image (``synthetic_vqa``), from
+      a random stream of their own as well.
     Test scenes come first, so they depend only on ``seed`` and ``n_test_images``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    # a SeedSequence's n-th child is the same however many are spawned: stream 4 (NLVR²) was
-    # added without changing the others
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    # a SeedSequence's n-th child is the same however many are spawned: streams 4 (NLVR²) and
+    # 5 (VQA) were added without changing the others
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
     seen: set[Scene] = set()
     paths = {"root": root, "image_root": root}
     scenes = {}
@@ -318,8 +339,14 @@ def make_synthetic(
 
     for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
         split_images = images if split == "train" else scenes[split]
-        pairs = _nlvr_pairs(split_images, nlvr_pairs_per_image * len(split_images), rngs[4])
+        n_pairs = nlvr_pairs_per_image * len(split_images)
+        pairs = _nlvr_pairs(split_images, n_pairs, rngs[4], tuple(nlvr_kinds))
         paths[f"nlvr_{name}"] = _dump(pairs, root / f"nlvr_{name}.json")
+    from blip_fast.data.synthetic_vqa import write_synthetic_vqa  # it imports this module
+
+    paths.update(
+        write_synthetic_vqa(root, images, scenes["test"], rngs[5], vqa_questions_per_image)
+    )
     return paths
 
 
@@ -332,9 +359,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--captions-per-train-image", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--nlvr-kinds",
+        default=",".join(NLVR_KINDS),
+        help=f"comma-separated NLVR² statement kinds (default: all of {', '.join(NLVR_KINDS)})",
+    )
     a = p.parse_args(argv)
     paths = make_synthetic(
-        a.root, a.n_train, a.n_test, a.n_val, a.image_size, a.captions_per_train_image, seed=a.seed
+        a.root,
+        a.n_train,
+        a.n_test,
+        a.n_val,
+        a.image_size,
+        a.captions_per_train_image,
+        seed=a.seed,
+        nlvr_kinds=tuple(a.nlvr_kinds.split(",")),
     )
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
 

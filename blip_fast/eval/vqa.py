@@ -3,16 +3,28 @@
 ``evaluate`` runs the official test loop: the answer list is tokenised once ([DEC] first,
 padded to its longest answer), then per batch the questions are encoded against their images
 and answered by ``rank`` (``BlipVQA.rank_answers``, fast or reference) or ``generate`` (beam
-search). ``write_results`` writes ``[{"question_id": int, "answer": str}, ...]``.
+search). ``write_results`` writes ``[{"question_id": int, "answer": str}, ...]``; ``accuracy``
+scores them where the annotators' answers are known (the VQA v2 metric, without its answer
+normalisation). ``evaluate_split`` runs all three on a ``VQADataset`` test split.
 """
 
 import json
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-__all__ = ["INFERENCE", "evaluate", "write_results"]
+from blip_fast.data.vqa import collate_vqa_test
+
+__all__ = [
+    "INFERENCE",
+    "accuracy",
+    "answer_accuracy",
+    "evaluate",
+    "evaluate_split",
+    "write_results",
+]
 
 INFERENCE = ("rank", "generate")
 
@@ -77,3 +89,56 @@ def write_results(results: list[dict], path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results), encoding="utf-8")
     return path
+
+
+def answer_accuracy(answer: str, annotators: list[str]) -> float:
+    """The VQA v2 accuracy of ``answer``: min(1, matching annotators / 3), averaged over the
+    sets of annotators that leave one out; strings compared exactly."""
+    matches = sum(a == answer for a in annotators)
+    return sum(min(1.0, (matches - (a == answer)) / 3) for a in annotators) / len(annotators)
+
+
+def accuracy(results: list[dict], annotation: list[dict]) -> float:
+    """Mean ``answer_accuracy`` (%) of ``results`` against the ``answer`` lists of
+    ``annotation`` entries (matched by question_id); every result needs one."""
+    truth = {e["question_id"]: e.get("answer") for e in annotation}
+    unscored = [r["question_id"] for r in results if not truth.get(r["question_id"])]
+    if not results or unscored:
+        raise ValueError(
+            f"{len(results)} results, {len(unscored)} without annotator answers "
+            f"(question ids {unscored[:5]}): cannot score"
+        )
+    scores = [answer_accuracy(r["answer"], truth[r["question_id"]]) for r in results]
+    return 100.0 * sum(scores) / len(scores)
+
+
+def evaluate_split(
+    model,
+    dataset,
+    out,
+    answer_list=None,
+    inference="rank",
+    k_test=128,
+    mode="fast",
+    batch_size=32,
+    num_workers=0,
+    device="cpu",
+    progress=False,
+) -> dict:
+    """``evaluate`` ``model`` (in eval mode, restored after) on a ``VQADataset`` test split,
+    ``write_results`` to ``out``: ``{"n": questions, "result_file": out}``, with ``"acc"``
+    (``accuracy``, %) when every entry carries its annotators' answers (VQA v2 test-dev has
+    none: its server scores the file). Official test batch size 32."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_vqa_test
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        results = evaluate(model, loader, answer_list, inference, k_test, mode, device, progress)
+    finally:
+        model.train(was_training)
+    summary = {"n": len(results), "result_file": str(write_results(results, out))}
+    if all("answer" in entry for entry in dataset.annotation):
+        summary["acc"] = accuracy(results, dataset.annotation)
+    return summary

@@ -2,6 +2,7 @@
 prompt "a picture of "; ``generate`` decodes with beam search or nucleus sampling, in fp32 or
 bf16."""
 
+import copy
 import logging
 
 import torch
@@ -47,8 +48,11 @@ class BlipCaption(nn.Module):
     def _inference_modules(self, precision: str, device):
         """(visual encoder, decoder, compute dtype) that ``precision`` runs on ``device``.
         bf16 on the CPU: copies with linear layers prepacked for oneDNN (bf16 GEMMs on AMX /
-        AVX512-BF16, ``ops.prepack_linears``), rebuilt when a weight changed; without native
-        bf16, fp32 (one log line per model). bf16 on CUDA: autocast alone."""
+        AVX512-BF16, ``ops.prepack_linears``), rebuilt when a weight changed: an all-bf16 ViT
+        (its activations, (images x tokens) rows, are too large to cast around every layer, as
+        autocast does) and the decoder for autocast (a step's activations are a few rows, and
+        its fp32 residual stream keeps near-tied beams in fp32's order); without native bf16,
+        fp32 (one log line per model). bf16 on CUDA: autocast alone."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision == "fp32":
@@ -69,7 +73,7 @@ class BlipCaption(nn.Module):
             backend = self.backends.get("linear")
             self._bf16_modules = (
                 fingerprint,
-                prepack_linears(self.visual_encoder, backend),
+                prepack_linears(copy.deepcopy(self.visual_encoder).bfloat16(), backend),
                 prepack_linears(self.text_decoder, backend),
             )
         return *self._bf16_modules[1:], torch.bfloat16
@@ -89,8 +93,9 @@ class BlipCaption(nn.Module):
     ) -> list[list[int]]:
         """Token ids (prompt included) per image; see ``generate``."""
         vit, decoder, dtype = self._inference_modules(precision, pixels.device)
-        if dtype is None:
-            image_embeds = vit(pixels)
+        vit_dtype = next(vit.parameters()).dtype
+        if dtype is None or vit_dtype == dtype:
+            image_embeds = vit(pixels.to(vit_dtype))
         else:
             with torch.autocast(pixels.device.type, dtype):
                 image_embeds = vit(pixels)
@@ -134,10 +139,11 @@ class BlipCaption(nn.Module):
         """Captions for pixels (B, 3, S, S): beam search (3 beams, lengths counted with the
         prompt, max 20, min 5) or, with ``sample=True``, nucleus sampling (top_p 0.9; official
         CapFilt passes repetition_penalty=1.1). The prompt is stripped from each caption.
-        ``precision``: "fp32" (as the caller runs: its autocast applies), or "bf16": the ViT
-        and the decoder under bf16 autocast, on the CPU with prepacked bf16 weights (fp32 with
-        a log line where the CPU lacks native bf16); each beam's 16 largest logits are
-        recomputed in fp32, and log-probabilities and beam scores stay fp32."""
+        ``precision``: "fp32" (as the caller runs: its autocast applies), or "bf16": on the
+        CPU an all-bf16 copy of the ViT and the decoder under bf16 autocast, on prepacked bf16
+        weights (fp32 with a log line where the CPU lacks native bf16), on CUDA bf16 autocast;
+        each beam's 16 largest logits are recomputed in fp32, and log-probabilities and beam
+        scores stay fp32."""
         ids = self.generate_ids(
             pixels,
             sample,

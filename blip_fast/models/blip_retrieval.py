@@ -36,16 +36,20 @@ class BlipITMMixin:
         out = self.text_encoder(ids, mask, mode="text")
         return F.normalize(self.text_proj(out[:, 0]), dim=-1)
 
-    def itm_logits(self, ids, mask, image_embeds=None, image_kv=None):
+    def itm_logits(self, ids, mask, image_embeds=None, image_kv=None, enc_only=False):
         """Image-text matching logits (B, 2), index 1 = match. ids, mask (B, L) as tokenised;
         the first token is replaced by [ENC] here, as official. image_embeds (B or 1, N, W);
         a single image is broadcast over the B texts without copying. Or ``image_kv``
-        (``text_encoder.image_kv`` of distinct images, ``at`` the image of each text)."""
+        (``text_encoder.image_kv`` of distinct images, ``at`` the image of each text).
+        ``enc_only``: the last text layer computes the [ENC] token alone (the head reads no
+        other), same logits; off, every token as the official code."""
         ids = ids.clone()
         ids[:, 0] = ENC_TOKEN_ID
         if image_embeds is not None and image_embeds.shape[0] == 1 and ids.shape[0] > 1:
             image_embeds = image_embeds.expand(ids.shape[0], -1, -1)
-        out = self.text_encoder(ids, mask, image_embeds, mode="multimodal", image_kv=image_kv)
+        out = self.text_encoder(
+            ids, mask, image_embeds, mode="multimodal", image_kv=image_kv, first_token_only=enc_only
+        )
         return self.itm_head(out[:, 0])
 
     def gathered_itm(self, dtype: torch.dtype | None = None) -> "GatheredITM":

@@ -2,10 +2,11 @@
 ([ENC] first, cross-attending to the image) + a separate answer decoder ([DEC] first, its own
 weights, cross-attending to the question states under the question's padding mask).
 
-Training: ``loss`` (every (question, answer) pair is a decoder row). Inference: ``rank`` picks
-each question's answer from a closed list (official ``rank_answer``, in ``mode="reference"`` as
-official computes it or in ``mode="fast"``, ``fast_candidate_scores``), ``generate`` decodes
-free text with beam search. Questions arrive normalised (``blip_fast.text.pre_question``).
+Training: ``loss`` (every (question, answer) pair is a decoder row; ``token_loss`` takes them
+tokenised). Inference: ``rank`` picks each question's answer from a closed list (official
+``rank_answer``, in ``mode="reference"`` as official computes it or in ``mode="fast"``,
+``fast_candidate_scores``), ``generate`` decodes free text with beam search. Questions arrive
+normalised (``blip_fast.text.pre_question``).
 """
 
 import torch
@@ -18,7 +19,14 @@ from blip_fast.models.configs import BlipConfig
 from blip_fast.models.med import BertLMHeadModel, BertModel
 from blip_fast.models.vit import VisionTransformer
 
-__all__ = ["BlipVQA", "best_answers", "fast_candidate_scores", "top_answers"]
+__all__ = [
+    "BlipVQA",
+    "best_answers",
+    "fast_candidate_scores",
+    "tokenize_answers",
+    "tokenize_questions",
+    "top_answers",
+]
 
 ENC_TOKEN_ID, BOS_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 30523, 30522, 102, 0
 QUESTION_MAX_TOKENS = 35
@@ -48,21 +56,12 @@ class BlipVQA(nn.Module):
         return self._tokenizer
 
     def tokenize_questions(self, questions: list[str], device):
-        """ids, mask (B, Lq): padded to the longest, at most 35 tokens, [ENC] first."""
-        tok = self.tokenizer(
-            questions, padding="longest", truncation=True, max_length=QUESTION_MAX_TOKENS
-        ).to(device)
-        ids = tok["input_ids"].clone()
-        ids[:, 0] = ENC_TOKEN_ID
-        return ids, tok["attention_mask"]
+        """ids, mask (B, Lq): see ``tokenize_questions``."""
+        return tokenize_questions(self.tokenizer, questions, device)
 
     def tokenize_answers(self, answers: list[str], device):
-        """ids, mask (A, La): padded to the longest, untruncated, [DEC] first."""
-        tok = self.tokenizer(answers, padding="longest", truncation=False).to(device)
-        ids = tok["input_ids"].clone()
-        if ids.shape[0]:
-            ids[:, 0] = BOS_TOKEN_ID
-        return ids, tok["attention_mask"]
+        """ids, mask (A, La): see ``tokenize_answers``."""
+        return tokenize_answers(self.tokenizer, answers, device)
 
     def encode_questions(self, pixels, ids, mask):
         """pixels (B, 3, S, S), question ids / mask (B, Lq) -> question states (B, Lq, H)."""
@@ -113,11 +112,21 @@ class BlipVQA(nn.Module):
             )
         q_ids, q_mask = self.tokenize_questions(questions, pixels.device)
         a_ids, a_mask = self.tokenize_answers(answers, pixels.device)
-        states = self.encode_questions(pixels, q_ids, q_mask)
+        return self.token_loss(pixels, q_ids, q_mask, a_ids, a_mask, n, weights)
+
+    def token_loss(self, pixels, question_ids, question_mask, answer_ids, answer_mask, n, weights):
+        """``loss`` of tokenised questions (B, Lq) and answers (sum(n), La), ``n`` (B,) int64
+        on the device: what the training step runs. The answer rows' count gives
+        ``repeat_interleave`` its output size, so the host never waits for ``n``."""
+        states = self.encode_questions(pixels, question_ids, question_mask)
+        rows = answer_ids.shape[0]
         losses = self.answer_losses(
-            states.repeat_interleave(n, 0), q_mask.repeat_interleave(n, 0), a_ids, a_mask
+            states.repeat_interleave(n, 0, output_size=rows),
+            question_mask.repeat_interleave(n, 0, output_size=rows),
+            answer_ids,
+            answer_mask,
         )
-        return (weights * losses).sum() / B
+        return (weights * losses).sum() / pixels.shape[0]
 
     @torch.no_grad()
     def first_token_logits(self, question_states, question_mask, cache=None):
@@ -186,6 +195,25 @@ class BlipVQA(nn.Module):
             self.text_decoder, states, start, num_beams, max_length, min_length, SEP_TOKEN_ID
         )
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def tokenize_questions(tokenizer, questions: list[str], device):
+    """ids, mask (B, Lq): padded to the longest, at most 35 tokens, [ENC] first."""
+    tok = tokenizer(
+        questions, padding="longest", truncation=True, max_length=QUESTION_MAX_TOKENS
+    ).to(device)
+    ids = tok["input_ids"].clone()
+    ids[:, 0] = ENC_TOKEN_ID
+    return ids, tok["attention_mask"]
+
+
+def tokenize_answers(tokenizer, answers: list[str], device):
+    """ids, mask (A, La): padded to the longest, untruncated, [DEC] first."""
+    tok = tokenizer(answers, padding="longest", truncation=False).to(device)
+    ids = tok["input_ids"].clone()
+    if ids.shape[0]:
+        ids[:, 0] = BOS_TOKEN_ID
+    return ids, tok["attention_mask"]
 
 
 def top_answers(first_logits, answer_ids, k_test: int):

@@ -178,8 +178,13 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x, mask, image, image_mask, mode, cache=None, image_kv=None):
-        x = self.attention(x, x, mask, causal=mode == "decoder", cache=cache)
+    def forward(
+        self, x, mask, image, image_mask, mode, cache=None, image_kv=None, first_token_only=False
+    ):
+        """``first_token_only``: the output of token 0 alone, (B, 1, hidden); its
+        self-attention still reads every token of x."""
+        query = x[:, :1] if first_token_only else x
+        x = self.attention(query, x, mask, causal=mode == "decoder", cache=cache)
         if mode != "text":
             x = self.crossattention(x, image, image_mask, cache=cache, image_kv=image_kv)
         return self.output(self.intermediate(x), x)
@@ -201,7 +206,9 @@ class BertModel(nn.Module):
     with one dict per layer, filled and extended in place (KV cache for decoding).
     ``image_kv`` (an ``ImageKV`` from ``image_kv``) replaces image_embeds: cross-attention reads
     keys / values projected once per distinct image, text row b those of image index[b]; a
-    ``cache`` then holds and extends self-attention keys / values only.
+    ``cache`` then holds and extends self-attention keys / values only. ``first_token_only``:
+    the last layer computes token 0 alone (out (B, 1, hidden)), all a head on [CLS] / [ENC]
+    reads: the same output for it, without the other tokens' last-layer work.
     """
 
     def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
@@ -231,6 +238,7 @@ class BertModel(nn.Module):
         mode="text",
         cache=None,
         image_kv=None,
+        first_token_only=False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -238,6 +246,8 @@ class BertModel(nn.Module):
             raise ValueError(f"mode {mode!r} needs image_embeds or image_kv")
         if image_kv is not None and image_mask is not None:
             raise ValueError("image_kv reads every image token: no image_mask")
+        if first_token_only and (cache is not None or mode == "decoder"):
+            raise ValueError("first_token_only is for encoder passes, without a cache")
         past_len = 0 if not cache or "self_k" not in cache[0] else cache[0]["self_k"].shape[2]
         x = self.embeddings(input_ids, past_len)
         mask = attention_mask.bool() if attention_mask is not None else None
@@ -250,6 +260,7 @@ class BertModel(nn.Module):
                 mode,
                 cache=None if cache is None else cache[i],
                 image_kv=None if image_kv is None else (*image_kv.layers[i], image_kv.index),
+                first_token_only=first_token_only and i == len(self.encoder.layer) - 1,
             )
         return x
 

@@ -105,9 +105,9 @@ class PackedLinear(nn.Module):
         if dtype not in self.packed:
             self.packed[dtype] = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype))
         post = ("gelu", [], "none") if self.activation == "gelu" else ("none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(
-            x.to(dtype), self.packed[dtype], None if b is None else b.detach(), *post
-        )
+        if b is not None:  # a bf16 GEMM fuses an fp32 or bf16 bias, an fp32 one fp32 only
+            b = b.detach() if dtype == torch.bfloat16 else b.detach().to(dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), self.packed[dtype], b, *post)
 
     @staticmethod
     def _gemm_dtype(x) -> torch.dtype | None:

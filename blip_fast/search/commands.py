@@ -1,4 +1,5 @@
-"""``blip-fast index``, ``search`` and ``serve``: the command-line face of ``Index``."""
+"""``blip-fast index``, ``search`` and ``serve``: the command-line face of ``Index`` and
+``TextIndex``."""
 
 from __future__ import annotations
 
@@ -22,31 +23,72 @@ def _load_model(path, device):
 
 
 def index(args):
-    """Build (or continue, or with ``--add`` extend) the index OUT of the images of SRC."""
+    """Build (or continue, or with ``--add`` extend) the index OUT of the images of SRC; under
+    torchrun each rank encodes a share and rank 0 merges them (``blip_fast.search.ranks``)."""
     from blip_fast.search import Index
+    from blip_fast.search.ranks import build_on_ranks
+    from blip_fast.train.distributed import init_distributed, shutdown
 
-    model = _load_model(args.model, args.device)
+    if args.texts:
+        return _index_texts(args)
+    info = init_distributed(args.device, timeout_s=24 * 3600)  # a share can take hours
+    model = _load_model(args.model, info.device)
     options = dict(
         batch_size=args.batch_size, chunk_size=args.chunk_size, num_workers=args.num_workers
     )
-    if args.add:
+    if info.world_size > 1:
+        before = len(Index.load(args.out)) if args.add else None
+        idx = build_on_ranks(
+            model,
+            args.src,
+            args.out,
+            add=args.add,
+            store_tokens=args.store_tokens,
+            videos=args.videos,
+            **options,
+        )
+        added = len(idx) - before if args.add else None
+        shutdown()
+        if not info.is_main:
+            return
+    elif args.add:
         idx = Index.load(args.out, model)
         added = idx.add(args.src, **options)
     else:
-        idx = Index.build(model, args.src, args.out, store_tokens=args.store_tokens, **options)
+        idx = Index.build(
+            model, args.src, args.out, args.store_tokens, videos=args.videos, **options
+        )
         added = None
     print(
-        f"{args.out}: {len(idx)} images"
+        f"{args.out}: {len(idx)} "
+        + ("images and videos" if idx.store.manifest.get("videos") else "images")
         + (f" ({added} added)" if added is not None else "")
         + (f", {len(idx.skipped)} unreadable (listed in corrupt_images.tsv)" if idx.skipped else "")
+        + (f", built by {info.world_size} ranks" if info.world_size > 1 else "")
     )
 
 
+def _index_texts(args):
+    """``--texts``: the caption index OUT of the captions file SRC (``TextIndex``)."""
+    from blip_fast.search import TextIndex
+
+    if args.add or args.store_tokens or args.videos:
+        sys.exit(
+            "index: --texts builds a caption index at once: no --add, --store-tokens, --videos"
+        )
+    idx = TextIndex.build(_load_model(args.model, args.device), args.src, args.out)
+    print(f"{args.out}: {len(idx)} captions")
+
+
 def search(args):
-    """Print the best images of INDEX for QUERY (text, or an image file with ``--image``)."""
+    """Print the best images of INDEX for QUERY (text, or an image file with ``--image``); the
+    best captions of a caption index for an image."""
     from blip_fast.search.ann import require_faiss
     from blip_fast.search.store import Store
+    from blip_fast.search.texts import is_text_index
 
+    if is_text_index(args.index):
+        return _search_texts(args)
     store = Store.open(args.index)  # a missing index is reported before a model is loaded
     if args.approximate:
         try:
@@ -74,6 +116,29 @@ def search(args):
         print(f"{rank:>3}  {hit.score:8.4f}  {hit.path}")
 
 
+def _search_texts(args):
+    from blip_fast.search import TextIndex
+
+    if not args.image or args.approximate or args.html:
+        sys.exit(
+            f"search: {args.index} is a caption index: it answers an image query (--image), "
+            "exactly (no --approximate), with no --html"
+        )
+    manifest = TextIndex(args.index).manifest
+    model_path = args.model or manifest["model"]["path"]
+    if model_path is None:
+        sys.exit(f"search: {args.index} does not name its model; pass --model CHECKPOINT")
+    idx = TextIndex(args.index, _load_model(model_path, args.device), args.precision)
+    hits = idx.search(
+        Path(args.query), k=args.k, rerank=not args.no_rerank, candidates=args.candidates
+    )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(hit) for hit in hits], indent=1))
+        return
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:>3}  {hit.score:8.4f}  {hit.text}")
+
+
 def serve(args):
     """Serve the search page and JSON API of INDEX (``blip_fast.search.serve``)."""
     missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
@@ -93,4 +158,4 @@ def _with_model(store, args, command: str):
     model_path = args.model or store.manifest["model"]["path"]
     if model_path is None:
         sys.exit(f"{command}: {args.index} does not name its model; pass --model CHECKPOINT")
-    return Index(store, _load_model(model_path, args.device))
+    return Index(store, _load_model(model_path, args.device), args.precision)

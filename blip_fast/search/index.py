@@ -28,12 +28,19 @@ from blip_fast.data.images import to_rgb
 from blip_fast.data.transforms import test_transform
 from blip_fast.search import rank
 from blip_fast.search.ann import AnnIndex
-from blip_fast.search.encode import UNREADABLE, encode_pixels, index_items
+from blip_fast.search.encode import (
+    UNREADABLE,
+    encode_pixels,
+    encode_videos,
+    index_items,
+    item_pixels,
+)
+from blip_fast.search.rank import reranker_dtype, reranker_precision
 from blip_fast.search.sources import Item, list_items, open_item
 from blip_fast.search.store import CORRUPT_REPORT, Store
 from blip_fast.search.tokens import FORMATS
 
-__all__ = ["Hit", "Index", "model_fingerprint"]
+__all__ = ["Hit", "Index", "model_fingerprint", "source_id"]
 
 log = logging.getLogger("blip_fast")
 COMPACT_ROWS = 1 << 20  # images per chunk of a saved copy: 512 MiB of float16 at embed_dim 256
@@ -51,11 +58,11 @@ class Hit:
     itm: float | None = None
 
 
-def model_fingerprint(model) -> str:
-    """Hash of the weights image features depend on: an index answers only the model that
-    built it."""
+def model_fingerprint(model, modules=("visual_encoder", "vision_proj")) -> str:
+    """Hash of the weights of ``modules`` (by default those image features depend on): an
+    index answers only the model that built it."""
     digest = hashlib.blake2b(digest_size=8)
-    for module in (model.visual_encoder, model.vision_proj):
+    for module in map(model.get_submodule, modules):
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -71,8 +78,9 @@ class Index:
     ``Index.build`` or open one with ``Index.load``; ``len(index)`` images, ``index.paths``
     their paths in row order, ``index.skipped`` the unreadable ones with their errors."""
 
-    def __init__(self, store: Store, model=None):
+    def __init__(self, store: Store, model=None, precision: str = "fp32"):
         self.store, self.model, self._itm, self._ann = store, model, None, None
+        self.precision = reranker_precision(precision, model)
         if model is not None:
             found, built = model_fingerprint(model), store.manifest["model"]["fingerprint"]
             if found != built:
@@ -83,27 +91,47 @@ class Index:
             model.eval()
 
     @classmethod
-    def build(cls, model, src, out, store_tokens: str | None = None, **options) -> Index:
+    def build(
+        cls, model, src, out, store_tokens: str | None = None, videos: bool = False, **options
+    ) -> Index:
         """Index the images of ``src`` (folder, JSON list of paths or .tar shards; see
         ``blip_fast.search.sources``) into the folder ``out`` with ``model``'s ITC image
         features. If ``out`` holds an interrupted build of the same ``src`` and model, it
         continues it. ``options``: batch_size (32), chunk_size (items per commit, 1024),
         num_workers (image-decoding processes, 0), progress (a line per chunk on stderr).
         ``store_tokens`` "fp16" or "int8" also keeps every image's ViT tokens, read back by
-        reranking instead of recomputed from the files (``blip_fast.search.tokens``)."""
+        reranking instead of recomputed from the files (``blip_fast.search.tokens``).
+        ``videos`` indexes a folder's videos too (``encode_videos``: the mean of 8 frames'
+        features; ITM reads all 8 frames' tokens, recomputed at search time)."""
+        index, items = cls.prepare(model, src, out, store_tokens, videos)
+        index_items(model, index.store, items, device=_device(model), **options)
+        return index
+
+    @classmethod
+    def prepare(
+        cls, model, src, out, store_tokens: str | None = None, videos: bool = False
+    ) -> tuple[Index, list[Item]]:
+        """(the index ``build`` fills: new in ``out``, or the interrupted build of the same
+        ``src``, model and ``videos`` found there; the items of ``src``)."""
         if store_tokens not in (None, *FORMATS):
             raise ValueError(f"store_tokens must be None or one of {FORMATS}, got {store_tokens!r}")
-        src_id = os.path.abspath(os.path.expanduser(os.fspath(src)))
-        items, ignored = list_items(src_id)
+        if store_tokens and videos:
+            raise ValueError("store_tokens keeps image tokens: not with videos")
+        src_id = source_id(src)
+        items, ignored = list_items(src_id, videos)
         if not items:
-            raise ValueError(f"{src}: no images (.jpg, .jpeg, .png, .webp) found")
+            kinds = "images or videos" if videos else "images (.jpg, .jpeg, .png, .webp)"
+            raise ValueError(f"{src}: no {kinds} found")
         if (Path(out) / "index.json").exists():
             index = cls.load(out, model)
-            if index.store.manifest["sources"] != [src_id]:
+            manifest = index.store.manifest
+            if manifest["sources"] != [src_id]:
                 raise FileExistsError(
-                    f"{out} already holds an index of {index.store.manifest['sources']}; "
+                    f"{out} already holds an index of {manifest['sources']}; "
                     f"use add to add {src_id}"
                 )
+            if manifest.get("videos", False) != videos:
+                raise ValueError(f"{out}: built with videos={manifest.get('videos', False)}")
         else:
             header = {
                 "model": {"path": _model_path(model), "fingerprint": model_fingerprint(model)},
@@ -111,28 +139,37 @@ class Index:
                 "image_size": model.cfg.vision.image_size,
                 "sources": [src_id],
                 "tokens": store_tokens,
+                "videos": videos,
             }
             index = cls(Store.create(out, header), model)
         if ignored:
-            log.warning("%s: %d non-image file(s) left out (videos are not indexed)", src, ignored)
-        index_items(model, index.store, items, device=_device(model), **options)
-        return index
+            what = "images or videos" if videos else "images (videos are indexed with --videos)"
+            log.warning("%s: %d file(s) left out: not %s", src, ignored, what)
+        return index, items
 
     def add(self, src, **options) -> int:
         """Index the images of ``src`` this index does not hold yet (by path; nothing already
         indexed is read again); ``options`` as for ``build``. Returns the number added."""
-        src_id = os.path.abspath(os.path.expanduser(os.fspath(src)))
-        items, _ = list_items(src_id)
-        manifest = self.store.manifest
-        if src_id not in manifest["sources"]:
-            self.store.update(sources=[*manifest["sources"], src_id])
+        items = self.add_source(src)
         return index_items(self._need_model(), self.store, items, device=self._device, **options)
 
+    def add_source(self, src) -> list[Item]:
+        """Record ``src`` among the index's sources; its items (``add`` indexes the new ones)."""
+        src_id = source_id(src)
+        if src_id not in self.store.manifest["sources"]:
+            self.store.update(sources=[*self.store.manifest["sources"], src_id])
+        return self.items_of(src)
+
+    def items_of(self, src) -> list[Item]:
+        """The items of ``src`` this index covers (videos too if it was built with them)."""
+        return list_items(source_id(src), self.store.manifest.get("videos", False))[0]
+
     @classmethod
-    def load(cls, path, model=None) -> Index:
+    def load(cls, path, model=None, precision: str = "fp32") -> Index:
         """The index in the folder ``path``; ``model`` (the one that built it, checked) is
-        needed for ``search`` and ``add``, not for reading paths and features."""
-        return cls(Store.open(path), model)
+        needed for ``search`` and ``add``, not for reading paths and features. ``precision``
+        "bf16" reranks in bf16 (``reranker_precision``)."""
+        return cls(Store.open(path), model, precision)
 
     def save(self, path) -> Index:
         """A compacted copy in the new folder ``path`` (chunks of ``COMPACT_ROWS`` images or
@@ -236,7 +273,7 @@ class Index:
                 for rs, ss in zip(rows, itc)
             ]
         if self._itm is None:
-            self._itm = model.gathered_itm()
+            self._itm = model.gathered_itm(reranker_dtype(self.precision))
         ids, mask = tok["input_ids"], tok["attention_mask"]
         return [
             self._rerank(ids[q : q + 1], mask[q : q + 1], itc[q], rows[q].tolist(), k)
@@ -244,37 +281,50 @@ class Index:
         ]
 
     def _rerank(self, ids, mask, itc, rows: list[int], k: int) -> list[Hit]:
-        """ITM reranking of one tokenised text's ITC candidates ``rows`` (similarities ``itc``)."""
-        kept, embeds = self._image_tokens(rows)
-        order, scores, logits = rank.rerank(self._itm, ids, mask, embeds, itc[kept])
-        return [
-            Hit(self._path(rows[kept[i]]), float(scores[i]), float(itc[kept[i]]), float(logits[i]))
-            for i in order[:k].tolist()
-        ]
+        """ITM reranking of one tokenised text's ITC candidates ``rows`` (similarities ``itc``):
+        images and videos (a token row per frame) reranked as two groups, merged by score."""
+        found = []  # (position in rows, score, ITM logit)
+        for kept, embeds in self._candidate_tokens(rows):
+            _, scores, logits = rank.rerank(self._itm, ids, mask, embeds, itc[kept])
+            found += zip(kept, scores.tolist(), logits.tolist())
+        found.sort(key=lambda f: (-f[1], f[0]))
+        return [Hit(self._path(rows[i]), score, float(itc[i]), itm) for i, score, itm in found[:k]]
 
-    def _image_tokens(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
-        """(positions in ``rows`` still readable, their ViT tokens (n, Li, W)): stored ones if
-        the index keeps them, else recomputed from the files, a file unreadable since indexing
-        left out with a warning."""
+    def _candidate_tokens(self, rows: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        """[(positions in ``rows`` still readable, their ViT tokens (n, Li, W))], one group for
+        images, one for videos (frames' tokens concatenated, ``encode_videos``): stored tokens
+        if the index keeps them, else recomputed from the files, a file unreadable since
+        indexing left out with a warning."""
         if self.store.manifest.get("tokens"):
-            return list(range(len(rows))), self.store.tokens(rows).to(self._device)
+            return [(list(range(len(rows))), self.store.tokens(rows).to(self._device))]
         transform = test_transform(self.store.manifest["image_size"])
-        items = self.store.items
-        kept, pixels = [], []
+        readable = []  # (position in rows, pixels)
         for i, row in enumerate(rows):
             try:
-                pixels.append(transform(open_item(items[row])))
-                kept.append(i)
+                readable.append((i, item_pixels(self.store.items[row], transform)))
             except UNREADABLE as err:
                 log.warning("search: candidate left out, unreadable since indexing: %s", err)
-        if not pixels:
+        if not readable:
             raise OSError(f"{self.store.root}: no candidate image could be read")
-        model = self.model
-        embeds = [
-            model.image_embeds(torch.stack(pixels[b : b + 32]).to(self._device))
-            for b in range(0, len(pixels), 32)
-        ]
-        return kept, torch.cat(embeds)
+        model, device = self.model, self._device
+        # bf16: the images' tokens under autocast; a video's stay fp32 (``encode_videos``)
+        autocast = torch.autocast(device.type, torch.bfloat16, self.precision == "bf16")
+        encoders = (  # (pixels' dims, batch, encoder); 4 videos of 8 frames: 32 images
+            (4, 32, lambda px: model.image_embeds(px.to(device))),
+            (5, 4, lambda px: encode_videos(model, px, device, with_tokens=True)[1]),
+        )
+        groups = []
+        for dims, batch, encode in encoders:
+            kept = [i for i, px in readable if px.dim() + 1 == dims]
+            pixels = [px for _, px in readable if px.dim() + 1 == dims]
+            if kept:
+                with autocast:
+                    embeds = [
+                        encode(torch.stack(pixels[b : b + batch]))
+                        for b in range(0, len(pixels), batch)
+                    ]
+                groups.append((kept, torch.cat(embeds)))
+        return groups
 
     @torch.no_grad()
     def _image_search(self, image, k: int, exact: bool) -> list[Hit]:
@@ -293,6 +343,11 @@ class Index:
 
     def _path(self, row: int) -> str:
         return str(self.store.items[row])
+
+
+def source_id(src) -> str:
+    """How an index records a source: its absolute path (or shard pattern)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(src)))
 
 
 def _model_path(model) -> str | None:

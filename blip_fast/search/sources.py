@@ -2,14 +2,16 @@
 
 A source is one of
 - a folder: every ``.jpg`` / ``.jpeg`` / ``.png`` / ``.webp`` file under it, any depth, in
-  sorted path order (other files, videos included, are counted and left out: video frames are
-  not indexed);
+  sorted path order, and with ``videos`` every ``.mp4`` / ``.avi`` / ``.mov`` / ``.mkv`` /
+  ``.webm`` file too (other files are counted and left out);
 - a JSON file holding a list of image paths, relative ones taken from the JSON file's folder;
 - webdataset shards (``.tar``: a path, a glob or a brace range ``web/{00000..00009}.tar``, as
   ``blip_fast.data.shards.expand_shards`` reads them): every image member, captions or not.
 
 An item is ``(path, member)``: ``member`` is None for a file, the member name inside the tar
 ``path`` for a shard. Paths are stored absolute, so an index can be searched from any folder.
+A video item is read as ``NUM_FRAMES`` frames (``blip_fast.data.video.read_frames``, official
+BLIP's sampler); shown as an image (``open_item``), it is its first frame.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from PIL import Image
 from blip_fast.data.images import decode_image, load_image
 from blip_fast.data.shards import IMAGE_EXTS, expand_shards
 
-__all__ = ["Item", "list_items", "open_item"]
+__all__ = ["NUM_FRAMES", "VIDEO_EXTS", "Item", "is_video", "list_items", "open_frames", "open_item"]
+
+VIDEO_EXTS = ("mp4", "avi", "mov", "mkv", "webm")
+NUM_FRAMES = 8  # frames per video, as official BLIP's video retrieval
 
 
 class Item(NamedTuple):
@@ -40,12 +45,16 @@ def _is_image(name: str) -> bool:
     return name.rpartition(".")[2].lower() in IMAGE_EXTS
 
 
-def _folder_items(root: Path) -> tuple[list[Item], int]:
+def is_video(item: Item) -> bool:
+    return item.member is None and item.path.rpartition(".")[2].lower() in VIDEO_EXTS
+
+
+def _folder_items(root: Path, videos: bool) -> tuple[list[Item], int]:
     items, ignored = [], 0
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
-            if _is_image(name):
+            if _is_image(name) or (videos and is_video(Item(name))):
                 items.append(Item(os.path.abspath(os.path.join(folder, name))))
             else:
                 ignored += 1
@@ -74,13 +83,13 @@ def _shard_items(spec: str) -> list[Item]:
     return items
 
 
-def list_items(src: str | os.PathLike) -> tuple[list[Item], int]:
-    """(items of ``src`` in a fixed order, duplicates dropped; number of non-image files
-    left out of a folder)."""
+def list_items(src: str | os.PathLike, videos: bool = False) -> tuple[list[Item], int]:
+    """(items of ``src`` in a fixed order, duplicates dropped; number of files left out of a
+    folder: not images, nor videos with ``videos``)."""
     text = os.fspath(src)
     path = Path(text)
     if path.is_dir():
-        items, ignored = _folder_items(path)
+        items, ignored = _folder_items(path, videos)
     elif text.endswith(".tar") or "{" in text or any(c in text for c in "*?["):
         items, ignored = _shard_items(text), 0
     elif path.suffix.lower() == ".json" and path.is_file():
@@ -94,8 +103,21 @@ def list_items(src: str | os.PathLike) -> tuple[list[Item], int]:
     return list(dict.fromkeys(items)), ignored
 
 
+def open_frames(item: Item) -> list[Image.Image]:
+    """The ``NUM_FRAMES`` RGB frames of a video item; ``UnreadableVideo`` (a ValueError) or
+    FileNotFoundError naming it when it cannot be read."""
+    from blip_fast.data.video import read_frames  # PyAV, the "video" extra
+
+    return [frame.convert("RGB") for frame in read_frames(item.path, NUM_FRAMES)]
+
+
 def open_item(item: Item) -> Image.Image:
-    """The item's image as RGB; OSError naming the item when it cannot be read or decoded."""
+    """The item's image as RGB (a video's first frame); OSError (ValueError for a video)
+    naming the item when it cannot be read or decoded."""
+    if is_video(item):
+        from blip_fast.data.video import read_frames
+
+        return read_frames(item.path, 1)[0].convert("RGB")
     if item.member is None:
         return load_image(item.path)
     try:

@@ -128,6 +128,20 @@ class Store:
         self.items += items
         self.skipped += skipped
 
+    def chunk(self, i: int) -> tuple[np.ndarray, list[Item], list[tuple[Item, str]], tuple | None]:
+        """Chunk ``i`` as ``commit`` took it: (features, items, skipped, stored token arrays or
+        None), the arrays memory-mapped."""
+        name, fmt = self.manifest["chunks"][i]["name"], self.manifest.get("tokens")
+        record = json.loads((self.root / f"{name}.json").read_text(encoding="utf-8"))
+        items = [Item(p, m) for p, m in record["items"]]
+        skipped = [(Item(p, m), e) for p, m, e in record["skipped"]]
+        token_files = [f"{name}.{s}" for s in stored_tokens.suffixes(fmt)] if fmt and items else []
+        arrays = [
+            np.load(self.root / f"{n}.npy", mmap_mode="r", allow_pickle=False)
+            for n in [name, *token_files]
+        ]
+        return arrays[0], items, skipped, tuple(arrays[1:]) or None
+
     def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float16 features (<= rows, embed_dim)) over the whole index, read from
         memory-mapped chunks, so an index larger than memory streams through."""

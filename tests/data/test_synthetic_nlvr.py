@@ -37,8 +37,18 @@ def _objects(caption: str) -> set[tuple[str, str, str]]:
     }
 
 
+def _kind(sentence: str) -> str:
+    if sentence.startswith("both"):
+        return "both"
+    if "more" in sentence:
+        return "more"
+    return "colour" if sentence.endswith(" shape") else "contains"
+
+
 def _truth(sentence: str, left: set, right: set) -> bool:
     images = {"left": left, "right": right}
+    if m := re.fullmatch(r"the (left|right) image contains a (\w+) shape", sentence):
+        return m[2] in {colour for _, colour, _ in images[m[1]]}
     if m := re.fullmatch(r"the (left|right) image contains a (\w+) (\w+)", sentence):
         return (m[2], m[3]) in {(colour, shape) for _, colour, shape in images[m[1]]}
     if m := re.fullmatch(
@@ -76,10 +86,10 @@ def test_statements_are_true_as_labelled_swapped_or_not(data):
             label = e["label"] == "True"
             assert _truth(e["sentence"], left, right) == label, e
             assert _truth(swap_left_right(e["sentence"]), right, left) == label, e
-            kinds[e["sentence"].split()[0] == "both", "more" in e["sentence"], label] += 1
+            kinds[_kind(e["sentence"]), label] += 1
     # each kind of statement is about as often true as false: the sentence alone says nothing
-    for both, more in ((False, False), (False, True), (True, False)):
-        true, false = kinds[both, more, True], kinds[both, more, False]
+    for kind in synthetic.NLVR_KINDS:
+        true, false = kinds[kind, True], kinds[kind, False]
         assert true + false > 0 and abs(true - false) <= 0.5 * (true + false), kinds
 
 
@@ -102,6 +112,19 @@ def test_nlvr_statements_of_a_pair():
     assert "the left image contains a green circle" in false
     for named in ("red circle", "blue square", "red square", "green star"):
         assert not any(sentence.endswith(named) for sentence in false), named
+    assert nlvr_statements(left, right, "colour", True) == [
+        "the left image contains a blue shape",
+        "the left image contains a red shape",
+        "the right image contains a blue shape",
+        "the right image contains a green shape",
+        "the right image contains a red shape",
+    ]
+    # false: a colour neither image holds
+    assert nlvr_statements(left, right, "colour", False) == [
+        f"the {side} image contains a {colour} shape"
+        for side in ("left", "right")
+        for colour in ("cyan", "orange", "pink", "purple", "yellow")
+    ]
     assert nlvr_statements(left, right, "more", True) == [
         "the right image has more shapes than the left image"
     ]
@@ -122,3 +145,12 @@ def test_other_files_do_not_depend_on_the_nlvr_annotations(data, tmp_path):
     assert _load(without["nlvr_test"]) == []
     for image in ("images/test/000007.jpg", "images/train/000029.jpg"):
         assert (without["root"] / image).read_bytes() == (data["root"] / image).read_bytes()
+
+
+def test_nlvr_kinds_choose_the_statements(tmp_path):
+    colour = make_synthetic(tmp_path / "colour", **SMALL, nlvr_kinds=("colour",))
+    ann = _load(colour["nlvr_train"])
+    assert {_kind(e["sentence"]) for e in ann} == {"colour"}
+    assert Counter(e["label"] for e in ann) == {"True": 30, "False": 30}
+    with pytest.raises(ValueError, match="kinds must be some of .* got \\('most',\\)"):
+        make_synthetic(tmp_path / "bad", **SMALL, nlvr_kinds=("most",))

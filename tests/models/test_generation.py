@@ -118,6 +118,22 @@ def test_bf16_decoder_step_matches_fp32_reference():
 
 
 @needs_bf16
+def test_bf16_vit_is_an_all_bf16_copy_within_bf16_tolerance():
+    """The CPU bf16 ViT runs on bf16 weights end to end (no autocast casts), the model's own
+    stays fp32, and the tokens it gives the decoder are fp32's within bf16 rounding."""
+    m, ref = _fast_model()
+    vit, decoder, _ = m._inference_modules("bf16", "cpu")
+    assert {p.dtype for p in vit.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in m.parameters()} == {p.dtype for p in decoder.parameters()}
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = ref.visual_encoder(px), vit(px.bfloat16())
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@needs_bf16
 def test_bf16_generation_runs_and_repacks_after_a_weight_change():
     m, _ = _fast_model()
     px = torch.randn(2, 3, 64, 64)

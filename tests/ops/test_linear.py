@@ -160,6 +160,8 @@ def test_bf16_module_packs_its_bf16_weights():
         want = F.linear(x.float(), linear.weight.float(), linear.bias.float())
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # fp32 in: the fp32 GEMM on the same (bf16-valued) weight and bias
+        torch.testing.assert_close(packed(x.float()), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

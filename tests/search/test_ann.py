@@ -115,7 +115,8 @@ def test_rerank_with_stored_tokens_matches_recomputed(
     )
     rows = [5, 0, 7, 2]  # across chunks, out of order
     with torch.no_grad():
-        want = recomputed._image_tokens(rows)[1]
+        [(kept, want)] = recomputed._candidate_tokens(rows)  # images only: one group
+    assert kept == [0, 1, 2, 3]
     scale = float(want.abs().max())
     torch.testing.assert_close(stored.store.tokens(rows), want, rtol=0, atol=token_tol * scale)
     hits, want_hits = (i.search(QUERY, k=8, candidates=8) for i in (stored, recomputed))

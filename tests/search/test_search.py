@@ -1,5 +1,6 @@
 """Searching an index: exact top-k and ITM reranking against brute force, image queries, CLI."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from PIL import Image
 import blip_fast
 from blip_fast import tokenizer
 from blip_fast.data import load_image, test_transform
+from blip_fast.ops.linear import native_bf16
 from blip_fast.search import Index, rank
 
 QUERY = "a small blue triangle on the left of a red circle"
@@ -131,3 +133,29 @@ def test_cli_bad_input_exits_with_a_clear_message(model, tmp_path):
     r = _cli("index", tmp_path / "m.pth", tmp_path / "empty", tmp_path / "index")
     assert r.returncode == 1 and f"{tmp_path / 'empty'}: no images" in r.stderr
     assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.skipif(not native_bf16(), reason="CPU without AMX / AVX512-BF16")
+def test_bf16_search_reranks_the_fp32_candidates(model, index):
+    """bf16 moves the ITM scores of the same candidates (chosen by fp32 ITC) by no more than
+    twice what running the official ITM on the model cast to bf16 does, plus 1e-3."""
+    exact = {h.path: h for h in index.search(QUERY, k=8, candidates=8)}
+    got = Index.load(index.store.root, model, precision="bf16").search(QUERY, k=8, candidates=8)
+    assert sorted(h.path for h in got) == sorted(exact)
+    tok = tokenizer()(QUERY)
+    pixels = torch.stack([test_transform(64)(load_image(p)) for p in exact])
+    text = (tok["input_ids"].expand(len(exact), -1), tok["attention_mask"].expand(len(exact), -1))
+    low = copy.deepcopy(model).bfloat16()
+    with torch.no_grad():
+        want = model.itm_logits(*text, image_embeds=model.image_embeds(pixels))[:, 1]
+        floor = low.itm_logits(*text, image_embeds=low.image_embeds(pixels.bfloat16()))[:, 1]
+    floor = (floor.float() - want).abs().max().item()
+    assert any(h.itm != exact[h.path].itm for h in got)  # the reranker did run in bf16
+    for h in got:
+        assert h.itc == exact[h.path].itc
+        assert abs(h.itm - exact[h.path].itm) <= 2 * floor + 1e-3, (h, exact[h.path], floor)
+
+
+def test_search_precision_is_checked(model, index):
+    with pytest.raises(ValueError, match="search precision must be one of"):
+        Index.load(index.store.root, model, precision="fp16")

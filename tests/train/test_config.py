@@ -46,7 +46,7 @@ def test_official_configs_pass(task):
          r"retrieval_flickr.yaml: unknown key 'batch_size_trian' for retrieval; "
          r"did you mean 'batch_size_train'\?"),
         ("pretrain", "k_test", 128,
-         r"unknown key 'k_test' for pretrain \(a key of \['retrieval'\] configs\)"),
+         r"unknown key 'k_test' for pretrain \(a key of \['retrieval', 'vqa'\] configs\)"),
         ("retrieval", "batch_size_train", "eight",
          r"retrieval_flickr.yaml: batch_size_train: 'eight': expected an integer, got str"),
         ("retrieval", "batch_size_train", 0, r"batch_size_train: 0: must be >= 1"),

@@ -303,6 +303,28 @@ def test_image_kv_projected_once_gives_the_per_row_losses_and_gradients(
     _assert_same_step(*results, lm=task == "pretrain")
 
 
+@pytest.mark.parametrize("task", ["retrieval", "pretrain"])
+def test_itm_last_layer_for_enc_alone_gives_every_tokens_losses_and_gradients(task):
+    """The ITM head reads the [ENC] output only: the last text layer computing that token
+    alone changes no loss and no gradient (the tokens it skips feed nothing else)."""
+    model = _model(task)
+    batch = {**Collate(tokenizer(), task)(_samples(0)), "alpha": 0.4}
+    batch["neg_u"] = negative_uniforms(0, 0, 0, B)
+    tokens = []  # tokens through the last text layer's FFN, per pass
+    model.text_encoder.encoder.layer[-1].intermediate.register_forward_hook(
+        lambda module, args, out: tokens.append(args[0].shape[1])
+    )
+    results = []
+    for enc_only in (False, True):
+        step = ContrastiveTask(model, lm=task == "pretrain", itm_enc_only=enc_only)
+        results.append(_step_losses_and_grads(model, step, batch))
+        tokens.append(None)
+    L = batch["ids"].shape[1]
+    lm = [L] if task == "pretrain" else []  # the decoder's FFN is the encoder's, tied
+    assert tokens == [L, L, *lm, None, L, 1, *lm, None]  # ITC text pass, ITM pass, LM pass
+    _assert_same_step(*results, lm=task == "pretrain")
+
+
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "caption"])
 def test_fast_step_gives_the_official_steps_losses_and_gradients(task):
     """Every lever and every default kernel at once against the official step (reference
@@ -318,7 +340,9 @@ def test_fast_step_gives_the_official_steps_losses_and_gradients(task):
         if task == "caption":
             step = CaptionTask(model)
         else:
-            step = ContrastiveTask(model, lm=task == "pretrain", share_image_kv=fast)
+            step = ContrastiveTask(
+                model, lm=task == "pretrain", share_image_kv=fast, itm_enc_only=fast
+            )
             batch = {**batch, "alpha": 0.4, "neg_u": negative_uniforms(0, 0, 0, B)}
         if fast:  # the C++ kernels are the CPU default where built
             assert _backend.resolve("cross_attention", "cpu") == "cpu" or not blip_fast.HAS_C
