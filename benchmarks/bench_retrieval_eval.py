@@ -24,17 +24,20 @@ rerankers must give identical metrics and scores within 1e-4.
 
 Configs: on CPU preset ``blip_small_demo`` (ViT depth 4 width 256 at 128 px: 65 image tokens,
 4 text layers), 100 images x 500 texts, k_test 32; ``--image-size 384`` builds it at 577
-tokens, as official (results to retrieval_eval_384-<device>.json). On CUDA the GPU target,
-``blip_base_vit_b16_384`` (ViT-B/384, BERT-base text), 1000 x 5000, k_test 128, where the fp32
-reference loop would take minutes: 5% of its queries (``--reference-fraction``) are run and
-timed, and the time is scaled to all pairs (every query scores k pairs). Both paths' matmul
-FLOPs are counted on the first ``--flop-images`` images (CPU): their ratio is the speed-up the
-fast path reaches by doing less arithmetic alone.
+tokens, as official (results to retrieval_eval_384-<device>.json). run_all.py also runs
+``blip_base_vit_b16_224`` (ViT-B/16 + BERT-base) on 32 images x 160 texts, k_test 16, fast and
+fast bf16 against 10% of the reference loop, where bf16's GEMMs weigh as in real use. On CUDA
+the GPU target, ``blip_base_vit_b16_384`` (ViT-B/384, BERT-base text), 1000 x 5000, k_test
+128, where the fp32 reference loop would take minutes: 5% of its queries
+(``--reference-fraction``) are run and timed, and the time is scaled to all pairs (every query
+scores k pairs). Both paths' matmul FLOPs are counted on the first ``--flop-images`` images
+(CPU): their ratio is the speed-up the fast path reaches by doing less arithmetic alone.
 
     python benchmarks/bench_retrieval_eval.py [--device cpu|cuda] [--images N] [--k-test K]
         [--image-size S] [--threads N] [--repeats R] [--allow-dirty]
 
-Writes benchmarks/results/retrieval_eval[_<S>][_<N>t]-<device>.json; refuses an uncommitted tree
+Writes benchmarks/results/retrieval_eval[_<config>][_<S>][_<N>t]-<device>.json (config: when not
+the device's default); refuses an uncommitted tree
 unless ``--allow-dirty`` (a dry run). An end-to-end script, not a pytest-benchmark module: one
 run takes minutes and the rerankers share the encodings.
 """
@@ -153,7 +156,8 @@ def main():
     load_before = os.getloadavg()[0]
     dev = args.device
     gpu = dev.startswith("cuda")
-    args.config = args.config or ("blip_base_vit_b16_384" if gpu else "blip_small_demo")
+    default_config = "blip_base_vit_b16_384" if gpu else "blip_small_demo"
+    args.config = args.config or default_config
     n_img = args.images or (1000 if gpu else 100)
     k = args.k_test or (128 if gpu else 32)
     torch.manual_seed(0)
@@ -278,6 +282,7 @@ def main():
     rows = [{**common, **row} for row in rows]
     name = (
         "retrieval_eval"
+        + (f"_{args.config}" if args.config != default_config else "")
         + (f"_{size}" if resized else "")
         + (f"_{args.threads}t" if args.threads else "")
     )

@@ -195,8 +195,9 @@ def rerank_rows(name: str, candidates: int, n_queries: int, formats, device: str
         row["bytes_per_item"] = {"feature": 2 * model.cfg.embed_dim, "tokens": stored}
         exact = agreement_with.get(row["provider"])
         if exact:
-            agreement = [
-                len(set(a) & set(b)) / K for a, b in zip(rankings[row["provider"]], rankings[exact])
+            agreement = [  # over the results there are: fewer than K with few candidates
+                len(set(a) & set(b)) / len(b)
+                for a, b in zip(rankings[row["provider"]], rankings[exact])
             ]
             row["top10_agreement"] = {"with": exact, "share": float(np.mean(agreement))}
     _harness.add_ratios(rows, ("recomputed tokens",))

@@ -24,6 +24,9 @@ STEPS = {
     + [f"benchmarks/bench_{name}.py" for name in OP_BENCHMARKS],
     "train_step": ["benchmarks/bench_train_step.py"],
     "retrieval_eval": ["benchmarks/bench_retrieval_eval.py"],
+    "retrieval_eval_base": ["benchmarks/bench_retrieval_eval.py", "--config"]
+    + ["blip_base_vit_b16_224", "--images", "32", "--k-test", "16", "--reference-fraction", "0.1"]
+    + ["--no-kernel-reference", "--no-linear-baseline", "--flop-images", "0"],
     "vqa_rank": ["benchmarks/bench_vqa_rank.py"],
     "caption": ["benchmarks/bench_caption.py"],
     "demo": ["benchmarks/bench_demo.py"],

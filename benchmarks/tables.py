@@ -210,7 +210,10 @@ def retrieval_rows(result: dict) -> list[list[str]]:
             row = providers.get(name)
             cell = seconds(row["best_s"]) if row else "—"
             if row and row["precision"] == "bf16":
-                cell += f" (metrics within {row['max_metric_diff_vs_fast']:.2f} of fp32)"
+                cell += (
+                    f" (**{ratio(row['speedup_vs_fast_fp32'])}** fp32's speed, metrics within "
+                    f"{row['max_metric_diff_vs_fast']:.2f} of fp32's)"
+                )
             times.append(cell)
         flops = fast["matmul_flops"]
         lines.append(

@@ -60,13 +60,21 @@ class Hit:
 
 def model_fingerprint(model, modules=("visual_encoder", "vision_proj")) -> str:
     """Hash of the weights of ``modules`` (by default those image features depend on): an
-    index answers only the model that built it."""
+    index answers only the model that built it. Remembered on the model while no weight
+    changes (hashing ViT-B's weights takes half a second)."""
+    states = [sorted(model.get_submodule(m).state_dict().items()) for m in modules]
+    # in-place updates (optimizer steps, load_state_dict) bump _version; .to() moves data
+    key = (modules, tuple((t.data_ptr(), t._version) for state in states for _, t in state))
+    cached = getattr(model, "_search_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.blake2b(digest_size=8)
-    for module in map(model.get_submodule, modules):
-        for name, tensor in sorted(module.state_dict().items()):
+    for state in states:
+        for name, tensor in state:
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    model._search_fingerprint = (key, digest.hexdigest())
+    return model._search_fingerprint[1]
 
 
 def _device(model) -> torch.device:

@@ -1,5 +1,6 @@
 """Building an image index: what it stores, skipping bad files, adding, resuming a killed build."""
 
+import copy
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 from blip_fast.data import load_image, test_transform
 from blip_fast.data.corrupt_report import read_corrupt_report
 from blip_fast.search import Index, encode, store
+from blip_fast.search.index import model_fingerprint
 from blip_fast.search.store import Store
 
 IMAGES = 8  # in the ``photos`` folder
@@ -156,6 +158,12 @@ def test_bad_input_is_refused_with_the_culprit_named(model, photos, tmp_path):
     other = type(model)(model.cfg).eval()  # same architecture, other random weights
     with pytest.raises(ValueError, match="built with another model"):
         Index.load(tmp_path / "index", other)
+    changed = copy.deepcopy(model)  # the fingerprint remembered on a model follows its weights
+    assert model_fingerprint(changed) == model_fingerprint(model)
+    with torch.no_grad():
+        changed.vision_proj.bias.add_(1e-3)
+    with pytest.raises(ValueError, match="built with another model"):
+        Index.load(tmp_path / "index", changed)
     (tmp_path / "other").mkdir()
     shutil.copy(photos / "000000.jpg", tmp_path / "other")
     with pytest.raises(FileExistsError, match="use add"):
