@@ -72,7 +72,7 @@ def parse_args():
     p.add_argument("--questions", type=int, help="default: 8 on CPU, 64 on CUDA")
     p.add_argument("--k-test", type=int, default=128)
     p.add_argument("--answers", type=int, default=3128, help="answer list size (VQA v2: 3128)")
-    p.add_argument("--repeats", type=int, default=1, help="alternated runs, fastest kept")
+    p.add_argument("--repeats", type=int, default=5, help="alternated runs, fastest kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--allow-dirty", action="store_true", help=_harness.ALLOW_DIRTY_HELP)
     return p.parse_args()
