@@ -116,18 +116,22 @@ def test_evaluate_fast_and_reference_agree(setup):
         evaluate(model, ds, tokenizer(), mode="official")
 
 
+def _eval_video(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blip_fast.cli", "eval-video", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_eval_video_command(setup, tmp_path):
     model, _, paths = setup
     save(model, tmp_path / "tiny.pth", format="official")
     args = ["--checkpoint", str(tmp_path / "tiny.pth"), "--ann-file", str(paths["test"])]
     args += ["--video-root", str(paths["video_root"]), "--num-frames", str(NUM_FRAMES)]
     args += ["--k-test", "3", "--batch-size", "4", "--out", str(tmp_path / "r.json")]
-    r = subprocess.run(
-        [sys.executable, "-m", "blip_fast.cli", "eval-video", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = _eval_video(args)
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout)
     assert printed == json.loads((tmp_path / "r.json").read_text())
@@ -135,11 +139,6 @@ def test_eval_video_command(setup, tmp_path):
     assert {k: printed[k] for k in KEYS} == {k: want[k] for k in KEYS}
     assert printed["num_frames"] == NUM_FRAMES and printed["image_size"] == 64
     args[args.index("--video-root") + 1] = str(tmp_path)  # no clips there
-    missing = subprocess.run(
-        [sys.executable, "-m", "blip_fast.cli", "eval-video", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    missing = _eval_video(args)
     assert missing.returncode == 1, missing.stderr
     assert f"video not found: {tmp_path / 'video0.mp4'}" in missing.stderr
