@@ -2,7 +2,6 @@
 prompt "a picture of "; ``generate`` decodes with beam search or nucleus sampling, in fp32 or
 bf16."""
 
-import copy
 import logging
 
 import torch
@@ -73,7 +72,7 @@ class BlipCaption(nn.Module):
             backend = self.backends.get("linear")
             self._bf16_modules = (
                 fingerprint,
-                prepack_linears(copy.deepcopy(self.visual_encoder).bfloat16(), backend),
+                self.visual_encoder.packed(backend, torch.bfloat16),
                 prepack_linears(self.text_decoder, backend),
             )
         return *self._bf16_modules[1:], torch.bfloat16

@@ -31,9 +31,14 @@ class BlipITMMixin:
         embeds = self.image_embeds(pixels) if image_embeds is None else image_embeds
         return F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
 
-    def text_features(self, ids, mask):
-        """ids, mask (B, L) as tokenised ([CLS] first) -> normalised (B, embed_dim)."""
-        out = self.text_encoder(ids, mask, mode="text")
+    def text_features(self, ids, mask, encoder=None):
+        """ids, mask (B, L) as tokenised ([CLS] first) -> normalised (B, embed_dim).
+        ``encoder``: an inference copy of ``text_encoder`` to run instead
+        (``BertModel.packed``), its last layer for [CLS] alone, the only token read here."""
+        if encoder is None:
+            out = self.text_encoder(ids, mask, mode="text")
+        else:
+            out = encoder(ids, mask, mode="text", first_token_only=True)
         return F.normalize(self.text_proj(out[:, 0]), dim=-1)
 
     def itm_logits(self, ids, mask, image_embeds=None, image_kv=None, enc_only=False):
@@ -141,15 +146,10 @@ class GatheredITM(nn.Module):
     def __init__(self, model, dtype: torch.dtype | None = None):
         super().__init__()
         backend = model.backends.get("linear")
-        encoder, head = model.text_encoder, model.itm_head
-        if dtype is not None:  # a copy: the model's own weights stay as they are
-            encoder, head = (copy.deepcopy(m).to(dtype) for m in (encoder, head))
+        head = model.itm_head if dtype is None else copy.deepcopy(model.itm_head).to(dtype)
         self.dtype = dtype
-        self.text_encoder = ops.prepack_linears(encoder, backend)
+        self.text_encoder = model.text_encoder.packed(backend, dtype)
         self.itm_head = ops.prepack_linears(head, backend)
-        for layer in self.text_encoder.encoder.layer:
-            if isinstance(layer.intermediate.dense, ops.PackedLinear):  # GELU inside the GEMM
-                layer.intermediate = layer.intermediate.dense.with_activation("gelu")
 
     def _precision(self, device):
         return (

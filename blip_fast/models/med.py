@@ -9,6 +9,7 @@ official ``med.py`` (``encoder.layer.N.crossattention.self.query``...). Attentio
 ``blip_fast.ops``; ``backends`` maps op name -> requested backend (None = automatic).
 """
 
+import copy
 import dataclasses
 import functools
 
@@ -223,6 +224,19 @@ class BertModel(nn.Module):
                 if isinstance(m, BertSelfAttention):
                     nn.init.zeros_(m.query.weight)
                     nn.init.zeros_(m.key.weight)
+
+    def packed(self, backend: str | None = None, dtype: torch.dtype | None = None):
+        """An inference copy with its linear layers prepacked for ``backend``
+        (``ops.prepack_linears``) and every FFN's GELU inside its first GEMM (a oneDNN
+        post-op); ``dtype``: an all-``dtype`` copy, this module's weights untouched. Other
+        tensors are shared; the packed weights are a snapshot. Backend ``reference``: this
+        module (or its copy)."""
+        bert = self if dtype is None else copy.deepcopy(self).to(dtype)
+        bert = ops.prepack_linears(bert, backend)
+        for layer in bert.encoder.layer:
+            if isinstance(layer.intermediate.dense, ops.PackedLinear):
+                layer.intermediate = layer.intermediate.dense.with_activation("gelu")
+        return bert
 
     def image_kv(self, image_embeds) -> "ImageKV":
         """Every layer's cross-attention keys / values of image tokens (N, Li, W), projected

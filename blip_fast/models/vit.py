@@ -5,6 +5,8 @@ official BLIP ``vit.py`` (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``.
 checkpoints load without renaming. Attention runs through ``blip_fast.ops.attention``.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,10 +51,11 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # a module, so a packed copy can fold it into fc1's GEMM
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -132,6 +135,19 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def packed(self, backend: str | None = None, dtype: torch.dtype | None = None):
+        """An inference copy with its linear layers prepacked for ``backend``
+        (``ops.prepack_linears``) and every MLP's GELU inside its first GEMM (a oneDNN post-op:
+        no pass over the (tokens x 4 width) activation, no bias copy); ``dtype``: an
+        all-``dtype`` copy, this module's weights untouched. Other tensors are shared; the
+        packed weights are a snapshot. Backend ``reference``: this module (or its copy)."""
+        vit = self if dtype is None else copy.deepcopy(self).to(dtype)
+        vit = ops.prepack_linears(vit, backend)
+        for blk in vit.blocks:
+            if isinstance(blk.mlp.fc1, ops.PackedLinear):
+                blk.mlp.fc1, blk.mlp.act = blk.mlp.fc1.with_activation("gelu"), nn.Identity()
+        return vit
 
 
 def _keep_random_patches(x, drop: float):

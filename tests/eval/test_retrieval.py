@@ -51,3 +51,23 @@ def test_k_larger_than_gallery_and_metric_keys(setup):
         assert 0.0 <= res[key] <= 100.0
     # with k >= gallery every image is reranked for every text: R@10 over 6 images is 100
     assert res["img_r10"] == 100.0
+
+
+def test_fast_encodings_equal_the_official_batches(setup):
+    """Length-sorted, trimmed batches (4 texts each, so the sort crosses batches) on prepacked
+    encoders give every text and image the official features, in dataset order."""
+    model, ds = setup
+    fast_model = create_model("retrieval", "blip_tiny").eval()  # automatic (packable) backends
+    fast_model.load_state_dict(model.state_dict())
+    tok = tokenizer()
+    lengths = tok(ds.text, padding="longest")["attention_mask"].sum(1)
+    assert lengths.unique().numel() > 3  # the sort has something to reorder
+    want_t, want_ids, want_mask = encode_texts(model, tok, ds.text, batch_size=4)
+    got_t, ids, mask = encode_texts(fast_model, tok, ds.text, batch_size=4, mode="fast")
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-6)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    want_f, want_i = encode_images(model, loader)
+    got_f, got_i = encode_images(fast_model, loader, mode="fast")
+    torch.testing.assert_close(got_f, want_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_i, want_i, rtol=1e-5, atol=1e-6)

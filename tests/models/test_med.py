@@ -3,7 +3,7 @@ import torch
 
 from blip_fast.models import BlipConfig, create_model
 from blip_fast.models.med import lm_loss
-from blip_fast.ops import available, resolve
+from blip_fast.ops import PackedLinear, available, resolve
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,22 @@ def test_task_models_route_itc_through_the_dispatch():
         want = ref.itc_loss(*feats, 0.4, idx)
         got = auto.itc_loss(*feats, 0.4, idx)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_copy_is_the_same_encoder_with_gelu_inside_the_gemm(model):
+    enc = model.text_encoder
+    packed = enc.packed("onednn")
+    layer = packed.encoder.layer[0]
+    assert isinstance(layer.intermediate, PackedLinear) and layer.intermediate.activation == "gelu"
+    assert isinstance(layer.attention.self.query, PackedLinear)
+    assert type(enc.encoder.layer[0].intermediate.dense) is torch.nn.Linear  # untouched
+    ids, mask = _text()
+    image = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        for mode in ("text", "multimodal"):
+            want = enc(ids, mask, image, mode=mode)
+            got = packed(ids, mask, image, mode=mode)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=mode)
+            first = packed(ids, mask, image, mode=mode, first_token_only=True)
+            torch.testing.assert_close(first, want[:, :1], rtol=1e-5, atol=1e-5, msg=mode)
+    assert enc.packed("reference") is enc

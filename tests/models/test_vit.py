@@ -2,9 +2,11 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from blip_fast.models.configs import VisionConfig
 from blip_fast.models.vit import VisionTransformer, interpolate_pos_embed
+from blip_fast.ops import PackedLinear
 
 CFG = dict(image_size=64, patch_size=16, width=48, depth=3, heads=2)
 
@@ -64,3 +66,21 @@ def test_interpolate_pos_embed_keeps_cls_and_is_bicubic():
     assert interpolate_pos_embed(pe, 17) is pe
     with pytest.raises(ValueError, match="square grid"):
         interpolate_pos_embed(pe, 20)
+
+
+def test_packed_copy_is_the_same_vit_with_gelu_inside_the_gemm():
+    torch.manual_seed(0)
+    vit = VisionTransformer(VisionConfig(**CFG)).eval()
+    packed = vit.packed("onednn")
+    mlp = packed.blocks[0].mlp
+    assert isinstance(mlp.fc1, PackedLinear) and mlp.fc1.activation == "gelu"
+    assert isinstance(mlp.act, nn.Identity) and isinstance(mlp.fc2, PackedLinear)
+    original = vit.blocks[0].mlp  # untouched, and every other tensor shared
+    assert type(original.fc1) is nn.Linear and isinstance(original.act, nn.GELU)
+    assert packed.pos_embed is vit.pos_embed
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), vit(x), rtol=1e-5, atol=1e-5)
+    bf16 = vit.packed("onednn", torch.bfloat16)
+    assert bf16.norm.weight.dtype == torch.bfloat16 and vit.norm.weight.dtype == torch.float32
+    assert vit.packed("reference") is vit
