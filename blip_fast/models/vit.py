@@ -43,7 +43,10 @@ class Attention(nn.Module):
     def forward(self, x):  # x: (B, N, C)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = ops.attention(qkv[0], qkv[1], qkv[2], backend=self.backend)  # (B, H, N, D)
+        # unbind, not qkv[i]: its backward stacks the three gradients once, where three
+        # selects would each zero-fill and add a gradient of all of qkv's size
+        q, k, v = qkv.unbind(0)
+        out = ops.attention(q, k, v, backend=self.backend)  # (B, H, N, D)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 

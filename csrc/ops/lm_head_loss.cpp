@@ -17,6 +17,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -117,8 +118,9 @@ Rows chunked(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
   at::Tensor d_h, d_w, d_b;
   if (need_grad) {
     d_h = at::empty({n, H}, opts);
-    d_w = at::zeros({V, H}, opts);
-    if (bias) d_b = at::zeros({V}, opts);
+    // the first chunk writes them (no zero-fill of a V x H buffer); no chunk at all: zeros
+    d_w = n > 0 ? at::empty({V, H}, opts) : at::zeros({V, H}, opts);
+    if (bias) d_b = n > 0 ? at::empty({V}, opts) : at::zeros({V}, opts);
   }
   at::Tensor buf = at::empty({std::min(n, rows) * V}, opts);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -142,8 +144,13 @@ Rows chunked(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
     if (need_grad) {
       at::Tensor d_hc = d_h.narrow(0, r0, r);
       at::mm_out(d_hc, z, w);
-      d_w.addmm_(z.t(), hc);
-      if (bias) d_b.add_(z.sum(0));
+      if (r0 == 0) {
+        at::mm_out(d_w, z.t(), hc);
+        if (bias) at::sum_out(d_b, z, 0);
+      } else {
+        d_w.addmm_(z.t(), hc);
+        if (bias) d_b.add_(z.sum(0));
+      }
     }
   }
   Rows out{at::zeros({N}, opts).index_copy_(0, keep, loss), {}, {}, {}};
