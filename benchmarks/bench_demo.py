@@ -1,7 +1,7 @@
 """``blip-fast demo`` end to end, as a user runs it: wall time (data generation, training,
 retrieval evaluation, captions) and the retrieval metrics it reaches. The demo's target: TR@1
 and IR@1 >= 50% on the 100 test images within 3 minutes on a 2-core CPU (the metrics alone are
-also asserted by tests/test_cli.py). Extra arguments go to the demo unchanged. Where bf16 is
+also asserted by tests/test_demo.py). Extra arguments go to the demo unchanged. Where bf16 is
 native (a GPU, a CPU with AMX / AVX512-BF16) the trained model is then evaluated again, fast
 mode, in fp32 and in bf16 on the same test split: the metric deltas bf16 moves a trained model
 by (``precision_deltas``; target: R@1 / R@5 / R@10 each within 0.5 of fp32), on

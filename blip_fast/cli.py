@@ -5,8 +5,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -19,139 +17,8 @@ from blip_fast.cli_types import (
     positive_int,
     unit_interval,
 )
-
-
-def _demo(args):
-    """Synthetic data -> pre-train a small model from scratch (ITC + ITM + LM, the official
-    objectives and loop) -> official retrieval evaluation -> a few generated captions."""
-    import dataclasses
-
-    from blip_fast import tokenizer
-    from blip_fast.data import RetrievalEvalDataset, make_synthetic, test_transform
-    from blip_fast.eval.retrieval import evaluate
-    from blip_fast.models.blip_caption import BlipCaption
-    from blip_fast.train.main import build_trainer
-
-    precision, why = _demo_precision(args.precision)
-    print(f"precision: {precision} ({why})")
-    root = args.data or tempfile.mkdtemp(prefix="blip_fast_demo_")
-    t0 = time.perf_counter()
-    paths = make_synthetic(
-        root,
-        n_train_images=args.train_images,
-        n_test_images=args.test_images,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
-    print(f"synthetic data: {paths['root']} ({time.perf_counter() - t0:.1f} s)")
-    # Demo hyper-parameters for a model trained from scratch in minutes (official values are
-    # for fine-tuning pre-trained weights): higher LR with warm-up, a faster momentum teacher,
-    # a queue of one batch (a longer one holds stale features of the random start), no
-    # augmentation (the captions name left / right, which flips and crops would falsify), and
-    # ITC alone first: ITM's hard negatives and the captions mean nothing before ITC aligns the
-    # encoders, and an ITC-only step costs a fifth of a full one (README "demo").
-    y = {
-        "model": args.config,
-        "train_file": str(paths["train"]),
-        "image_root": str(paths["root"]),
-        "batch_size": args.batch_size,
-        "init_lr": args.lr,
-        "warmup_lr": 1e-6,
-        "warmup_steps": max(1, args.steps // 20),
-        "lr_decay_rate": 1.0,
-        "max_epoch": 1000,
-        "momentum": 0.97,
-        "train_augment": False,
-        "queue_size": args.batch_size,
-        "itc_warmup_steps": args.itc_warmup_steps,
-    }
-    trainer = build_trainer(
-        "pretrain",
-        y,
-        Path(root) / "train",
-        num_workers=args.workers,
-        max_steps=args.steps,
-        seed=args.seed,
-        save_every=0,
-        precision=precision,
-    )
-    model = trainer.model
-    print(
-        f"model: {args.config}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters, random init; training {args.steps} steps of {args.batch_size} "
-        f"({args.itc_warmup_steps} ITC only, then ITC + ITM + LM) on "
-        f"{len(trainer.sampler.indices(0))} image-caption pairs"
-    )
-    t0 = time.perf_counter()
-    stats = trainer.train()
-    print(
-        f"trained in {time.perf_counter() - t0:.0f} s; last step: "
-        + ", ".join(f"{k} {stats[k]:.3f}" for k in ("itc", "itm", "lm") if k in stats)
-    )
-    model.eval()
-    if args.save:
-        from blip_fast.checkpoint import save
-
-        print(f"saved the trained model: {save(model, args.save)}")
-    size = model.cfg.vision.image_size
-    dataset = RetrievalEvalDataset(paths["test"], paths["image_root"], test_transform(size))
-    print(
-        f"test split: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {args.k_test}"
-    )
-    result = evaluate(
-        model,
-        dataset,
-        tokenizer(),
-        k_test=args.k_test,
-        mode=args.mode,
-        precision=precision,
-        progress=sys.stderr.isatty(),
-    )
-    _print_result(result)
-    if args.captions == 0:
-        return
-    # The pre-training decoder captions without a prompt ([DEC] only), as it was trained.
-    captioner = BlipCaption(dataclasses.replace(model.cfg, prompt=""))
-    captioner.visual_encoder, captioner.text_decoder = model.visual_encoder, model.text_decoder
-    images = torch.stack([dataset[i][0] for i in range(args.captions)])
-    for i, caption in enumerate(captioner.eval().generate(images)):
-        truth = dataset.text[dataset.img2txt[i][0]]
-        print(f"caption {dataset.image[i]}: {caption!r} (truth: {truth!r})")
-
-
-def _demo_precision(requested: str) -> tuple[str, str]:
-    """The demo's autocast precision (training and retrieval evaluation; captions are fp32) for
-    ``--precision``, and why: auto is bf16 where the hardware has it (a GPU, a CPU with AMX or
-    AVX512-BF16), else fp32."""
-    from blip_fast.ops.linear import native_bf16
-
-    if torch.cuda.is_available():
-        native, hardware = True, "CUDA GPU"
-    elif native_bf16():
-        amx = torch.cpu._is_amx_tile_supported()
-        native, hardware = True, f"CPU has {'AMX' if amx else 'AVX512-BF16'} bf16"
-    else:
-        native, hardware = False, "no AMX / AVX512-BF16"
-    if requested == "auto":
-        return ("bf16" if native else "fp32"), f"auto: {hardware}"
-    if requested == "bf16" and not native:
-        return "bf16", f"requested; {hardware}: emulated, slower than fp32"
-    return requested, "requested"
-
-
-def _print_result(result):
-    print(
-        " ".join(
-            f"{k}={result[k]:.2f}"
-            for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
-        )
-    )
-    print(
-        "timing: "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in result["timing"].items())
-        + f"; {result['pairs_scored']} ITM pairs scored"
-        + (f" (ranks ran {result['itm_pairs_per_rank']})" if result["world_size"] > 1 else "")
-    )
+from blip_fast.demo import print_retrieval_result
+from blip_fast.demo import run as run_demo
 
 
 def _info(args):
@@ -334,7 +201,7 @@ def _write_result(result, out, save_scores):
     text = json.dumps(result, indent=2)
     if out:
         Path(out).write_text(text + "\n")
-    _print_result(result)
+    print_retrieval_result(result)
     if not out:
         print(text)
 
@@ -429,7 +296,9 @@ def main(argv=None):
         "--debug", action="store_true", help="full tracebacks (also: BLIP_FAST_DEBUG=1)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="synthetic data -> small model -> retrieval eval")
+    demo = sub.add_parser(
+        "demo", help="synthetic data -> small model -> retrieval eval, captions, search"
+    )
     demo.add_argument("--data", help="folder for the synthetic data (default: a temp dir)")
     demo.add_argument("--config", default="blip_demo")
     demo.add_argument("--train-images", type=positive_int, default=1000)
@@ -449,13 +318,20 @@ def main(argv=None):
     demo.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
     demo.add_argument("--k-test", type=positive_int, default=16)
     demo.add_argument("--captions", type=non_negative_int, default=3, help="test images to caption")
+    demo.add_argument(
+        "--search-queries",
+        type=non_negative_int,
+        default=2,
+        help="index the test images and search for the first caption of the first N of them "
+        "(0: no search)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="training and retrieval evaluation (auto: bf16 on a GPU or a CPU with AMX / "
-        "AVX512-BF16, else fp32)",
+        help="training, retrieval evaluation and search reranking (auto: bf16 on a GPU or a "
+        "CPU with AMX / AVX512-BF16, else fp32)",
     )
     demo.add_argument("--save", help="save the trained model here (official .pth layout)")
     demo.add_argument(
@@ -464,7 +340,7 @@ def main(argv=None):
         default="fast",
         help="retrieval evaluation: batched (same scores) or the official loop",
     )
-    demo.set_defaults(fn=_demo)
+    demo.set_defaults(fn=run_demo)
     sub.add_parser("info", help="versions, devices, available backends").set_defaults(fn=_info)
     conv = sub.add_parser("convert", help="official .pth <-> HuggingFace BLIP directory")
     conv.add_argument("src")

@@ -109,11 +109,7 @@ def search(args):
 
         Path(args.html).write_text(contact_sheet(idx, query, hits), encoding="utf-8")
         print(f"search: results page written to {args.html}", file=sys.stderr)
-    if args.json:
-        print(json.dumps([dataclasses.asdict(hit) for hit in hits], indent=1))
-        return
-    for rank, hit in enumerate(hits, 1):
-        print(f"{rank:>3}  {hit.score:8.4f}  {hit.path}")
+    print_hits(hits, lambda hit: hit.path, args.json)
 
 
 def _search_texts(args):
@@ -132,11 +128,17 @@ def _search_texts(args):
     hits = idx.search(
         Path(args.query), k=args.k, rerank=not args.no_rerank, candidates=args.candidates
     )
-    if args.json:
+    print_hits(hits, lambda hit: hit.text, args.json)
+
+
+def print_hits(hits, name, as_json: bool = False) -> None:
+    """``hits`` (``Hit``s or ``TextHit``s) as JSON, or a line each: rank, score, ``name(hit)``
+    (``blip-fast search``'s output; the demo's too)."""
+    if as_json:
         print(json.dumps([dataclasses.asdict(hit) for hit in hits], indent=1))
         return
     for rank, hit in enumerate(hits, 1):
-        print(f"{rank:>3}  {hit.score:8.4f}  {hit.text}")
+        print(f"{rank:>3}  {hit.score:8.4f}  {name(hit)}")
 
 
 def serve(args):

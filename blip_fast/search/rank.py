@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PRECISIONS", "exact_top_k", "reranker_dtype", "reranker_precision", "rerank"]
-__all__ += ["rerank_texts"]
+from blip_fast.eval.retrieval import resolve_precision
+from blip_fast.models.blip_caption import PRECISIONS  # fp32 / bf16 inference, as captioning
 
-PRECISIONS = ("fp32", "bf16")
+__all__ = ["exact_top_k", "reranker_dtype", "reranker_precision", "rerank", "rerank_texts"]
 
 # Rows per block: 64 Ki x 256 dims is a 32 MiB float16 block, 64 MiB in float32.
 BLOCK_ROWS = 1 << 16
@@ -31,8 +31,6 @@ BLOCK_ROWS = 1 << 16
 def reranker_precision(precision: str, model) -> str:
     """``precision`` checked, "bf16" turned to "fp32" (one log line) on a CPU without native
     bf16."""
-    from blip_fast.eval.retrieval import resolve_precision
-
     if precision not in PRECISIONS:
         raise ValueError(f"search precision must be one of {PRECISIONS}, got {precision!r}")
     if model is None:
