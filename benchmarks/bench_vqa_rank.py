@@ -17,7 +17,8 @@ less arithmetic alone explains.
 
 The answer list is synthetic, shaped like VQA v2's 3,128 answers: mostly one word, some of two
 to four, a few of six. Default config on CPU: preset ``blip_small_demo`` (4 text layers, width
-256), 8 questions, k_test 128; on CUDA ``blip_base_vit_b16_384``, 64 questions.
+256), 32 questions (official ``vqa.yaml``'s ``batch_size_test``: the batch one ``rank`` call
+sees), k_test 128; on CUDA ``blip_base_vit_b16_384``, 64 questions.
 
     python benchmarks/bench_vqa_rank.py [--device cpu|cuda] [--questions N] [--k-test K]
         [--answers A] [--threads N] [--repeats R] [--allow-dirty]
@@ -69,7 +70,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", help="preset (default: blip_small_demo on CPU, see above)")
-    p.add_argument("--questions", type=int, help="default: 8 on CPU, 64 on CUDA")
+    p.add_argument("--questions", type=int, help="default: 32 on CPU, 64 on CUDA")
     p.add_argument("--k-test", type=int, default=128)
     p.add_argument("--answers", type=int, default=3128, help="answer list size (VQA v2: 3128)")
     p.add_argument("--repeats", type=int, default=5, help="alternated runs, fastest kept")
@@ -104,7 +105,7 @@ def main():
     dev = args.device
     gpu = dev.startswith("cuda")
     args.config = args.config or ("blip_base_vit_b16_384" if gpu else "blip_small_demo")
-    n_questions = args.questions or (64 if gpu else 8)
+    n_questions = args.questions or (64 if gpu else 32)
     torch.manual_seed(0)
     cfg = as_config(args.config)
     model = create_model("vqa", cfg).to(dev).eval()
