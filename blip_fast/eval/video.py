@@ -48,25 +48,28 @@ KEYS = (
 
 
 @torch.no_grad()
-def encode_frames(model, frames):
+def encode_frames(model, frames, vit=None):
     """frames (B, n, 3, S, S) -> (the frames' tokens concatenated in frame order (B, n * Li,
     W), what ITM reads; the video features (B, D): the mean over frames of the projected
-    [CLS] tokens, L2-normalised)."""
+    [CLS] tokens, L2-normalised). ``vit``: a copy of the model's ViT to run instead
+    (``VisionTransformer.packed``)."""
     B, n = frames.shape[:2]
-    tokens = model.image_embeds(frames.flatten(0, 1))  # (B n, Li, W)
+    tokens = (vit or model.visual_encoder)(frames.flatten(0, 1))  # (B n, Li, W)
     cls = model.vision_proj(tokens[:, 0]).view(B, n, -1)
     feats = F.normalize(cls.float().mean(1), dim=-1)
     return tokens.reshape(B, n * tokens.shape[1], tokens.shape[2]), feats
 
 
 @torch.no_grad()
-def encode_videos(model, loader, device="cpu", progress=False):
+def encode_videos(model, loader, device="cpu", progress=False, mode="reference"):
     """loader yields (frames (B, n, 3, S, S), index) -> video_feats (n_vid, n * Li, W), the
     frames' tokens concatenated in frame order, and video_embed (n_vid, D) normalised
-    (``encode_frames``)."""
+    (``encode_frames``). ``mode`` ``fast``: on the prepacked ViT, as
+    ``blip_fast.eval.retrieval.encode_images``."""
+    vit = model.visual_encoder.packed(model.backends.get("linear")) if mode == "fast" else None
     feats, embeds = [], []
     for frames, _ in tqdm(loader, desc="videos", disable=not progress):
-        tokens, embed = encode_frames(model, frames.to(device))
+        tokens, embed = encode_frames(model, frames.to(device), vit)
         feats.append(tokens)
         embeds.append(embed)
     return torch.cat(feats), torch.cat(embeds)
@@ -111,14 +114,14 @@ def evaluate(
     start = time.perf_counter()
     with precision_context("fp32" if precision == "bf16" else precision, device):
         t0 = time.perf_counter()
-        text = encode_texts(model, tokenizer, dataset.text, 256, device, progress)
+        text = encode_texts(model, tokenizer, dataset.text, 256, device, progress, mode)
         timing["texts"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if loader is None:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
             )
-        video_feats, video_embed = encode_videos(model, loader, device, progress)
+        video_feats, video_embed = encode_videos(model, loader, device, progress, mode)
         timing["videos"] = time.perf_counter() - t0
     text_embed, text_ids, text_mask = text
     args = (model, video_feats, video_embed, text_embed, text_ids, text_mask, k_test)
