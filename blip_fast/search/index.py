@@ -87,7 +87,8 @@ class Index:
     their paths in row order, ``index.skipped`` the unreadable ones with their errors."""
 
     def __init__(self, store: Store, model=None, precision: str = "fp32"):
-        self.store, self.model, self._itm, self._ann = store, model, None, None
+        self.store, self.model, self._ann = store, model, None
+        self._itm = self._vit = None  # the reranker's snapshots of the model, built on first use
         self.precision = reranker_precision(precision, model)
         if model is not None:
             found, built = model_fingerprint(model), store.manifest["model"]["fingerprint"]
@@ -315,10 +316,13 @@ class Index:
         if not readable:
             raise OSError(f"{self.store.root}: no candidate image could be read")
         model, device = self.model, self._device
-        # bf16: the images' tokens under autocast; a video's stay fp32 (``encode_videos``)
-        autocast = torch.autocast(device.type, torch.bfloat16, self.precision == "bf16")
+        if self._vit is None:  # prepacked (bf16: an all-bf16 copy, as the reranker's encoder)
+            dtype = reranker_dtype(self.precision)
+            self._vit = model.visual_encoder.packed(model.backends.get("linear"), dtype)
+        vit_dtype = self._vit.pos_embed.dtype
         encoders = (  # (pixels' dims, batch, encoder); 4 videos of 8 frames: 32 images
-            (4, 32, lambda px: model.image_embeds(px.to(device))),
+            (4, 32, lambda px: self._vit(px.to(device, vit_dtype))),
+            # a video's tokens stay fp32 (``encode_videos``)
             (5, 4, lambda px: encode_videos(model, px, device, with_tokens=True)[1]),
         )
         groups = []
@@ -326,11 +330,9 @@ class Index:
             kept = [i for i, px in readable if px.dim() + 1 == dims]
             pixels = [px for _, px in readable if px.dim() + 1 == dims]
             if kept:
-                with autocast:
-                    embeds = [
-                        encode(torch.stack(pixels[b : b + batch]))
-                        for b in range(0, len(pixels), batch)
-                    ]
+                embeds = [
+                    encode(torch.stack(pixels[b : b + batch])) for b in range(0, len(pixels), batch)
+                ]
                 groups.append((kept, torch.cat(embeds)))
         return groups
 
