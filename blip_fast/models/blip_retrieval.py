@@ -2,7 +2,6 @@
 projections, ITM head, learnable temperature, momentum encoders and queues with idx."""
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +145,7 @@ class GatheredITM(nn.Module):
     def __init__(self, model, dtype: torch.dtype | None = None):
         super().__init__()
         backend = model.backends.get("linear")
-        head = model.itm_head if dtype is None else copy.deepcopy(model.itm_head).to(dtype)
+        head = model.itm_head if dtype is None else ops.cast_copy(model.itm_head, dtype)
         self.dtype = dtype
         self.text_encoder = model.text_encoder.packed(backend, dtype)
         self.itm_head = ops.prepack_linears(head, backend)

@@ -9,7 +9,6 @@ official ``med.py`` (``encoder.layer.N.crossattention.self.query``...). Attentio
 ``blip_fast.ops``; ``backends`` maps op name -> requested backend (None = automatic).
 """
 
-import copy
 import dataclasses
 import functools
 
@@ -231,7 +230,7 @@ class BertModel(nn.Module):
         post-op); ``dtype``: an all-``dtype`` copy, this module's weights untouched. Other
         tensors are shared; the packed weights are a snapshot. Backend ``reference``: this
         module (or its copy)."""
-        bert = self if dtype is None else copy.deepcopy(self).to(dtype)
+        bert = self if dtype is None else ops.cast_copy(self, dtype)
         bert = ops.prepack_linears(bert, backend)
         for layer in bert.encoder.layer:
             if isinstance(layer.intermediate.dense, ops.PackedLinear):

@@ -5,8 +5,6 @@ official BLIP ``vit.py`` (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``.
 checkpoints load without renaming. Attention runs through ``blip_fast.ops.attention``.
 """
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,7 +143,7 @@ class VisionTransformer(nn.Module):
         no pass over the (tokens x 4 width) activation, no bias copy); ``dtype``: an
         all-``dtype`` copy, this module's weights untouched. Other tensors are shared; the
         packed weights are a snapshot. Backend ``reference``: this module (or its copy)."""
-        vit = self if dtype is None else copy.deepcopy(self).to(dtype)
+        vit = self if dtype is None else ops.cast_copy(self, dtype)
         vit = ops.prepack_linears(vit, backend)
         for blk in vit.blocks:
             if isinstance(blk.mlp.fc1, ops.PackedLinear):

@@ -7,7 +7,7 @@ from blip_fast.ops.attention import attention
 from blip_fast.ops.cross_attention import cross_attention
 from blip_fast.ops.gathered_cross_attention import gathered_cross_attention
 from blip_fast.ops.itc import itc_loss
-from blip_fast.ops.linear import PackedLinear, prepack_linears
+from blip_fast.ops.linear import PackedLinear, cast_copy, prepack_linears
 from blip_fast.ops.lm_head_loss import lm_head_loss
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "itc_loss",
     "lm_head_loss",
     "prepack_linears",
+    "cast_copy",
     "PackedLinear",
     "reference",
     "available",

@@ -8,7 +8,7 @@ from _utils import TOL, assert_close_verbose, assert_lowp_close
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blip_fast.ops import PackedLinear, _backend, prepack_linears
+from blip_fast.ops import PackedLinear, _backend, cast_copy, prepack_linears
 from blip_fast.ops.linear import native_bf16
 
 ONEDNN = _backend.available("linear", "onednn", "cpu")
@@ -215,3 +215,19 @@ def test_reference_backend_returns_the_module_and_default_is_onednn():
     assert _backend.resolve("linear", "cuda") == "reference"
     with pytest.raises(RuntimeError, match="cannot run op 'linear'"):
         _backend.resolve("linear", "cuda", "onednn")
+
+
+def test_cast_copy_converts_floating_tensors_once_and_leaves_the_original():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Embedding(10, 8))
+    module.register_buffer("positions", torch.arange(4))  # not floating: copied as it is
+    module.register_buffer("scale", torch.randn(3))
+    copied = cast_copy(module, torch.bfloat16)
+    for (name, want), got in zip(module.named_parameters(), copied.parameters()):
+        assert isinstance(got, nn.Parameter) and got.dtype == torch.bfloat16, name
+        assert torch.equal(got, want.detach().to(torch.bfloat16)), name
+        assert want.dtype == torch.float32, name  # the original stays fp32
+    assert copied.scale.dtype == torch.bfloat16 and torch.equal(copied.positions, module.positions)
+    assert copied.positions.data_ptr() != module.positions.data_ptr()
+    same = cast_copy(module, torch.float32)  # already in dtype: shared, modules copied
+    assert same is not module and same[0].weight is module[0].weight
