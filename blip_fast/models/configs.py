@@ -89,10 +89,12 @@ class TextConfig:
     initializer_range: float = (
         0.02  # std of the random init (official BERT's; weights loaded over it)
     )
-    # Training from scratch only (weights loaded over it): zero query / key weights in every
-    # attention make each token attend uniformly at init, so [CLS] starts as the mean of its
-    # tokens instead of a near-constant vector (the demo's contrastive start needs this).
-    zero_init_attention_qk: bool = False
+    # Training from scratch only (weights loaded over it): zero query / key weights in the text
+    # encoder's self-attention make each token attend uniformly, so [CLS] starts as the mean of
+    # its tokens instead of a near-constant vector (the demo's contrastive start needs this).
+    # No gradient leaves that point, so it is kept out of the cross-attention (which must learn
+    # where each object is for ITM, VQA and NLVR²) and the decoder's causal self-attention.
+    zero_init_encoder_self_attention_qk: bool = False
 
 
 @dataclass
@@ -120,7 +122,10 @@ class BlipConfig:
         if unknown:
             raise ValueError(f"unknown BlipConfig keys: {sorted(unknown)}")
         vision = VisionConfig(**d.pop("vision", {}))
-        text = TextConfig(**d.pop("text", {}))
+        text = dict(d.pop("text", {}))
+        if "zero_init_attention_qk" in text:  # the flag's former name, in older checkpoints
+            text["zero_init_encoder_self_attention_qk"] = text.pop("zero_init_attention_qk")
+        text = TextConfig(**text)
         return cls(vision=vision, text=text, **d)
 
     @classmethod

@@ -218,11 +218,10 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg, encoder_width, backends)
         self.apply(functools.partial(_init_weights, std=cfg.initializer_range))
-        if cfg.zero_init_attention_qk:
-            for m in self.modules():
-                if isinstance(m, BertSelfAttention):
-                    nn.init.zeros_(m.query.weight)
-                    nn.init.zeros_(m.key.weight)
+        if cfg.zero_init_encoder_self_attention_qk:
+            for layer in self.encoder.layer:
+                nn.init.zeros_(layer.attention.self.query.weight)
+                nn.init.zeros_(layer.attention.self.key.weight)
 
     def packed(self, backend: str | None = None, dtype: torch.dtype | None = None):
         """An inference copy with its linear layers prepacked for ``backend``
@@ -328,7 +327,9 @@ class BertLMHeadModel(nn.Module):
 
     def __init__(self, cfg: TextConfig, encoder_width: int, backends: dict | None = None):
         super().__init__()
-        self.bert = BertModel(cfg, encoder_width, backends)
+        # the zero query / key start is for the text encoder's [CLS], not causal decoding
+        decoder_cfg = dataclasses.replace(cfg, zero_init_encoder_self_attention_qk=False)
+        self.bert = BertModel(decoder_cfg, encoder_width, backends)
         self.cls = BertOnlyMLMHead(cfg)
         self.cls.apply(functools.partial(_init_weights, std=cfg.initializer_range))
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight

@@ -96,25 +96,31 @@ def test_initializer_range_sets_text_init_std():
 
 
 def test_scratch_init_flags_uniform_attention_and_silent_itm_head():
-    """``text.zero_init_attention_qk``: every text attention's query / key weights start at zero
-    (encoder and decoder, self and cross), so at init each token attends uniformly to the
-    unmasked tokens: [CLS]'s self-attention context is the mean of their values.
-    ``zero_init_itm_head``: the ITM logits start at exactly zero. Both off by default."""
+    """``text.zero_init_encoder_self_attention_qk``: the text encoder's self-attention query /
+    key weights start at zero, so at init each token attends uniformly to the unmasked tokens
+    ([CLS]'s context is the mean of their values); the cross-attention and the decoder's
+    self-attention keep the random init (zero query and key get no gradient, so they would stay
+    uniform for good). ``zero_init_itm_head``: the ITM logits start at exactly zero. Both off by
+    default; a stored config's ``zero_init_attention_qk`` (the flag's former name) reads as it."""
     import dataclasses
 
     cfg = BlipConfig.preset("blip_tiny")
-    text = dataclasses.replace(cfg.text, zero_init_attention_qk=True)
+    text = dataclasses.replace(cfg.text, zero_init_encoder_self_attention_qk=True)
     torch.manual_seed(0)
     model = create_model(
         "pretrain",
         dataclasses.replace(cfg, text=text, zero_init_itm_head=True),
         backend="reference",
     ).eval()
-    for bert in (model.text_encoder, model.text_decoder.bert):
-        for layer in bert.encoder.layer:
-            for attn in (layer.attention.self, layer.crossattention.self):
-                assert not attn.query.weight.any() and not attn.key.weight.any()
-                assert attn.value.weight.std() > 0
+    for layer in model.text_encoder.encoder.layer:
+        attn = layer.attention.self
+        assert not attn.query.weight.any() and not attn.key.weight.any()
+        assert attn.value.weight.std() > 0
+        assert layer.crossattention.self.query.weight.std() > 0
+        assert layer.crossattention.self.key.weight.std() > 0
+    for layer in model.text_decoder.bert.encoder.layer:
+        assert layer.attention.self.query.weight.std() > 0
+        assert layer.attention.self.key.weight.std() > 0
     assert not model.itm_head.weight.any() and not model.itm_head.bias.any()
     ids, mask = _text(2, 9)
     mask[1, 6:] = 0
@@ -128,6 +134,9 @@ def test_scratch_init_flags_uniform_attention_and_silent_itm_head():
     default = create_model("pretrain", cfg)
     assert default.text_encoder.encoder.layer[0].attention.self.query.weight.any()
     assert default.itm_head.weight.any()
+    stored = cfg.to_dict()
+    stored["text"]["zero_init_attention_qk"] = True
+    assert BlipConfig.from_dict(stored).text == text
 
 
 def test_decoder_loss_equals_lm_loss_of_logits():
