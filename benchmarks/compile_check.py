@@ -72,22 +72,29 @@ def meta(*shape, dtype=torch.float32):
 
 def attention_calls(dtype, head_dim, q_len, k_len):
     """Every launcher of kernels/cross_attention.py and gathered_cross_attention.py, with and
-    without each optional input."""
+    without each optional input (training's dropout included)."""
     q, dout = (
         meta(2, HEADS, q_len, head_dim, dtype=dtype),
         meta(2, HEADS, q_len, head_dim, dtype=dtype),
     )
     k, v = (meta(2, HEADS, k_len, head_dim, dtype=dtype) for _ in range(2))
     scale = head_dim**-0.5
+    seed = meta(1, dtype=torch.int64)
+    for mask, p in itertools.product((None, meta(2, k_len, dtype=torch.bool)), (0.0, 0.1)):
+        out, lse = cross_attention.cross_attention_fwd(q, k, v, mask, scale, p, seed)
+        cross_attention.cross_attention_bwd(dout, q, k, v, mask, out, lse, scale, p, seed)
     for mask in (None, meta(2, k_len, dtype=torch.bool)):
-        out, lse = cross_attention.cross_attention_fwd(q, k, v, mask, scale)
-        cross_attention.cross_attention_bwd(dout, q, k, v, mask, out, lse, scale)
         for causal in (False, True):
             out, lse = cross_attention.attention_fwd(q, k, v, mask, scale, causal)
             cross_attention.attention_bwd(dout, q, k, v, mask, out, lse, scale, causal)
     index = meta(2, dtype=torch.int64)
-    out, lse = gathered_cross_attention.gathered_cross_attention_fwd(q, k, v, index, scale)
-    gathered_cross_attention.gathered_cross_attention_bwd(dout, q, k, v, index, out, lse, scale)
+    for p in (0.0, 0.1):
+        out, lse = gathered_cross_attention.gathered_cross_attention_fwd(
+            q, k, v, index, scale, p, seed
+        )
+        gathered_cross_attention.gathered_cross_attention_bwd(
+            dout, q, k, v, index, out, lse, scale, p, seed
+        )
 
 
 def itc_calls(dtype):

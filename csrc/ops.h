@@ -12,10 +12,13 @@
 namespace blip_fast {
 
 // q [B, H, Lq, D], k / v [B, H, Lk, D], key_padding_mask [B, Lk] bool (true = attend) or none
-// -> out [B, H, Lq, D] (q's dtype), lse [B, H, Lq] fp32.
+// -> out [B, H, Lq, D] (q's dtype), lse [B, H, Lq] fp32. The cross-attention ops all take
+// dropout_p and dropout_seed (a 1-element int64 tensor, needed when dropout_p > 0): attention
+// dropout by the counter hash of core/dropout.h, CPU kernels only.
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, double scale);
+    const std::optional<at::Tensor>& key_padding_mask, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
 
 // q [P, H, Lq, D], k_cache / v_cache [N_images, H, Lk, D], image_index [P] int64 in
 // [0, N_images) -> out [P, H, Lq, D] (q's dtype), lse [P, H, Lq] fp32: pair p attends over
@@ -24,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor> gathered_cross_attention_fwd(const at::Tensor
                                                                 const at::Tensor& k_cache,
                                                                 const at::Tensor& v_cache,
                                                                 const at::Tensor& image_index,
-                                                                double scale);
+                                                                double scale, double dropout_p,
+                                                                const std::optional<at::Tensor>& dropout_seed);
 
 // dout / out [P, H, Lq, D], lse [P, H, Lq] fp32 (from gathered_cross_attention_fwd) and its
 // inputs -> dq [P, H, Lq, D], dk_cache / dv_cache [N_images, H, Lk, D]: an image's rows sum
@@ -32,14 +36,16 @@ std::tuple<at::Tensor, at::Tensor> gathered_cross_attention_fwd(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_cross_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& image_index, const at::Tensor& out,
-    const at::Tensor& lse, double scale);
+    const at::Tensor& lse, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
 
 // dout / out [B, H, Lq, D], q [B, H, Lq, D], k / v [B, H, Lk, D], key_padding_mask [B, Lk] or
 // none, lse [B, H, Lq] fp32 (from cross_attention_fwd) -> dq, dk, dv shaped like q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale);
+    const at::Tensor& lse, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
 
 // image_feat / text_feat / image_feat_m / text_feat_m [B, D], image_queue / text_queue [D, Q]
 // (read in place), temp 0-d, idx [B] / idx_queue [Q] int64 or none -> loss 0-d (image_feat's

@@ -63,6 +63,34 @@ def _masked_scores(
 
 
 # Lengths, and the strides that follow them (lse, mask), are not specialised: any Lq / Lk runs
+@triton.jit
+def _mul32(x, c_hi, c_lo):
+    """(x · c) mod 2³² for int64 x < 2³² and c = c_hi · 2¹⁶ + c_lo, without int64 overflow."""
+    m32 = tl.full([], 0xFFFFFFFF, tl.int64)
+    return (x * c_lo + (((x * c_hi) & 0xFFFF) << 16)) & m32
+
+
+@triton.jit
+def _mix32(x):
+    """csrc/core/dropout.h's mix32 on int64 values < 2³²."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0, 0xAAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0xD35A, 0x2D97)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _dropout_keep(SEED, counter, threshold):
+    """Attention dropout's keep decisions for int64 element counters (csrc/core/dropout.h,
+    reference.dropout_keep): the same elements in every backend."""
+    m32 = tl.full([], 0xFFFFFFFF, tl.int64)
+    seed = tl.load(SEED)
+    bits = _mix32((counter & m32) ^ (seed & m32))
+    bits = _mix32(bits ^ ((seed >> 32) & m32) ^ (counter >> 32))
+    return bits >= threshold
+
+
 # the kernels benchmarks/compile_check.py compiled, without a recompile per length.
 UNSPECIALISED = ("LQ", "LK", "sl_b", "sl_h", "sm_b")
 
@@ -76,7 +104,10 @@ def _cross_attention_fwd_kernel(
     IDX,
     OUT,
     LSE,
+    SEED,
     scale,
+    threshold,
+    keep_scale,
     H,
     LQ,
     LK,
@@ -99,6 +130,7 @@ def _cross_attention_fwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -140,6 +172,9 @@ def _cross_attention_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # after l_i, which counts every key
+            counter = ((b * H + h) * LQ + rm[:, None]) * LK + rn[None, :]
+            p = tl.where(_dropout_keep(SEED, counter, threshold), p * keep_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     out = acc / l_i[:, None]
@@ -165,7 +200,10 @@ def _cross_attention_bwd_kernel(
     DQ,
     DK,
     DV,
+    SEED,
     scale,
+    threshold,
+    keep_scale,
     H,
     LQ,
     LK,
@@ -191,6 +229,7 @@ def _cross_attention_bwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -249,8 +288,14 @@ def _cross_attention_bwd_kernel(
                     q, k, scale, MASK + b * sm_b, rm, rn, mn, LQ, LK, HAS_MASK, CAUSAL
                 )
                 p = tl.where(mm[:, None] & mn[None, :], tl.exp(s - lse[:, None]), 0.0)
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                p_v = p  # the probabilities that multiplied V: dropped ones with DROPOUT
+                if DROPOUT:  # dP through the forward's mask; rowsum(P ∘ dP) stays delta
+                    counter = ((b * H + h) * LQ + rm[:, None]) * LK + rn[None, :]
+                    keep = _dropout_keep(SEED, counter, threshold)
+                    p_v = tl.where(keep, p * keep_scale, 0.0)
+                    dp = tl.where(keep, dp * keep_scale, 0.0)
+                dv = tl.dot(tl.trans(p_v.to(do.dtype)), do, input_precision="ieee")
                 ds = p * (dp - delta[:, None]) * scale
                 dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
@@ -326,7 +371,28 @@ def _inner_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, out=None, lse=None):
+def _dropout_args(dropout_p, dropout_seed, q):
+    """SEED pointer, keep threshold and scale of the kernels; DROPOUT flag."""
+    if dropout_p == 0.0:
+        return (q, 0, 1.0), False
+    threshold = min(round(dropout_p * 2**32), 2**32 - 1)
+    return (dropout_seed, threshold, 1.0 / (1.0 - dropout_p)), True
+
+
+def attend_fwd(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    scale,
+    index=None,
+    *,
+    causal=False,
+    dropout_p=0.0,
+    dropout_seed=None,
+    out=None,
+    lse=None,
+):
     """Forward shared by cross attention and the gathered one.
 
     q (B, H, Lq, D); k, v (N, H, Lk, D) with N = B, or any N when ``index`` (B,) int64 gives the
@@ -346,6 +412,7 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, ou
     config = attention_config(lq, d, q.dtype, device_limits(q.device), backward=False)
     mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
     idx = q if index is None else index.contiguous()
+    (seed, threshold, keep_scale), dropout = _dropout_args(dropout_p, dropout_seed, q)
     args = (
         q,
         k,
@@ -354,7 +421,10 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, ou
         idx,
         out,
         lse,
+        seed,
         float(scale),
+        threshold,
+        keep_scale,
         heads,
         lq,
         lk,
@@ -376,15 +446,28 @@ def attend_fwd(q, k, v, key_padding_mask, scale, index=None, *, causal=False, ou
         sm_b,
     )
     flags = dict(HAS_MASK=has_mask, HAS_IDX=index is not None, CAUSAL=bool(causal))
+    flags["DROPOUT"] = dropout
     grid = (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)
     launch(_cross_attention_fwd_kernel, grid, args, {**flags, **config})
     return out, lse
 
 
-def cross_attention_fwd(q, k, v, key_padding_mask, scale, *, out=None, lse=None):
+def cross_attention_fwd(
+    q, k, v, key_padding_mask, scale, dropout_p=0.0, dropout_seed=None, *, out=None, lse=None
+):
     """q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk) bool or None ->
     out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) fp32."""
-    return attend_fwd(q, k, v, key_padding_mask, scale, out=out, lse=lse)
+    return attend_fwd(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        scale,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        out=out,
+        lse=lse,
+    )
 
 
 def _groups_by_row(index, rows):
@@ -399,7 +482,20 @@ def _groups_by_row(index, rows):
 
 
 def attend_bwd(
-    dout, q, k, v, key_padding_mask, out, lse, scale, index=None, *, causal=False, grads=None
+    dout,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    out,
+    lse,
+    scale,
+    index=None,
+    *,
+    causal=False,
+    dropout_p=0.0,
+    dropout_seed=None,
+    grads=None,
 ):
     """Backward shared by cross attention and the gathered one: gradients of ``attend_fwd``
     from its out / lse. dq (B, H, Lq, D), dk / dv (N, H, Lk, D), contiguous, in the inputs'
@@ -418,6 +514,7 @@ def attend_bwd(
     mask, sm_b, has_mask = _mask_arg(key_padding_mask, q)
     order, offsets = (q, q) if index is None else _groups_by_row(index, rows)
     lse = lse.contiguous()
+    (seed, threshold, keep_scale), dropout = _dropout_args(dropout_p, dropout_seed, q)
     args = (
         dout,
         q,
@@ -431,7 +528,10 @@ def attend_bwd(
         dq,
         dk,
         dv,
+        seed,
         float(scale),
+        threshold,
+        keep_scale,
         heads,
         lq,
         lk,
@@ -456,17 +556,43 @@ def attend_bwd(
         sm_b,
     )
     flags = dict(HAS_MASK=has_mask, HAS_IDX=index is not None, CAUSAL=bool(causal))
+    flags["DROPOUT"] = dropout
     launch(_cross_attention_bwd_kernel, (rows * heads,), args, {**flags, **config})
     return dq, dk, dv
 
 
 def cross_attention_bwd(
-    dout, q, k, v, key_padding_mask, out, lse, scale, *, grads=None, causal=False
+    dout,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    out,
+    lse,
+    scale,
+    dropout_p=0.0,
+    dropout_seed=None,
+    *,
+    grads=None,
+    causal=False,
 ):
     """Gradients of ``cross_attention_fwd`` from its out / lse: dq (B, H, Lq, D), dk / dv
     (B, H, Lk, D), contiguous, in the inputs' dtypes. ``grads`` (tests pass poisoned
     contiguous buffers) = (dq, dk, dv) to write in full."""
-    return attend_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, causal=causal, grads=grads)
+    return attend_bwd(
+        dout,
+        q,
+        k,
+        v,
+        key_padding_mask,
+        out,
+        lse,
+        scale,
+        causal=causal,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        grads=grads,
+    )
 
 
 def attention_fwd(q, k, v, key_padding_mask, scale, causal, *, out=None, lse=None):

@@ -24,19 +24,56 @@ _gathered_cross_attention_fwd_kernel = _cross_attention_fwd_kernel
 _gathered_cross_attention_bwd_kernel = _cross_attention_bwd_kernel
 
 
-def gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale, *, out=None, lse=None):
+def gathered_cross_attention_fwd(
+    q, k_cache, v_cache, image_index, scale, dropout_p=0.0, dropout_seed=None, *, out=None, lse=None
+):
     """q (P, H, Lq, D); k_cache / v_cache (N, H, Lk, D); image_index (P,) int64 in [0, N) ->
     out (P, H, Lq, D) in q's dtype, softmax(q kᵀ · scale) v with k, v = cache[image_index[p]],
     and its row log-sum-exp lse (P, H, Lq) fp32. ``out`` / ``lse`` (tests pass poisoned
     buffers) are written in full."""
-    return attend_fwd(q, k_cache, v_cache, None, scale, image_index, out=out, lse=lse)
+    return attend_fwd(
+        q,
+        k_cache,
+        v_cache,
+        None,
+        scale,
+        image_index,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        out=out,
+        lse=lse,
+    )
 
 
 def gathered_cross_attention_bwd(
-    dout, q, k_cache, v_cache, image_index, out, lse, scale, *, grads=None
+    dout,
+    q,
+    k_cache,
+    v_cache,
+    image_index,
+    out,
+    lse,
+    scale,
+    dropout_p=0.0,
+    dropout_seed=None,
+    *,
+    grads=None,
 ):
     """Gradients of ``gathered_cross_attention_fwd`` from its out / lse: dq (P, H, Lq, D) and
     dk_cache / dv_cache (N, H, Lk, D), contiguous, in the inputs' dtypes; an image's rows sum
     over every pair reading it, an image no pair reads gets zeros. ``grads`` (tests pass
     poisoned contiguous buffers) = (dq, dk_cache, dv_cache) to write in full."""
-    return attend_bwd(dout, q, k_cache, v_cache, None, out, lse, scale, image_index, grads=grads)
+    return attend_bwd(
+        dout,
+        q,
+        k_cache,
+        v_cache,
+        None,
+        out,
+        lse,
+        scale,
+        image_index,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        grads=grads,
+    )

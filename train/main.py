@@ -30,6 +30,7 @@ from blip_fast.data.shards import ShardDataset
 from blip_fast.data.vqa import VQADataset, read_answer_list
 from blip_fast.models.blip_base import backend_map
 from blip_fast.models.configs import BlipConfig, load_yaml, parse_yaml_value
+from blip_fast.models.med import BertSelfAttention
 from blip_fast.train.config import validate_config
 from blip_fast.train.data import Collate, NLVRCollate, SeededSamples, TrainSampler, VQACollate
 from blip_fast.train.distributed import init_distributed, shutdown
@@ -165,6 +166,9 @@ class StepLevers:
     fused_lm_head_loss: bool = True  # LM head + cross-entropy chunked (ops.lm_head_loss)
     foreach_momentum: bool = True  # momentum update in multi-tensor calls
     pad_to_longest: bool = True  # text trimmed to the batch's longest caption (Collate)
+    # cross-attention dropout inside the fused kernels (BertSelfAttention.fused_dropout), so the
+    # ITM / LM rows keep reading the shared image K / V
+    fused_attention_dropout: bool = True
 
     @classmethod
     def official(cls) -> "StepLevers":
@@ -211,6 +215,9 @@ def build_trainer(
     if task in ("pretrain", "retrieval"):
         model.copy_params()  # momentum copies start as the online weights (official)
         model.foreach_momentum = levers.foreach_momentum
+    for module in model.modules():
+        if isinstance(module, BertSelfAttention):
+            module.fused_dropout = levers.fused_attention_dropout
     batch_size = int(y.get("batch_size_train", y.get("batch_size", 32)))
     dataset = build_dataset(task, y, cfg.vision.image_size)
     sampler = TrainSampler(len(dataset), batch_size, dist_info.rank, dist_info.world_size, seed)

@@ -32,12 +32,18 @@ log = logging.getLogger("blip_fast")
 
 
 @torch.no_grad()
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 def encode_texts(
     model, tokenizer, texts, batch_size=256, device="cpu", progress=False, mode="reference"
 ):
     """-> text_embed (n_txt, D) normalised, ids (n_txt, 35) [CLS] first, mask (n_txt, 35).
     ``mode`` ``fast``: the same features up to float rounding, with less work
     (``fast.text_features``); ``reference``: ``model.text_features`` in batches, as official."""
+    _check_mode(mode)
     tok = tokenizer(list(texts), padding="max_length", truncation=True, max_length=35)
     ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
     if mode == "fast":
@@ -54,6 +60,7 @@ def encode_images(model, loader, device="cpu", progress=False, mode="reference")
     """loader yields (pixels (B, 3, S, S), index) -> image_feats (n_img, N, W) all tokens,
     image_embed (n_img, D) normalised. ``mode`` ``fast``: the ViT's linear layers prepacked, its
     GELUs inside their GEMMs (``VisionTransformer.packed``): the same up to float rounding."""
+    _check_mode(mode)
     vit = model.visual_encoder
     if mode == "fast":
         vit = vit.packed(model.backends.get("linear"))
@@ -168,8 +175,7 @@ def evaluate(
     cross K/V computed once, large gathered batches; same scores as ``reference`` (the official
     loop, one query at a time) up to float rounding. Under torch.distributed both modes split
     the re-ranking across ranks and every rank returns the single-process result."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     precision = resolve_precision(precision, device)
     model.eval()
     timing = {}

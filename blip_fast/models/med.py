@@ -60,6 +60,9 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_dropout
+        # cross-attention dropout inside the fused kernels where they have it (False: as
+        # official BERT, F.dropout on materialised probabilities; a training-step lever)
+        self.fused_dropout = True
         self.is_cross = is_cross
         self.backends = backends
 
@@ -72,12 +75,16 @@ class BertSelfAttention(nn.Module):
 
     def _attend_image_kv(self, q, k, v, image_index):
         """Cross-attention over K / V projected once per distinct image, (N, H, Li, D); text
-        row b reads image image_index[b] (None: image b). Without attention dropout the
-        gathered op reads the rows in place, and its backward sums each image's gradient over
-        the rows that read it; dropout needs the attention op, so the rows are copied there."""
-        if image_index is not None and self.attention_dropout == 0.0:
+        row b reads image image_index[b] (None: image b). The gathered op reads the rows in
+        place and its backward sums each image's gradient over the rows that read it; attention
+        dropout runs inside it unless its kernel has none (``_fused_dropout``), then the rows are
+        copied for an attention op with dropout."""
+        p = self.attention_dropout
+        if image_index is not None and (
+            p == 0.0 or self._fused_dropout("gathered_cross_attention", q)
+        ):
             backend = self.backends.get("gathered_cross_attention")
-            return ops.gathered_cross_attention(q, k, v, image_index, backend=backend)
+            return ops.gathered_cross_attention(q, k, v, image_index, p, backend=backend)
         if image_index is not None:  # index_select: its backward (index_add_) is several
             # times faster on the CPU than that of k[image_index] (index_put_ accumulate)
             k, v = k.index_select(0, image_index), v.index_select(0, image_index)
@@ -87,13 +94,18 @@ class BertSelfAttention(nn.Module):
     def attention_dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
 
+    def _fused_dropout(self, op: str, q) -> bool:
+        """Whether ``op``'s kernel for q drops attention probabilities itself (the fused
+        kernels' counter hash) and the model lets it (``fused_dropout``)."""
+        backend = ops.resolve(op, q.device, self.backends.get(op))
+        return self.fused_dropout and backend in ops.FUSED_DROPOUT
+
     def _attend(self, q, k, v, key_padding_mask, causal):
         p = self.attention_dropout
-        if self.is_cross and p == 0.0:
-            return ops.cross_attention(
-                q, k, v, key_padding_mask, backend=self.backends.get("cross_attention")
-            )
-        # self-attention, or cross-attention with probability dropout while training
+        if self.is_cross and (p == 0.0 or self._fused_dropout("cross_attention", q)):
+            backend = self.backends.get("cross_attention")
+            return ops.cross_attention(q, k, v, key_padding_mask, p, backend=backend)
+        # self-attention, or cross-attention with dropout on a kernel without it
         return ops.attention(
             q,
             k,

@@ -13,26 +13,28 @@ independent rows whose outputs the caller ignores.
 
 Ops (schemas here; the eager reference everywhere, the C++ kernels of ``blip_fast._C`` on CPU
 and its CUDA forward for the first family, Triton's on CUDA for the ``_triton`` twins):
-    blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale)
-        -> (out, lse)
+    blip_fast::gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale, dropout_p,
+        dropout_seed) -> (out, lse)
     blip_fast::gathered_cross_attention_bwd(dout, q, k_cache, v_cache, image_index, out, lse,
-        scale) -> (dq, dk_cache, dv_cache)
+        scale, dropout_p, dropout_seed) -> (dq, dk_cache, dv_cache)
 with out (P, H, Lq, D) in q's dtype and lse (P, H, Lq) fp32, as cross_attention's. The C++ CUDA
 build has no backward: gathered_cross_attention_bwd on CUDA runs the reference kernel.
+Attention dropout as cross_attention's (the counter hash over (P, H, Lq, Lk), pair p's rows
+counted as row p): training's ITM / LM rows keep reading the shared K / V with dropout on.
 """
 
 import torch
 
 from blip_fast.ops import _backend, reference
-from blip_fast.ops.cross_attention import _register_family
+from blip_fast.ops.cross_attention import DROPOUT_ARGS, _register_family, check_dropout, draw_seed
 
 _FWD = (
-    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, float scale) "
+    f"(Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, float scale, {DROPOUT_ARGS}) "
     "-> (Tensor, Tensor)"
 )
 _BWD = (
     "(Tensor dout, Tensor q, Tensor k_cache, Tensor v_cache, Tensor image_index, Tensor out, "
-    "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
+    f"Tensor lse, float scale, {DROPOUT_ARGS}) -> (Tensor, Tensor, Tensor)"
 )
 # backend -> forward op; two families because the C++ CUDA kernel and Triton both want the CUDA
 # key. Registered as cross-attention's families: image_index sits where its key_padding_mask
@@ -93,17 +95,28 @@ def _check(q, k_cache, v_cache, image_index):
     )
 
 
-def gathered_cross_attention(q, k_cache, v_cache, image_index, backend=None):
-    """softmax(q kᵀ / √D) v, pair p's k / v = k_cache / v_cache[image_index[p]] read in place.
+def gathered_cross_attention(
+    q, k_cache, v_cache, image_index, dropout_p=0.0, dropout_seed=None, backend=None
+):
+    """softmax(q kᵀ / √D) v, pair p's k / v = k_cache / v_cache[image_index[p]] read in place,
+    the probabilities dropped with probability ``dropout_p`` (training).
 
     Arguments: q: (pairs, heads, q_len, head_dim); k_cache, v_cache: (images, heads, k_len,
-    head_dim); image_index: (pairs,) int64 in [0, images). Returns (pairs, heads, q_len,
-    head_dim) in q's dtype. Every backend records autograd: dk_cache / dv_cache of an image sum
-    over the pairs that read it.
+    head_dim); image_index: (pairs,) int64 in [0, images); dropout_seed: as cross_attention's.
+    Returns (pairs, heads, q_len, head_dim) in q's dtype. Every backend records autograd:
+    dk_cache / dv_cache of an image sum over the pairs that read it.
     """
     _check(q, k_cache, v_cache, image_index)
     backend = _backend.resolve("gathered_cross_attention", q.device, backend)
+    check_dropout("gathered_cross_attention", dropout_p, backend)
+    scale = q.shape[-1] ** -0.5
+    if backend == "reference" and (dropout_p == 0.0 or dropout_seed is None):
+        return reference.gathered_cross_attention(
+            q, k_cache, v_cache, image_index, scale, dropout_p
+        )
     if backend == "reference":
-        return reference.gathered_cross_attention(q, k_cache, v_cache, image_index)
+        ref = reference.gathered_cross_attention_fwd
+        return ref(q, k_cache, v_cache, image_index, scale, dropout_p, dropout_seed)[0]
     op = getattr(torch.ops.blip_fast, _OPS[backend])
-    return op(q, k_cache, v_cache, image_index, q.shape[-1] ** -0.5)[0]
+    seed = draw_seed(dropout_p, q.device, dropout_seed)
+    return op(q, k_cache, v_cache, image_index, scale, dropout_p, seed)[0]

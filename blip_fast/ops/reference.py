@@ -61,23 +61,74 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
     return attention(q, k, v, key_padding_mask, causal=False, scale=scale)
 
 
-def attention_fwd(q, k, v, key_padding_mask, scale: float, causal: bool = False):
+def _mul32(x, c: int):
+    """(x · c) mod 2³² for int64 tensors x < 2³², in 16-bit halves of c (no int64 overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x):
+    """csrc/core/dropout.h's mix32 on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0xD35A2D97)
+    return x ^ (x >> 15)
+
+
+def dropout_keep(seed, shape, p: float, device=None):
+    """Attention dropout's keep mask (bool, ``shape`` = (B, H, Lq, Lk)) as the fused kernels
+    draw it: element c (row-major linear index) is kept iff a counter hash of (c, seed) is
+    >= round(p · 2³²) (csrc/core/dropout.h). seed: a 1-element int64 tensor. A backward
+    regenerates the mask from the seed instead of storing it."""
+    seed = seed.reshape(()).to(device)
+    counter = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
+    lo = _mix32((counter & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF))
+    bits = _mix32(lo ^ ((seed >> 32) & 0xFFFFFFFF) ^ (counter >> 32))
+    return bits >= min(round(p * 2**32), 2**32 - 1)
+
+
+def _dropped(probs, dropout_p: float, dropout_seed):
+    """probs with ``dropout_keep``'s elements scaled by 1 / (1 - p) and the others zeroed."""
+    if dropout_p == 0.0:
+        return probs
+    keep = dropout_keep(dropout_seed, probs.shape, dropout_p, probs.device)
+    return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def attention_fwd(
+    q, k, v, key_padding_mask, scale: float, causal: bool = False, dropout_p=0.0, dropout_seed=None
+):
     """Forward that also returns the row log-sum-exp, so a backward can recompute the
     probabilities instead of keeping (B, H, Lq, Lk). Returns out (B, H, Lq, D) in q's dtype and
-    lse (B, H, Lq) in fp32 (fp64 for fp64 inputs). ``causal`` as in ``allowed_mask``."""
+    lse (B, H, Lq) in fp32 (fp64 for fp64 inputs). ``causal`` as in ``allowed_mask``;
+    ``dropout_p`` > 0 drops probabilities by ``dropout_keep(dropout_seed)`` (lse is that of the
+    probabilities before dropout)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     mask = additive_mask(key_padding_mask, causal, q.shape[-2], k.shape[-2], scores.dtype, q.device)
     if mask is not None:
         scores = scores + mask
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v.to(acc))
-    return out.to(q.dtype), lse
+    probs = _dropped(torch.exp(scores - lse[..., None]), dropout_p, dropout_seed)
+    return torch.matmul(probs, v.to(acc)).to(q.dtype), lse
 
 
-def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float, causal: bool = False):
+def attention_bwd(
+    dout,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    out,
+    lse,
+    scale: float,
+    causal: bool = False,
+    dropout_p=0.0,
+    dropout_seed=None,
+):
     """Gradients of ``attention_fwd`` from the saved lse (FlashAttention's recurrence:
-    dS = P ∘ (dP − rowsum(dO ∘ O))). Returns dq, dk, dv in the inputs' dtypes."""
+    dS = P ∘ (dP − rowsum(dO ∘ O)), dP taken through the dropout mask, which leaves
+    rowsum(P ∘ dP) = rowsum(dO ∘ O)). Returns dq, dk, dv in the inputs' dtypes."""
     acc = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
@@ -85,8 +136,8 @@ def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float, causa
     if mask is not None:
         scores = scores + mask
     probs = torch.exp(scores - lse[..., None])
-    dv = torch.matmul(probs.transpose(-1, -2), dof)
-    dprobs = torch.matmul(dof, vf.transpose(-1, -2))
+    dv = torch.matmul(_dropped(probs, dropout_p, dropout_seed).transpose(-1, -2), dof)
+    dprobs = _dropped(torch.matmul(dof, vf.transpose(-1, -2)), dropout_p, dropout_seed)
     delta = (dof * out.to(acc)).sum(-1, keepdim=True)
     dscores = probs * (dprobs - delta) * scale
     dq = torch.matmul(dscores, kf)
@@ -94,14 +145,18 @@ def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float, causa
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def cross_attention_fwd(q, k, v, key_padding_mask, scale: float):
+def cross_attention_fwd(q, k, v, key_padding_mask, scale: float, dropout_p=0.0, dropout_seed=None):
     """Non-causal ``attention_fwd``: out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) fp32."""
-    return attention_fwd(q, k, v, key_padding_mask, scale, False)
+    return attention_fwd(q, k, v, key_padding_mask, scale, False, dropout_p, dropout_seed)
 
 
-def cross_attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale: float):
+def cross_attention_bwd(
+    dout, q, k, v, key_padding_mask, out, lse, scale: float, dropout_p=0.0, dropout_seed=None
+):
     """Gradients of ``cross_attention_fwd``: dq, dk, dv in the inputs' dtypes."""
-    return attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, False)
+    return attention_bwd(
+        dout, q, k, v, key_padding_mask, out, lse, scale, False, dropout_p, dropout_seed
+    )
 
 
 def itc_loss(
@@ -152,26 +207,32 @@ def itc_loss(
     return (loss_i2t + loss_t2i) / 2
 
 
-def gathered_cross_attention(q, k_cache, v_cache, image_index, scale=None):
+def gathered_cross_attention(q, k_cache, v_cache, image_index, scale=None, dropout_p=0.0):
     """ITM reranking's cross-attention over cached image K / V: pair p's queries attend over
-    row image_index[p] of the caches (index, then attend).
+    row image_index[p] of the caches (index, then attend; dropout as official BERT's).
 
     q: (P, H, Lq, D); k_cache, v_cache: (N_images, H, Lk, D); image_index: (P,) int64.
     Returns (P, H, Lq, D)."""
-    return cross_attention(q, k_cache[image_index], v_cache[image_index], scale=scale)
+    k, v = k_cache[image_index], v_cache[image_index]
+    return attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
-def gathered_cross_attention_fwd(q, k_cache, v_cache, image_index, scale: float):
+def gathered_cross_attention_fwd(
+    q, k_cache, v_cache, image_index, scale: float, dropout_p=0.0, dropout_seed=None
+):
     """``cross_attention_fwd`` over the gathered caches: out (P, H, Lq, D) in q's dtype,
-    lse (P, H, Lq) fp32."""
-    return cross_attention_fwd(q, k_cache[image_index], v_cache[image_index], None, scale)
+    lse (P, H, Lq) fp32 (dropout counted over (P, H, Lq, Lk))."""
+    k, v = k_cache[image_index], v_cache[image_index]
+    return cross_attention_fwd(q, k, v, None, scale, dropout_p, dropout_seed)
 
 
-def gathered_cross_attention_bwd(dout, q, k_cache, v_cache, image_index, out, lse, scale: float):
+def gathered_cross_attention_bwd(
+    dout, q, k_cache, v_cache, image_index, out, lse, scale: float, dropout_p=0.0, dropout_seed=None
+):
     """Gradients of ``gathered_cross_attention_fwd``: dq (P, H, Lq, D) and dk_cache, dv_cache
     (N_images, H, Lk, D), an image's the sum over the pairs that read it (0 if none does)."""
     k, v = k_cache[image_index], v_cache[image_index]
-    dq, dk, dv = cross_attention_bwd(dout, q, k, v, None, out, lse, scale)
+    dq, dk, dv = cross_attention_bwd(dout, q, k, v, None, out, lse, scale, dropout_p, dropout_seed)
     dk_cache = k_cache.new_zeros(k_cache.shape).index_add_(0, image_index, dk)
     dv_cache = v_cache.new_zeros(v_cache.shape).index_add_(0, image_index, dv)
     return dq, dk_cache, dv_cache

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "core/dropout.h"
 #include "core/types.h"
 
 namespace blip_fast {
@@ -21,6 +22,9 @@ struct CrossAttentionParams {
   // N cached images), values in [0, N) (the caller checks); nullptr = row b. The CUDA kernels
   // have a forward only; the CPU backward takes it without a key_padding_mask.
   const int64_t* kv_index = nullptr;
+  // Attention-probability dropout (core/dropout.h), the element of (batch entry b, head h,
+  // query i, key j) counted as ((b·H + h)·Lq + i)·Lk + j. CPU kernels only.
+  Dropout dropout;
 };
 
 struct CrossAttentionFwdParams : CrossAttentionParams {

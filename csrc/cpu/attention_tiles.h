@@ -73,6 +73,21 @@ BLIP_FAST_INLINE void online_softmax(acc_t* st, int64_t lanes, int64_t bk, acc_t
   }
 }
 
+// Attention dropout on transposed probabilities st[key, query] of one tile: element (i, j)
+// (query i, key j of the tile, counter counter0 + i·Lk + j) is scaled by 1 / (1 − p) or zeroed.
+template <typename acc_t>
+BLIP_FAST_INLINE void drop_transposed(const Dropout& d, acc_t* st, int64_t lanes, int64_t bq,
+                                      int64_t bk, uint64_t counter0, int64_t k_len) {
+  const acc_t kept = static_cast<acc_t>(1.0 / (1.0 - d.p));
+  for (int64_t j = 0; j < bk; ++j) {
+    acc_t* s = st + j * lanes;
+    for (int64_t i = 0; i < bq; ++i) {
+      const uint64_t c = counter0 + static_cast<uint64_t>(i * k_len + j);
+      s[i] = dropout_bits(c, d.seed) >= d.threshold ? s[i] * kept : acc_t(0);
+    }
+  }
+}
+
 // Asks for the K / V rows of forward item `item` ahead of use. Gathered (ITM reranking),
 // consecutive pairs attend over different images whose K / V are rarely in cache: 128 pairs
 // x 4 heads x 23 queries over 65 tokens took 4.0-4.4 ms with 200 images' caches vs 2.5-2.8

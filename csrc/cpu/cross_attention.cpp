@@ -137,6 +137,9 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
 
     tiles::online_softmax(w.st.data(), lanes, bk, scale, w.mask_add.data(), w.m.data(),
                           w.l.data(), w.correction.data());
+    if (p.dropout.p > 0.0)  // after the row sums l, which count every key
+      tiles::drop_transposed(p.dropout, w.st.data(), lanes, bq, bk,
+                             static_cast<uint64_t>((bh * p.q_len + i0) * p.k_len + j0), p.k_len);
     for (int64_t i = 0; i < bq; ++i) {
       acc_t* o = w.o.data() + i * dp;
       for (int64_t d = 0; d < dp; d += kWidth)
@@ -190,14 +193,29 @@ struct BwdScratch {
   int64_t dp;
   std::vector<acc_t> q, dout, dq, lse, delta;      // [rows, dp] / [rows], rows padded to kBlockQ
   std::vector<acc_t> k, kt, vt, dk, dv, mask_add;  // one key tile
+  std::vector<acc_t> kept;                         // one row's dropout scale per key
   std::vector<acc_t> s, ds, pt, dst;               // [kBlockQ, kBlockK] and transposes
   BwdScratch(int64_t head_dim, int64_t rows)
       : dp(round_up(head_dim, kWidth)), q(round_up(rows, kBlockQ) * dp), dout(q.size()),
         dq(q.size()), lse(round_up(rows, kBlockQ)), delta(lse.size()), k(kBlockK * dp),
         kt(dp * kBlockK), vt(dp * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), mask_add(kBlockK),
+        kept(kBlockK, acc_t(1)),
         s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), pt(kBlockK * kBlockQ),
         dst(kBlockK * kBlockQ) {}
 };
+
+// w.kept[j] = 1 / (1 − p) or 0: the forward's dropout of key j0 + j for stacked query row
+// `row` (entry row / Lq of the group, query row % Lq) of head h.
+template <typename acc_t>
+BLIP_FAST_INLINE void keep_scales(const CrossAttentionBwdParams& p, const int64_t* entries,
+                                  int64_t h, int64_t row, int64_t j0, int64_t bk,
+                                  BwdScratch<acc_t>& w) {
+  const int64_t b = entries[row / p.q_len], i = row % p.q_len;
+  const uint64_t c0 = static_cast<uint64_t>(((b * p.heads + h) * p.q_len + i) * p.k_len + j0);
+  const acc_t kept = static_cast<acc_t>(1.0 / (1.0 - p.dropout.p));
+  for (int64_t j = 0; j < bk; ++j)
+    w.kept[j] = dropout_bits(c0 + j, p.dropout.seed) >= p.dropout.threshold ? kept : acc_t(0);
+}
 
 // One (K / V row n, head h) of the backward, its query-side rows those of every batch entry
 // that reads row n, stacked. Outer loop over key tiles (their dK, dV finish inside it), inner
@@ -259,16 +277,19 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
       vec::gemm<false>(bq_pad, kBlockK, D, q, dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
       vec::gemm<false>(bq_pad, kBlockK, D, dout, dp, w.vt.data(), kBlockK, w.ds.data(), kBlockK);
       // s becomes P = exp(score − lse) and ds (holding dP) becomes dS = P ∘ (dP − delta) ·
-      // scale; both are also transposed for the dK / dV products.
+      // scale; both are also transposed for the dK / dV products. With dropout, s becomes the
+      // dropped P that multiplied V and dP is taken through the same mask (`kept`).
       for (int64_t i = 0; i < bq_pad; ++i) {
         acc_t* s = w.s.data() + i * kBlockK;
         acc_t* ds = w.ds.data() + i * kBlockK;
         const acc_t row_lse = w.lse[i0 + i], row_delta = w.delta[i0 + i];
+        if (p.dropout.p > 0.0 && i0 + i < rows) keep_scales(p, entries, h, i0 + i, j0, bk, w);
         for (int64_t j = 0; j < kBlockK; j += kWidth) {
           const Vec<acc_t> prob =
               vec::exp(vec::load(s + j) * scale + vec::load(w.mask_add.data() + j) - row_lse);
-          vec::store(s + j, prob);
-          vec::store(ds + j, prob * (vec::load(ds + j) - row_delta) * scale);
+          const Vec<acc_t> kept = vec::load(w.kept.data() + j);
+          vec::store(s + j, prob * kept);
+          vec::store(ds + j, prob * (vec::load(ds + j) * kept - row_delta) * scale);
         }
         for (int64_t j = 0; j < bk_pad; ++j) {
           w.pt[j * kBlockQ + i] = s[j];
@@ -334,7 +355,7 @@ void dispatch_dtype(Dtype dtype, Run&& run) {
 }  // namespace
 
 void cross_attention_fwd(const CrossAttentionFwdParams& params, int num_threads) {
-  if (params.dtype == Dtype::kBFloat16) {
+  if (params.dtype == Dtype::kBFloat16 && params.dropout.p == 0.0) {
     if (const Bf16Products products = bf16_products(); products != Bf16Products::kFp32)
       return cross_attention_fwd_bf16(params, products, num_threads);
   }

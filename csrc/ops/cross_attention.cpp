@@ -70,6 +70,20 @@ void fill_inputs(const char* op, CrossAttentionParams& p, const at::Tensor& q,
   p.scale = scale;
 }
 
+// p and the seed of attention dropout: p in [0, 1); with p > 0 a 1-element int64 seed tensor
+// on the CPU (the CUDA C++ kernel has no dropout).
+Dropout dropout_arg(const char* op, const at::Tensor& q, double p,
+                    const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  if (p == 0.0) return {};
+  TORCH_CHECK(q.is_cpu(), op, ": the ", q.device(), " kernel has no attention dropout (p = ", p,
+              "); the triton backend has");
+  TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong, op,
+              ": dropout_p = ", p, " needs dropout_seed, a 1-element int64 tensor");
+  CHECK_DEVICE(op, *seed, q);
+  return make_dropout(p, static_cast<uint64_t>(seed->data_ptr<int64_t>()[0]));
+}
+
 int64_t attention_work(const at::Tensor& q, const at::Tensor& k) {
   return q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3);
 }
@@ -79,7 +93,8 @@ int64_t attention_work(const at::Tensor& q, const at::Tensor& k) {
 std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_index,
-    double scale) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  const Dropout dropout = dropout_arg(op, q, dropout_p, dropout_seed);
   const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
   const at::Tensor v_rows = rows_contiguous(v);
   std::optional<at::Tensor> mask;
@@ -92,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
   CrossAttentionFwdParams p{};
   fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
   p.kv_index = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  p.dropout = dropout;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
 #ifdef BLIP_FAST_WITH_CUDA
@@ -114,17 +130,19 @@ std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+    const std::optional<at::Tensor>& key_padding_mask, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "cross_attention_fwd";
   check_inputs(op, q, k, v, key_padding_mask);
-  return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale);
+  return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale, dropout_p,
+                                 dropout_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
     const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_index, const at::Tensor& out, const at::Tensor& lse,
-    double scale) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout must have q's shape ", q.sizes(), ", got ",
               dout.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
@@ -140,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
   TORCH_CHECK(q.is_cpu(), op, ": only a CPU kernel is built, got ", q.device());
   TORCH_CHECK(!(key_padding_mask.has_value() && kv_index.has_value()), op,
               ": the backward takes a key_padding_mask or a K / V row index, not both");
+  const Dropout dropout = dropout_arg(op, q, dropout_p, dropout_seed);
 
   const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
   const at::Tensor v_rows = rows_contiguous(v), dout_rows = rows_contiguous(dout);
@@ -156,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
   fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
   p.kv_index = index.defined() ? index.data_ptr<int64_t>() : nullptr;
   p.kv_batch = k.size(0);
+  p.dropout = dropout;
   p.dout = operand(dout_rows);
   p.out = operand(out_rows);
   p.lse = lse_c.data_ptr<float>();
@@ -169,11 +189,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale) {
+    const at::Tensor& lse, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "cross_attention_bwd";
   check_inputs(op, q, k, v, key_padding_mask);
   return run_cross_attention_bwd(op, dout, q, k, v, key_padding_mask, std::nullopt, out, lse,
-                                 scale);
+                                 scale, dropout_p, dropout_seed);
 }
 
 }  // namespace blip_fast

@@ -57,23 +57,26 @@ std::tuple<at::Tensor, at::Tensor> gathered_cross_attention_fwd(const at::Tensor
                                                                 const at::Tensor& k_cache,
                                                                 const at::Tensor& v_cache,
                                                                 const at::Tensor& image_index,
-                                                                double scale) {
+                                                                double scale, double dropout_p,
+                                                                const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "gathered_cross_attention_fwd";
   check_inputs(op, q, k_cache, v_cache, image_index);
   check_index_range(op, image_index, k_cache.size(0));
   // image tokens are all attended: no key padding mask
-  return run_cross_attention_fwd(op, q, k_cache, v_cache, std::nullopt, image_index, scale);
+  return run_cross_attention_fwd(op, q, k_cache, v_cache, std::nullopt, image_index, scale,
+                                 dropout_p, dropout_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_cross_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& image_index, const at::Tensor& out,
-    const at::Tensor& lse, double scale) {
+    const at::Tensor& lse, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "gathered_cross_attention_bwd";
   check_inputs(op, q, k_cache, v_cache, image_index);
   check_index_range(op, image_index, k_cache.size(0));
   return run_cross_attention_bwd(op, dout, q, k_cache, v_cache, std::nullopt, image_index, out,
-                                 lse, scale);
+                                 lse, scale, dropout_p, dropout_seed);
 }
 
 }  // namespace blip_fast

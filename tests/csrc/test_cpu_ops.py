@@ -345,3 +345,79 @@ def test_an_unknown_bf16_products_cap_is_an_error(monkeypatch):
     q, k, v, mask = make_inputs(1, 2, 5, 9, 16, torch.bfloat16)
     with pytest.raises(ValueError, match="BLIP_FAST_CPU_BF16_PRODUCTS=amx2: expected amx"):
         bf16_forward(monkeypatch, "amx2", q, k, v, mask, 0.25)
+
+
+# Attention dropout (training's cross-attention, p 0.1): the kernels drop what
+# reference.dropout_keep drops, counted over (B, H, Lq, Lk) in the forward's tiles (keys
+# transposed) and, regenerated from the seed, in the backward's stacked rows (pair p's queries
+# beside those of the other pairs reading its image).
+SEED = torch.tensor([(1 << 45) + 777])
+
+
+def dropout_cases():
+    return [
+        ("plain", (2, 3, 35, 197, 64), None),
+        ("plain", (1, 2, 65, 129, 17), None),  # one past a query tile and a key tile
+        ("gathered", (6, 3, 9, 77, 40), [2, 0, 2, 1, 0, 2]),
+        ("gathered", (5, 2, 13, 129, 17), [0, 0, 0, 0, 0]),  # rows split inside a pair
+    ]
+
+
+@pytest.mark.parametrize("kind, shape, index", dropout_cases())
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16))
+def test_dropout_drops_what_the_reference_drops(kind, shape, index, dtype):
+    b, h, lq, lk, d = shape
+    scale, p = d**-0.5, 0.1
+    if kind == "plain":
+        q, k, v, mask = make_inputs(b, h, lq, lk, d, dtype)
+        extra, ops = (
+            (mask,),
+            (fwd, bwd, reference.cross_attention_fwd, reference.cross_attention_bwd),
+        )
+    else:
+        q, k, v = make_caches(b, max(index) + 2, lq, lk, d, heads=h, dtype=dtype)
+        extra = (torch.tensor(index),)
+        ops = (
+            gathered_fwd,
+            gathered_bwd,
+            reference.gathered_cross_attention_fwd,
+            reference.gathered_cross_attention_bwd,
+        )
+    kernel_fwd, kernel_bwd, ref_fwd, ref_bwd = ops
+    out, lse = kernel_fwd(q, k, v, *extra, scale, p, SEED)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.to(wide) for t in (q, k, v))
+    ref_out, ref_lse = ref_fwd(qf, kf, vf, *extra, scale, p, SEED)
+    undropped = ref_fwd(qf, kf, vf, *extra, scale)[0]
+    assert not torch.allclose(ref_out, undropped, atol=1e-3)  # the mask changes the output
+    tol = TOL[dtype]
+    assert_close_verbose(out, ref_out, **tol, name="out")
+    assert_close_verbose(lse, ref_lse, **tol, name="lse")
+    dout = torch.randn_like(out)
+    grads = kernel_bwd(dout, q, k, v, *extra, out, lse, scale, p, SEED)
+    ref_grads = ref_bwd(dout.to(wide), qf, kf, vf, *extra, ref_out, ref_lse, scale, p, SEED)
+    for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert bool(torch.isfinite(grad).all()), f"{name} has NaN / inf"
+        assert_close_verbose(grad, ref, **tol, name=name)
+
+
+def test_dropout_seed_decides_the_mask():
+    q, k, v, mask = make_inputs(2, 2, 7, 70, 16)
+    first = fwd(q, k, v, mask, 0.25, 0.1, SEED)[0]
+    assert torch.equal(first, fwd(q, k, v, mask, 0.25, 0.1, SEED.clone())[0])
+    assert not torch.equal(first, fwd(q, k, v, mask, 0.25, 0.1, SEED + 1)[0])
+
+
+@pytest.mark.parametrize(
+    "p, seed, message",
+    [
+        (0.1, None, "needs dropout_seed"),
+        (0.1, torch.tensor([1, 2]), "needs dropout_seed"),
+        (1.0, SEED, "dropout_p must be in \\[0, 1\\)"),
+        (-0.1, SEED, "dropout_p must be in"),
+    ],
+)
+def test_bad_dropout_arguments_name_the_problem(p, seed, message):
+    q, k, v, mask = make_inputs(1, 1, 3, 5, 8)
+    with pytest.raises(RuntimeError, match=message):
+        fwd(q, k, v, mask, 0.3, p, seed)

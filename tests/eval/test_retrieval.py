@@ -71,3 +71,13 @@ def test_fast_encodings_equal_the_official_batches(setup):
     got_f, got_i = encode_images(fast_model, loader, mode="fast")
     torch.testing.assert_close(got_f, want_f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_i, want_i, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encode", ["texts", "images"])
+def test_an_unknown_encoding_mode_is_an_error(setup, encode):
+    model, ds = setup
+    with pytest.raises(ValueError, match="mode must be one of .* got 'fsat'"):
+        if encode == "texts":
+            encode_texts(model, tokenizer(), ds.text, mode="fsat")
+        else:
+            encode_images(model, torch.utils.data.DataLoader(ds, batch_size=4), mode="fsat")

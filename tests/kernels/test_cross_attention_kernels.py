@@ -31,19 +31,21 @@ def poisoned(*tensors):
     return tuple(torch.full(t.shape, float("nan"), device=t.device, dtype=t.dtype) for t in tensors)
 
 
-def run_kernels(q, k, v, dout, mask, scale):
-    """fwd + bwd through the launchers, every output buffer pre-filled with NaN."""
+def run_kernels(q, k, v, dout, mask, scale, dropout=(0.0, None)):
+    """fwd + bwd through the launchers, every output buffer pre-filled with NaN; ``dropout`` =
+    (p, seed)."""
     out, lse = poisoned(q, q[..., 0].float())
-    out, lse = ca_kernels.cross_attention_fwd(q, k, v, mask, scale, out=out, lse=lse)
+    out, lse = ca_kernels.cross_attention_fwd(q, k, v, mask, scale, *dropout, out=out, lse=lse)
     grads = ca_kernels.cross_attention_bwd(
-        dout, q, k, v, mask, out, lse, scale, grads=poisoned(q, k, v)
+        dout, q, k, v, mask, out, lse, scale, *dropout, grads=poisoned(q, k, v)
     )
     return (out, lse, *grads)
 
 
-def run_reference(q, k, v, dout, mask, scale):
-    out, lse = reference.cross_attention_fwd(q, k, v, mask, scale)
-    return (out, lse, *reference.cross_attention_bwd(dout, q, k, v, mask, out, lse, scale))
+def run_reference(q, k, v, dout, mask, scale, dropout=(0.0, None)):
+    out, lse = reference.cross_attention_fwd(q, k, v, mask, scale, *dropout)
+    grads = reference.cross_attention_bwd(dout, q, k, v, mask, out, lse, scale, *dropout)
+    return (out, lse, *grads)
 
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
@@ -109,6 +111,25 @@ def test_all_but_one_key_masked_and_strided_inputs():
     mask = torch.ones(batch, lk, dtype=torch.bool)
     mask[1, 1:] = False
     check_fp32(q, k, v, dout, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", (0.1, 0.6))
+def test_dropout_drops_what_the_reference_drops(p, dtype):
+    """Training's attention dropout inside the kernels: the forward drops what
+    ``reference.dropout_keep`` drops (the same counter hash) and the backward regenerates the
+    mask from the seed; p 0.6 puts the keep threshold past int32. fp16 against the fp64
+    reference within fp16's tolerance (the same mask, so only rounding differs)."""
+    q, k, v, dout, mask = make_inputs(2, 2, 7, 70, 40, dtype=dtype)
+    dropout = (p, torch.tensor([(1 << 40) + 12345]))
+    scale = q.shape[-1] ** -0.5
+    got = run_kernels(q, k, v, dout, mask, scale, dropout)
+    want = run_reference(*(t.double() for t in (q, k, v, dout)), mask, scale, dropout)
+    undropped = run_reference(q.double(), k.double(), v.double(), dout.double(), mask, scale)
+    assert not torch.allclose(want[0], undropped[0], atol=1e-3)  # the mask changes the output
+    for name, g, w in zip(NAMES, got, want):
+        assert not g.isnan().any(), f"{name}: NaN"
+        assert_close_verbose(g, w.to(g.dtype), **TOL[dtype], name=name)
 
 
 @pytest.mark.gpu

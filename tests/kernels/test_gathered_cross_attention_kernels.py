@@ -29,24 +29,34 @@ def poisoned(*tensors):
     return tuple(torch.full(t.shape, float("nan"), device=t.device, dtype=t.dtype) for t in tensors)
 
 
-def run_kernels(q, k_cache, v_cache, dout, index):
-    """fwd + bwd through the launchers, every output buffer pre-filled with NaN."""
+def run_kernels(q, k_cache, v_cache, dout, index, dropout=(0.0, None)):
+    """fwd + bwd through the launchers, every output buffer pre-filled with NaN; ``dropout`` =
+    (p, seed)."""
     scale = q.shape[-1] ** -0.5
     out, lse = poisoned(q, q[..., 0].float())
     out, lse = gathered_kernels.gathered_cross_attention_fwd(
-        q, k_cache, v_cache, index, scale, out=out, lse=lse
+        q, k_cache, v_cache, index, scale, *dropout, out=out, lse=lse
     )
     grads = gathered_kernels.gathered_cross_attention_bwd(
-        dout, q, k_cache, v_cache, index, out, lse, scale, grads=poisoned(q, k_cache, v_cache)
+        dout,
+        q,
+        k_cache,
+        v_cache,
+        index,
+        out,
+        lse,
+        scale,
+        *dropout,
+        grads=poisoned(q, k_cache, v_cache),
     )
     return (out, lse, *grads)
 
 
-def run_reference(q, k_cache, v_cache, dout, index):
+def run_reference(q, k_cache, v_cache, dout, index, dropout=(0.0, None)):
     scale = q.shape[-1] ** -0.5
-    out, lse = reference.gathered_cross_attention_fwd(q, k_cache, v_cache, index, scale)
+    out, lse = reference.gathered_cross_attention_fwd(q, k_cache, v_cache, index, scale, *dropout)
     grads = reference.gathered_cross_attention_bwd(
-        dout, q, k_cache, v_cache, index, out, lse, scale
+        dout, q, k_cache, v_cache, index, out, lse, scale, *dropout
     )
     return (out, lse, *grads)
 
@@ -119,3 +129,17 @@ def test_gpu_matches_reference(dtype):
     want = run_reference(*(t.float() for t in inputs), index)
     for name, g, w in zip(NAMES, got, want):
         assert_close_verbose(g.float(), w, **TOL[dtype], name=name)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_dropout_drops_what_the_reference_drops(dtype):
+    """Training's ITM / LM rows with attention dropout: pair p's elements are counted as row p
+    of (P, H, Lq, Lk), as the reference's per-pair copies count them, forward and backward."""
+    q, k_cache, v_cache, dout = make_inputs(len(INDEX), IMAGES, 7, 70, 40, dtype=dtype)
+    index = torch.tensor(INDEX)
+    dropout = (0.1, torch.tensor([987654321987]))
+    got = run_kernels(q, k_cache, v_cache, dout, index, dropout)
+    want = run_reference(*(t.double() for t in (q, k_cache, v_cache, dout)), index, dropout)
+    for name, g, w in zip(NAMES, got, want):
+        assert not g.isnan().any(), f"{name}: NaN"
+        assert_close_verbose(g, w.to(g.dtype), **TOL[dtype], name=name)

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import blip_fast
 from blip_fast import create_model, tokenizer
+from blip_fast.models import med
 from blip_fast.models.configs import BlipConfig, VisionConfig
 from blip_fast.models.vit import VisionTransformer
 from blip_fast.ops import _backend
@@ -278,9 +279,10 @@ def test_text_padded_to_the_longest_caption_gives_the_padded_losses_and_gradient
 def test_image_kv_projected_once_gives_the_per_row_losses_and_gradients(
     task, dropout, negative_all_rank, monkeypatch
 ):
-    """Without attention dropout the ITM rows read the shared K / V through the gathered op
-    (its default backend: the C++ kernel where built); with it, by index into the attention op.
-    With ``negative_all_rank`` the drawn negatives are projected beside the batch's images."""
+    """The ITM rows read the shared K / V through the gathered op (its default backend: the C++
+    kernel where built), attention dropout included: its counter hash drops the same elements
+    as the per-row cross-attention kernel's. With ``negative_all_rank`` the drawn negatives are
+    projected beside the batch's images."""
     model = _model(task, dropout)
     batch = {**Collate(tokenizer(), task)(_samples(0)), "alpha": 0.4}
     batch["neg_u"] = negative_uniforms(0, 0, 0, B)
@@ -301,6 +303,42 @@ def test_image_kv_projected_once_gives_the_per_row_losses_and_gradients(
     # one projection for ITM and LM together: B images, or B + B drawn negatives
     assert projected == [2 * B if negative_all_rank else B]
     _assert_same_step(*results, lm=task == "pretrain")
+
+
+IMAGE_TOKENS = (64 // 16) ** 2 + 1  # blip_tiny: 64 px, 16 px patches, [CLS]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cross_attention_dropout_runs_where_the_lever_says(fused, monkeypatch):
+    """With ``fused_attention_dropout`` every cross-attention of a pre-training step (ITM over
+    the shared K / V, the LM pass) drops probabilities inside a fused op and no attention op
+    runs on image keys; without it, they all go to the attention op (F.dropout on the
+    materialised probabilities, as official BERT) and the fused ops run without dropout."""
+    model = _model("pretrain", dropout=0.1)
+    for module in model.modules():
+        if hasattr(module, "fused_dropout"):
+            module.fused_dropout = fused
+    calls = []
+    for name in ("cross_attention", "gathered_cross_attention", "attention"):
+        original = getattr(med.ops, name)
+
+        def spy(q, k, *args, _name=name, _original=original, **kwargs):
+            p = kwargs.get("dropout_p", args[2] if len(args) > 2 and _name != "attention" else 0)
+            cross = k.shape[-2] == IMAGE_TOKENS != q.shape[-2]  # text queries, image keys
+            calls.append((_name, cross, float(p)))
+            return _original(q, k, *args, **kwargs)
+
+        monkeypatch.setattr(med.ops, name, spy)
+    batch = {**Collate(tokenizer(), "pretrain")(_samples(0)), "alpha": 0.4}
+    batch["neg_u"] = negative_uniforms(0, 0, 0, B)
+    assert batch["ids"].shape[1] != IMAGE_TOKENS  # lengths tell cross- from self-attention
+    _step_losses_and_grads(model, ContrastiveTask(model, lm=True), batch)
+    cross = {(name, p) for name, is_cross, p in calls if is_cross}
+    if fused:  # the LM pass reads the shared K / V too where its cross-attention is tied
+        assert ("gathered_cross_attention", 0.1) in cross
+        assert cross <= {("gathered_cross_attention", 0.1), ("cross_attention", 0.1)}
+    else:
+        assert cross == {("attention", 0.1)}
 
 
 @pytest.mark.parametrize("task", ["retrieval", "pretrain"])
