@@ -595,15 +595,63 @@ def cross_attention_bwd(
     )
 
 
-def attention_fwd(q, k, v, key_padding_mask, scale, causal, *, out=None, lse=None):
+def attention_fwd(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    scale,
+    causal,
+    dropout_p=0.0,
+    dropout_seed=None,
+    *,
+    out=None,
+    lse=None,
+):
     """Self-attention forward (``blip_fast::attention_fwd_triton``): the cross-attention kernel
     with CAUSAL switched on or off. q (B, H, Lq, D), k / v (B, H, Lk, D), Lq <= Lk with a KV
     cache when causal (bottom-right aligned) -> out (B, H, Lq, D), lse (B, H, Lq) fp32."""
-    return attend_fwd(q, k, v, key_padding_mask, scale, causal=causal, out=out, lse=lse)
+    return attend_fwd(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        scale,
+        causal=causal,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        out=out,
+        lse=lse,
+    )
 
 
-def attention_bwd(dout, q, k, v, key_padding_mask, out, lse, scale, causal, *, grads=None):
+def attention_bwd(
+    dout,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    out,
+    lse,
+    scale,
+    causal,
+    dropout_p=0.0,
+    dropout_seed=None,
+    *,
+    grads=None,
+):
     """Gradients of ``attention_fwd`` (``blip_fast::attention_bwd_triton``) -> dq, dk, dv."""
     return cross_attention_bwd(
-        dout, q, k, v, key_padding_mask, out, lse, scale, grads=grads, causal=causal
+        dout,
+        q,
+        k,
+        v,
+        key_padding_mask,
+        out,
+        lse,
+        scale,
+        dropout_p,
+        dropout_seed,
+        grads=grads,
+        causal=causal,
     )

@@ -166,8 +166,8 @@ class StepLevers:
     fused_lm_head_loss: bool = True  # LM head + cross-entropy chunked (ops.lm_head_loss)
     foreach_momentum: bool = True  # momentum update in multi-tensor calls
     pad_to_longest: bool = True  # text trimmed to the batch's longest caption (Collate)
-    # cross-attention dropout inside the fused kernels (BertSelfAttention.fused_dropout), so the
-    # ITM / LM rows keep reading the shared image K / V
+    # attention dropout inside the fused kernels (BertSelfAttention.fused_dropout): the ITM / LM
+    # rows keep reading the shared image K / V, the text encoder's self-attention stays fused
     fused_attention_dropout: bool = True
 
     @classmethod

@@ -60,8 +60,8 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_dropout
-        # cross-attention dropout inside the fused kernels where they have it (False: as
-        # official BERT, F.dropout on materialised probabilities; a training-step lever)
+        # attention dropout inside the fused kernels where they have it (False: as official
+        # BERT, dropout on materialised probabilities; a training-step lever)
         self.fused_dropout = True
         self.is_cross = is_cross
         self.backends = backends
@@ -106,15 +106,10 @@ class BertSelfAttention(nn.Module):
             backend = self.backends.get("cross_attention")
             return ops.cross_attention(q, k, v, key_padding_mask, p, backend=backend)
         # self-attention, or cross-attention with dropout on a kernel without it
-        return ops.attention(
-            q,
-            k,
-            v,
-            key_padding_mask,
-            causal=causal,
-            dropout_p=p,
-            backend=self.backends.get("attention"),
-        )
+        backend = self.backends.get("attention")
+        if p > 0.0 and not self.fused_dropout and backend is None:
+            backend = "sdpa"  # dropout on materialised probabilities, as official BERT
+        return ops.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=p, backend=backend)
 
     def forward(self, hidden, kv_source, key_padding_mask, causal=False, cache=None, image_kv=None):
         q = self.split_heads(self.query(hidden))

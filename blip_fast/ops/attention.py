@@ -5,30 +5,32 @@ Shapes: q (B, H, Lq, D), k / v (B, H, Lk, D), key_padding_mask (B, Lk) bool, Tru
 
 Ops (schemas here, the eager reference kernel everywhere, Triton on CUDA: the cross-attention
 kernels of ``blip_fast.kernels.cross_attention`` with their CAUSAL flag):
-    blip_fast::attention_fwd_triton(q, k, v, key_padding_mask, scale, causal) -> (out, lse)
-    blip_fast::attention_bwd_triton(dout, q, k, v, key_padding_mask, out, lse, scale, causal)
-        -> (dq, dk, dv)
+    blip_fast::attention_fwd_triton(q, k, v, key_padding_mask, scale, causal, dropout_p,
+        dropout_seed) -> (out, lse)
+    blip_fast::attention_bwd_triton(dout, q, k, v, key_padding_mask, out, lse, scale, causal,
+        dropout_p, dropout_seed) -> (dq, dk, dv)
 Causal is bottom-right aligned (query i sees keys j <= Lk - Lq + i), so Lq < Lk decoding over a
 KV cache works; masked keys get -10000 added, as official BERT (``reference.additive_mask``).
 The xformers / flash_attn backends are plain Python calls (``blip_fast.ops._external``). The
 ``cpu`` backend is the C++ cross-attention kernel (``blip_fast::cross_attention_fwd``, forward
-and backward): it has a padding mask but no causal mask or dropout, which go to sdpa when the
-backend was chosen automatically.
+and backward): it has a padding mask but no causal mask, which goes to sdpa when the backend
+was chosen automatically. Attention dropout in the fused kernels (``cpu``, ``triton``) is
+cross-attention's counter hash (``blip_fast.ops.cross_attention``), seeded per call.
 """
 
 import torch
 import torch.nn.functional as F
 
 from blip_fast.ops import _backend, _external, reference
-from blip_fast.ops.cross_attention import _register_family
+from blip_fast.ops.cross_attention import DROPOUT_ARGS, _register_family, check_dropout, draw_seed
 
 _FWD = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, bool causal) "
-    "-> (Tensor, Tensor)"
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, bool causal, "
+    f"{DROPOUT_ARGS}) -> (Tensor, Tensor)"
 )
 _BWD = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
-    "Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)"
+    f"Tensor lse, float scale, bool causal, {DROPOUT_ARGS}) -> (Tensor, Tensor, Tensor)"
 )
 _OPS = {"triton": "attention_fwd_triton"}
 _CPU_OP = "cross_attention_fwd"  # (q, k, v, key_padding_mask, scale) -> (out, lse)
@@ -57,29 +59,28 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, backe
     Arguments: q: (batch, heads, q_len, head_dim); k, v: (batch, heads, k_len, head_dim);
     key_padding_mask: (batch, k_len) bool, True = attend; causal: bottom-right aligned causal
     mask (query i sees keys up to k_len - q_len + i); dropout_p: attention-probability dropout
-    (reference / sdpa only). Returns (batch, heads, q_len, head_dim).
+    (the fused kernels' counter hash; reference and sdpa draw theirs).
+    Returns (batch, heads, q_len, head_dim).
     """
     requested, backend = backend, _backend.resolve("attention", q.device, backend)
-    unsupported = None  # what the chosen fused kernel lacks
-    if dropout_p > 0.0 and backend in (*_OPS, "cpu"):
-        unsupported = f"dropout_p={dropout_p}"
-    elif causal and backend == "cpu":
-        unsupported = "causal"
-    if unsupported and requested is None:
-        backend = "sdpa"  # automatic choice: the fused kernels lack it (decoder / training)
-    elif unsupported:
-        raise ValueError(
-            f"attention: backend {backend!r} does not support {unsupported}; use "
-            f"backend='sdpa' or 'reference'"
-        )
+    check_dropout("attention", dropout_p, backend)
+    if causal and backend == "cpu":  # the C++ kernel has no causal mask
+        if requested is not None:
+            raise ValueError(
+                "attention: backend 'cpu' does not support causal; use backend='sdpa' or "
+                "'reference'"
+            )
+        backend = "sdpa"  # automatic choice (the decoder)
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, dropout_p)
     mask = None if key_padding_mask is None else key_padding_mask.bool()
+    seed = draw_seed(dropout_p, q.device) if backend in (*_OPS, "cpu") else None
     if backend == "cpu":
-        return getattr(torch.ops.blip_fast, _CPU_OP)(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+        op = getattr(torch.ops.blip_fast, _CPU_OP)
+        return op(q, k, v, mask, q.shape[-1] ** -0.5, dropout_p, seed)[0]
     if backend in _OPS:
         op = getattr(torch.ops.blip_fast, _OPS[backend])
-        return op(q, k, v, mask, q.shape[-1] ** -0.5, bool(causal))[0]
+        return op(q, k, v, mask, q.shape[-1] ** -0.5, bool(causal), dropout_p, seed)[0]
     if backend in _external.BACKENDS:
         return _external.attention(backend, q, k, v, key_padding_mask, causal, dropout_p)
     return reference.attention(q, k, v, key_padding_mask, causal, dropout_p)

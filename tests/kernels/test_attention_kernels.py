@@ -151,3 +151,20 @@ def test_gpu_public_attention_triton(causal):
         assert_close_verbose(g, w, **TOL[torch.float32], name=f"triton {name}")
     with pytest.raises(ValueError, match="dropout_p"):
         attention(q, k, v, causal=causal, dropout_p=0.1, backend="triton")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_drops_what_the_reference_drops(causal):
+    """Training's self-attention dropout (text encoder, decoder) inside the kernels: the
+    reference's counter-hash mask, forward and regenerated in the backward."""
+    q, k, v, dout, mask = make_inputs(2, 2, 13, 13, 40)
+    scale, seed = 40**-0.5, torch.tensor([31337])
+    out, lse = poisoned(q, q[..., 0].float())
+    out, lse = ca_kernels.attention_fwd(q, k, v, mask, scale, causal, 0.1, seed, out=out, lse=lse)
+    grads = ca_kernels.attention_bwd(
+        dout, q, k, v, mask, out, lse, scale, causal, 0.1, seed, grads=poisoned(q, k, v)
+    )
+    want = reference.attention_fwd(q, k, v, mask, scale, causal, 0.1, seed)
+    want = (*want, *reference.attention_bwd(dout, q, k, v, mask, *want, scale, causal, 0.1, seed))
+    for name, g, w in zip(NAMES, (out, lse, *grads), want):
+        assert_close_verbose(g, w, **TOL[torch.float32], name=name)

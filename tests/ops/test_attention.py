@@ -45,7 +45,7 @@ def test_backends_match_reference_forward_and_grads(shape, masked):
 
 
 @needs_cpu_kernel
-def test_cpu_is_the_default_and_hands_causal_and_dropout_to_sdpa():
+def test_cpu_is_the_default_and_hands_causal_to_sdpa():
     assert _backend.resolve("attention", "cpu") == "cpu"
     q, k, v, mask = make_inputs(2, 2, 9, 16, masked=True)
     torch.testing.assert_close(
@@ -54,9 +54,27 @@ def test_cpu_is_the_default_and_hands_causal_and_dropout_to_sdpa():
         rtol=1e-5,
         atol=1e-5,
     )
-    torch.manual_seed(0)
-    dropped = attention(q, k, v, mask, dropout_p=0.5)
-    assert not torch.allclose(dropped, attention(q, k, v, mask))  # dropout did run
-    for kwargs in ({"causal": True}, {"dropout_p": 0.1}):
-        with pytest.raises(ValueError, match="backend 'cpu' does not support"):
-            attention(q, k, v, mask, backend="cpu", **kwargs)
+    with pytest.raises(ValueError, match="backend 'cpu' does not support causal"):
+        attention(q, k, v, mask, backend="cpu", causal=True)
+
+
+@needs_cpu_kernel
+def test_cpu_dropout_is_the_counter_hash_of_a_seed_drawn_from_torchs_generator():
+    """Self-attention dropout runs inside the C++ kernel: its seed is the next draw of torch's
+    generator, and the reference with that seed drops the same elements (forward and
+    gradients)."""
+    q, k, v, mask = make_inputs(2, 2, 9, 16, masked=True)
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    got = attention(*leaves, mask, dropout_p=0.2)
+    got.backward(dout)
+    torch.manual_seed(3)
+    seed = torch.randint(1 << 62, (1,))
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = reference.attention_fwd(*ref_leaves, mask, 16**-0.5, False, 0.2, seed)[0]
+    want.backward(dout)
+    assert not torch.allclose(want, attention(q, k, v, mask), atol=1e-3)  # dropout did run
+    for name, g, w in zip(("out", "dq", "dk", "dv"), [got, *leaves], [want, *ref_leaves]):
+        g, w = (g if name == "out" else g.grad), (w if name == "out" else w.grad)
+        assert_close_verbose(g, w, **TOL[torch.float32], name=name)
