@@ -84,10 +84,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "search: 10 test images indexed in " in r.stdout
     assert "search: 2 queries in " in r.stdout
     assert not list(tmp_path.glob("search_*"))  # the index went with its temporary folder
-    ref = _demo(*small, "--mode", "reference", "--captions", "0", "--search-queries", "0")
-    assert ref.returncode == 0, ref.stderr
+    # the same trained model evaluated both ways in fp32 (after 3 steps its scores are near-tied,
+    # so a bf16 reranking may order them differently from fp32's)
+    quiet = ("--precision", "fp32", "--captions", "0", "--search-queries", "0")
+    fast, ref = _demo(*small, *quiet), _demo(*small, *quiet, "--mode", "reference")
+    assert fast.returncode == 0 and ref.returncode == 0, fast.stderr + ref.stderr
     assert not any(line.startswith(("caption ", "query ")) for line in ref.stdout.splitlines())
-    metrics = [line for line in r.stdout.splitlines() if line.startswith("txt_r1=")]
+    metrics = [line for line in fast.stdout.splitlines() if line.startswith("txt_r1=")]
+    assert len(metrics) == 1
     assert metrics == [line for line in ref.stdout.splitlines() if line.startswith("txt_r1=")]
 
 
