@@ -180,7 +180,13 @@ def _wait_for_steps(out_dir, proc, steps: int):
 def test_ctrl_c_says_where_to_resume_and_leaves_the_checkpoint_whole(tiny_config, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        _cmd(tiny_config, tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _cmd(tiny_config, tmp_path),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # a runner started in the background (`cmd &`, nohup) hands its children SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt: give the run the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for_steps(tmp_path, proc, 3)
     proc.send_signal(signal.SIGINT)
