@@ -268,3 +268,34 @@ def test_autocast_runs_gemms_in_autocast_dtype():
     loss.backward()
     check("loss", loss, expected, torch.float32)  # the kernel's fp32 math on bf16 values
     assert all(leaf.grad.dtype == torch.float32 for leaf in leaves)
+
+
+@needs_cpu_op
+def test_backward_builds_no_zero_gradient_for_auxiliary_outputs():
+    """The op's gathered d_weight (V, H) is an auxiliary output: autograd must not build a
+    (V, H) zero gradient for it (nor for d_hidden, d_bias) before calling the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (
+                torch.ops.aten.zeros,
+                torch.ops.aten.fill_,
+                torch.ops.aten.zero_,
+                torch.ops.aten.zeros_like,
+            ):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    hidden, weight, bias, labels = make_inputs(12, 8, 50)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = lm_head_loss(*leaves, labels, 0.1, "mean", backend="cpu")
+    with ZeroFills() as fills:
+        grads = torch.autograd.grad(loss, leaves)
+    assert (50, 8) not in fills.shapes and (12, 8) not in fills.shapes, fills.shapes
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
