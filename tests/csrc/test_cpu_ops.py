@@ -312,15 +312,39 @@ def test_bf16_products_match_reference(monkeypatch, products, shape):
     assert_close_verbose(lse, ref_lse, **TOL[torch.bfloat16], name="lse")
 
 
+# 9 pairs over 3 of 4 images: K / V packed once per image for all pairs; 4 pairs over 4
+# images: packed per pair
+@pytest.mark.parametrize("index", ([3, 0, 3, 1, 0, 3, 1, 3, 0], [2, 0, 3, 1]))
 @pytest.mark.parametrize("products", BF16_PRODUCTS)
-def test_gathered_bf16_products_match_reference(monkeypatch, products):
-    q, k_cache, v_cache = make_caches(9, 4, 35, 197, 40, dtype=torch.bfloat16)
-    index = torch.tensor([3, 0, 3, 1, 0, 3, 1, 3, 0])
+def test_gathered_bf16_products_match_reference(monkeypatch, products, index):
+    q, k_cache, v_cache = make_caches(len(index), 4, 35, 197, 40, dtype=torch.bfloat16)
+    index = torch.tensor(index)
     out, lse = bf16_forward(monkeypatch, products, q, k_cache, v_cache, index, 0.125, gathered=True)
     caches = (k_cache.float(), v_cache.float())
     ref_out, ref_lse = reference.gathered_cross_attention_fwd(q.float(), *caches, index, 0.125)
     assert_close_verbose(out, ref_out, **TOL[torch.bfloat16], name="out")
     assert_close_verbose(lse, ref_lse, **TOL[torch.bfloat16], name="lse")
+
+
+@pytest.mark.parametrize("products", BF16_PRODUCTS)
+def test_gathered_bf16_shared_images_give_each_pair_its_own_result(monkeypatch, products):
+    """Pairs that share images (K / V packed once for all of them) get bit for bit what each
+    pair gets alone (packed for itself)."""
+    q, k_cache, v_cache = make_caches(8, 3, 35, 197, 40, dtype=torch.bfloat16)
+    index = torch.tensor([2, 0, 2, 0, 2, 0, 0, 2])
+    out, lse = bf16_forward(monkeypatch, products, q, k_cache, v_cache, index, 0.125, gathered=True)
+    for p in (0, 1, 7):
+        alone = bf16_forward(
+            monkeypatch,
+            products,
+            q[p : p + 1],
+            k_cache,
+            v_cache,
+            index[p : p + 1],
+            0.125,
+            gathered=True,
+        )
+        assert torch.equal(alone[0][0], out[p]) and torch.equal(alone[1][0], lse[p]), p
 
 
 def test_bf16_products_use_the_instructions_the_cpu_has(monkeypatch):
