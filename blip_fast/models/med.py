@@ -135,15 +135,24 @@ class BertSelfAttention(nn.Module):
         return k, v
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, cfg: TextConfig):
+class _DenseResidualNorm(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual): BERT's post-norm ending of a sublayer."""
+
+    def __init__(self, cfg: TextConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x, residual):
+        if isinstance(self.dense, ops.PackedLinear) and not self.training:  # no dropout
+            return self.LayerNorm(self.dense(x, residual=residual))  # the sum in the GEMM
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertSelfOutput(_DenseResidualNorm):
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg, cfg.hidden_size)
 
 
 class BertAttention(nn.Module):
@@ -166,15 +175,9 @@ class BertIntermediate(nn.Module):
         return F.gelu(self.dense(x))
 
 
-class BertOutput(nn.Module):
+class BertOutput(_DenseResidualNorm):
     def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
-
-    def forward(self, x, residual):
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        super().__init__(cfg, cfg.intermediate_size)
 
 
 class BertLayer(nn.Module):

@@ -38,14 +38,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
 
-    def forward(self, x):  # x: (B, N, C)
+    def forward(self, x, residual=None):  # x: (B, N, C); residual: a PackedLinear proj adds it
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         # unbind, not qkv[i]: its backward stacks the three gradients once, where three
         # selects would each zero-fill and add a gradient of all of qkv's size
         q, k, v = qkv.unbind(0)
         out = ops.attention(q, k, v, backend=self.backend)  # (B, H, N, D)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj(out) if residual is None else self.proj(out, residual=residual)
 
 
 class Mlp(nn.Module):
@@ -55,8 +56,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()  # a module, so a packed copy can fold it into fc1's GEMM
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, residual=None):  # residual: a PackedLinear fc2 adds it
+        h = self.act(self.fc1(x))
+        return self.fc2(h) if residual is None else self.fc2(h, residual=residual)
 
 
 class Block(nn.Module):
@@ -72,6 +74,10 @@ class Block(nn.Module):
         self.grad_ckpt = grad_ckpt
 
     def _forward(self, x):
+        if not self.training and isinstance(self.mlp.fc2, ops.PackedLinear):
+            # an inference copy (no drop path): each residual sum inside its GEMM
+            x = self.attn(self.norm1(x), residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

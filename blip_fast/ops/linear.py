@@ -90,7 +90,10 @@ class PackedLinear(nn.Module):
         """The same packed weight with ``activation`` applied after it (no second pack)."""
         return PackedLinear(self.linear, activation, self.packed)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """``residual`` (x's shape with out_features last): returns activation(linear(x)) +
+        residual, the sum inside the GEMM (a oneDNN post-op, before the output is rounded)
+        where residual already has the GEMM's dtype, else added after it."""
         if x.shape[-1] != self.in_features:  # oneDNN's own error names neither shape
             raise ValueError(
                 f"PackedLinear: input of shape {tuple(x.shape)} has {x.shape[-1]} "
@@ -101,13 +104,27 @@ class PackedLinear(nn.Module):
         dtype = self._gemm_dtype(x)
         if dtype is None or grads:
             y = F.linear(x, w, b)
-            return y if self.activation is None else F.gelu(y)
+            y = y if self.activation is None else F.gelu(y)
+            return y if residual is None else y + residual
         if dtype not in self.packed:
             self.packed[dtype] = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype))
-        post = ("gelu", [], "none") if self.activation == "gelu" else ("none", [], "")
         if b is not None:  # a bf16 GEMM fuses an fp32 or bf16 bias, an fp32 one fp32 only
             b = b.detach() if dtype == torch.bfloat16 else b.detach().to(dtype)
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), self.packed[dtype], b, *post)
+        x = x.to(dtype)
+        fuse = (
+            residual is not None
+            and self.activation is None
+            and residual.dtype == dtype
+            and residual.shape == (*x.shape[:-1], self.out_features)
+        )
+        if fuse:  # the binary post-op takes a bias of the GEMM's dtype only
+            bias = None if b is None else b.to(dtype)
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual.contiguous(), self.packed[dtype], bias, "add"
+            )
+        post = ("gelu", [], "none") if self.activation == "gelu" else ("none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed[dtype], b, *post)
+        return y if residual is None else y + residual
 
     @staticmethod
     def _gemm_dtype(x) -> torch.dtype | None:

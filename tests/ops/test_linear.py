@@ -112,6 +112,39 @@ def test_bf16_packed_gemm_under_autocast_and_for_bf16_inputs(case, activation):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[1:4])
+def test_residual_added_inside_the_gemm(case, dtype):
+    """linear(x) + residual with the sum as the GEMM's post-op (no separate add) where the
+    residual has the GEMM's dtype; an fp32 residual under bf16 autocast is added after, in
+    fp32; with grads, F.linear + add. Error against fp64 within the plain GEMM's."""
+    if dtype == torch.bfloat16 and not native_bf16():
+        pytest.skip("CPU without AMX / AVX512-BF16")
+    shape, out_features = case
+    torch.manual_seed(3)
+    linear = nn.Linear(shape[-1], out_features)
+    x = torch.randn(shape)
+    residual = torch.randn(*shape[:-1], out_features)
+    packed = PackedLinear(linear)
+    exact = F.linear(x.double(), linear.weight.double(), linear.bias.double()) + residual.double()
+    x_, residual_ = x.to(dtype), residual.to(dtype)
+    with torch.no_grad(), OpsSeen() as seen:
+        got = packed(x_, residual=residual_)
+    assert any("mkldnn._linear_pointwise.binary" in n for n in seen.names), seen.names
+    assert not any(n.startswith("aten.add") for n in seen.names), seen.names
+    with torch.no_grad():
+        plain = packed(x_) + residual_
+    assert got.dtype == dtype and bool(torch.isfinite(got).all())
+    err, plain_err = ((t.double() - exact).abs().max().item() for t in (got, plain))
+    assert err <= 1.01 * plain_err + 1e-6, (err, plain_err)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = packed(x, residual=residual)  # bf16 GEMM, fp32 residual: added after, fp32
+    assert mixed.dtype == torch.float32
+    x.requires_grad_()
+    torch.testing.assert_close(packed(x, residual=residual), linear(x) + residual, rtol=0, atol=0)
+
+
+@needs_onednn
 def test_packed_reads_non_contiguous_input():
     linear = nn.Linear(48, 32)
     x = torch.randn(48, 10).t()  # (10, 48), column-major
