@@ -33,7 +33,7 @@ _BWD = (
     f"Tensor lse, float scale, bool causal, {DROPOUT_ARGS}) -> (Tensor, Tensor, Tensor)"
 )
 _OPS = {"triton": "attention_fwd_triton"}
-_CPU_OP = "cross_attention_fwd"  # (q, k, v, key_padding_mask, scale) -> (out, lse)
+_CPU_OP = "cross_attention_fwd"  # (q, k, v, key_padding_mask, scale, dropout_p, seed)
 
 _register_family(
     "_triton", "attention", _FWD, _BWD, reference.attention_fwd, reference.attention_bwd
