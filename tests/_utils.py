@@ -1,10 +1,11 @@
 """Helpers shared by the tests: a closeness check whose failure says where and how it failed,
-and the comparison of two trained models."""
+the comparison of two trained models, and a record of the ops a call dispatches."""
 
 import contextlib
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Tolerances vs an fp32 reference, by input dtype: |actual − expected| <= atol + rtol · |expected|.
 TOL = {
@@ -131,3 +132,15 @@ def assert_trained_states_close(
             g, e = g[~noise[k]], e[~noise[k]]
         torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=k)
     return moved
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the ATen / mkldnn ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

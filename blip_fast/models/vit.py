@@ -62,7 +62,11 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block. ``residual_in_gemm`` (set on inference copies whose
+    ``attn.proj`` and ``mlp.fc2`` are PackedLinear): each residual sum inside the GEMM before
+    it."""
+
+    residual_in_gemm = False
 
     def __init__(self, cfg: VisionConfig, drop_path: float, grad_ckpt: bool, backend):
         super().__init__()
@@ -74,8 +78,7 @@ class Block(nn.Module):
         self.grad_ckpt = grad_ckpt
 
     def _forward(self, x):
-        if not self.training and isinstance(self.mlp.fc2, ops.PackedLinear):
-            # an inference copy (no drop path): each residual sum inside its GEMM
+        if self.residual_in_gemm and not self.training:  # no drop path
             x = self.attn(self.norm1(x), residual=x)
             return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -145,17 +148,19 @@ class VisionTransformer(nn.Module):
 
     def packed(self, backend: str | None = None, dtype: torch.dtype | None = None):
         """An inference copy with its linear layers prepacked for ``backend``
-        (``ops.prepack_linears``) and, in this module's dtype, every MLP's GELU inside its first
-        GEMM (a oneDNN post-op: no pass over the (tokens x 4 width) activation, no bias copy);
-        ``dtype``: an all-``dtype`` copy, this module's weights untouched, GELU run apart (the
-        bf16 GEMM's GELU post-op rounds differently: on a trained demo model's captions it cost
-        9 points of agreement with fp32). Other tensors are shared; the packed weights are a
-        snapshot. Backend ``reference``: this module (or its copy)."""
+        (``ops.prepack_linears``) and, in this module's dtype, every MLP's GELU and every
+        residual sum inside the GEMM before it (oneDNN post-ops: no pass over the activation,
+        no bias copy); ``dtype``: an all-``dtype`` copy, this module's weights untouched, GELU
+        and sums run apart (the bf16 GEMM's post-ops round differently: on a trained demo
+        model's captions the GELU cost 9 points of agreement with fp32, the sums 2). Other
+        tensors are shared; the packed weights are a snapshot. Backend ``reference``: this
+        module (or its copy)."""
         vit = self if dtype is None else ops.cast_copy(self, dtype)
         vit = ops.prepack_linears(vit, backend)
         for blk in vit.blocks if dtype is None else ():
             if isinstance(blk.mlp.fc1, ops.PackedLinear):
                 blk.mlp.fc1, blk.mlp.act = blk.mlp.fc1.with_activation("gelu"), nn.Identity()
+                blk.residual_in_gemm = True
         return vit
 
 

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from _utils import OpsSeen
 from torch import nn
 
 from blip_fast.models.configs import VisionConfig
@@ -68,7 +69,7 @@ def test_interpolate_pos_embed_keeps_cls_and_is_bicubic():
         interpolate_pos_embed(pe, 20)
 
 
-def test_packed_copy_is_the_same_vit_with_gelu_inside_the_gemm():
+def test_packed_copy_is_the_same_vit_with_gelu_and_residuals_inside_the_gemm():
     torch.manual_seed(0)
     vit = VisionTransformer(VisionConfig(**CFG)).eval()
     packed = vit.packed("onednn")
@@ -78,10 +79,16 @@ def test_packed_copy_is_the_same_vit_with_gelu_inside_the_gemm():
     original = vit.blocks[0].mlp  # untouched, and every other tensor shared
     assert type(original.fc1) is nn.Linear and isinstance(original.act, nn.GELU)
     assert packed.pos_embed is vit.pos_embed
+    assert all(b.residual_in_gemm for b in packed.blocks)
+    assert not any(b.residual_in_gemm for b in vit.blocks)
     x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), OpsSeen() as seen:
+        got = packed(x)
+    assert sum("_linear_pointwise.binary" in n for n in seen.names) == 2 * len(packed.blocks)
     with torch.no_grad():
-        torch.testing.assert_close(packed(x), vit(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, vit(x), rtol=1e-5, atol=1e-5)
     bf16 = vit.packed("onednn", torch.bfloat16)
+    assert not any(b.residual_in_gemm for b in bf16.blocks)  # as its GELU, below
     assert bf16.norm.weight.dtype == torch.bfloat16 and vit.norm.weight.dtype == torch.float32
     # in bf16 the GELU runs apart: the GEMM's post-op rounds away from fp32's captions
     assert bf16.blocks[0].mlp.fc1.activation is None and isinstance(bf16.blocks[0].mlp.act, nn.GELU)

@@ -4,9 +4,8 @@ paths that fall back to F.linear, and prepack_linears' copy semantics."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import TOL, assert_close_verbose, assert_lowp_close
+from _utils import TOL, OpsSeen, assert_close_verbose, assert_lowp_close
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from blip_fast.ops import PackedLinear, _backend, cast_copy, prepack_linears
 from blip_fast.ops.linear import native_bf16
@@ -25,18 +24,6 @@ CASES = [
     ((5, 23, 64), 128),
     ((2, 3, 7, 40), 40),
 ]
-
-
-class OpsSeen(TorchDispatchMode):
-    """Records the ATen / mkldnn ops a call dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @needs_onednn
