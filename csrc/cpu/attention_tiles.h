@@ -1,11 +1,13 @@
 // Tiling shared by the cross-attention forward kernels of csrc/cpu/cross_attention.cpp (fp32 /
 // fp64 products) and csrc/cpu/cross_attention_bf16.cpp (bf16 products): tile sizes, the key
-// mask, the online-softmax step and the K / V prefetch of gathered items.
+// mask, the online-softmax step, the order of the items and the K / V prefetch of gathered ones.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "cpu/cross_attention.h"
 #include "cpu/vec.h"
@@ -105,6 +107,51 @@ BLIP_FAST_INLINE void prefetch_kv(const CrossAttentionFwdParams& p, int64_t item
       for (int64_t d = 0; d < p.head_dim; d += kLine)
         __builtin_prefetch(head + j * x->row_stride + d, 0, 3);
   }
+}
+
+// The forward items (b·H + h)·query_tiles + t in the order they run: gathered, the pairs of one
+// image and head one after another (pairs by image, stable), so that they read that image's
+// K / V from cache, and the bf16 kernel packs it once for all of them. At the BERT-base
+// reranker's shape (128 pairs x 12 heads x 24 queries over 32 images' 197 keys, 2 threads) the
+// gathered forward took, in pair order / grouped: fp32 11.5 / 9.9 ms, bf16 7.5 / 6.9 ms (bf16
+// grouped: packing once per image and head instead of once per pair).
+inline std::vector<int64_t> item_order(const CrossAttentionFwdParams& p) {
+  const int64_t q_tiles = query_tiles(p);
+  std::vector<int64_t> order(p.batch * p.heads * q_tiles);
+  if (p.kv_index == nullptr) {
+    std::iota(order.begin(), order.end(), 0);
+    return order;
+  }
+  std::vector<int64_t> pairs(p.batch);
+  std::iota(pairs.begin(), pairs.end(), 0);
+  std::stable_sort(pairs.begin(), pairs.end(),
+                   [&](int64_t a, int64_t b) { return p.kv_index[a] < p.kv_index[b]; });
+  auto next = order.begin();
+  for (int64_t first = 0, last = 0; first < p.batch; first = last) {
+    while (last < p.batch && p.kv_index[pairs[last]] == p.kv_index[pairs[first]]) ++last;
+    for (int64_t h = 0; h < p.heads; ++h)
+      for (int64_t i = first; i < last; ++i)
+        for (int64_t t = 0; t < q_tiles; ++t) *next++ = (pairs[i] * p.heads + h) * q_tiles + t;
+  }
+  return order;
+}
+
+// The (K / V row)·H + head that forward item `item` reads.
+inline int64_t kv_of_item(const CrossAttentionFwdParams& p, int64_t item) {
+  const int64_t bh = item / query_tiles(p), b = bh / p.heads;
+  return (p.kv_index == nullptr ? b : p.kv_index[b]) * p.heads + bh % p.heads;
+}
+
+// When the n-th item of `order` starts another K / V than the one before it, asks for the K / V
+// of the next group (the first later item that reads other K / V) ahead of use.
+template <typename scalar_t>
+BLIP_FAST_INLINE void prefetch_next_group(const CrossAttentionFwdParams& p,
+                                          const std::vector<int64_t>& order, int64_t n) {
+  const int64_t items = static_cast<int64_t>(order.size()), kv = kv_of_item(p, order[n]);
+  if (n > 0 && kv_of_item(p, order[n - 1]) == kv) return;
+  int64_t next = n + 1;
+  while (next < items && kv_of_item(p, order[next]) == kv) ++next;
+  if (next < items) prefetch_kv<scalar_t>(p, order[next]);
 }
 
 }  // namespace blip_fast::cpu::tiles

@@ -312,14 +312,15 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
 
 template <typename scalar_t>
 void fwd(const CrossAttentionFwdParams& p, int num_threads) {
-  const int64_t items = p.batch * p.heads * tiles::query_tiles(p);
+  const std::vector<int64_t> order = tiles::item_order(p);
+  const int64_t items = static_cast<int64_t>(order.size());
 #pragma omp parallel num_threads(num_threads)
   {
     FwdScratch<acc_type<scalar_t>> scratch(p.head_dim);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      if (p.kv_index != nullptr && item + 2 < items) tiles::prefetch_kv<scalar_t>(p, item + 2);
-      fwd_tile<scalar_t>(p, item, scratch);
+    for (int64_t n = 0; n < items; ++n) {
+      if (p.kv_index != nullptr) tiles::prefetch_next_group<scalar_t>(p, order, n);
+      fwd_tile<scalar_t>(p, order[n], scratch);
     }
   }
 }

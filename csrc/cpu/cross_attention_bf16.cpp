@@ -30,7 +30,6 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -302,7 +301,7 @@ BLIP_FAST_TARGET_BF16 BLIP_FAST_INLINE void pack_k(const uint16_t* k, int64_t ro
 // Per-thread tiles (see the top of this file). kv holds one head's K / V, every key tile in the
 // products' layouts (kw, then vt: tile_size pairs per tile), packed by the first item that
 // reads them: the items that follow on the same (K / V row, head) (further query tiles; the
-// other pairs of a gathered image, see item_order) read them from cache, packed once.
+// other pairs of a gathered image, see tiles::item_order) read them from cache, packed once.
 struct Scratch {
   static constexpr int64_t kKeyPairs = kBlockK / 2;  // columns of vt
   int64_t d_pairs, dm;  // pairs per row of kw (rows of qp), rows of vt / ot: head_dim padded
@@ -314,8 +313,8 @@ struct Scratch {
       : d_pairs(round_up((head_dim + 1) / 2, kTile)), dm(round_up(head_dim, kTile)),
         kw_size(kBlockK * d_pairs), tile_size(kw_size + dm * kKeyPairs), qp(d_pairs * kBlockQ),
         pp(kKeyPairs * kBlockQ), kv((k_len + kBlockK - 1) / kBlockK * tile_size),
-        st(kBlockK * kBlockQ), ot(dm * kBlockQ), pv(dm * kBlockQ), m(kBlockQ), l(kBlockQ), correction(kBlockQ),
-        mask_add(kBlockK) {}
+        st(kBlockK * kBlockQ), ot(dm * kBlockQ), pv(dm * kBlockQ), m(kBlockQ), l(kBlockQ),
+        correction(kBlockQ), mask_add(kBlockK) {}
 };
 
 // bf16 elements as their bits.
@@ -342,32 +341,6 @@ BLIP_FAST_TARGET_BF16 void pack_kv(const CrossAttentionFwdParams& p, int64_t kb,
     pack_v_transposed(v + j0 * p.v.row_stride, p.v.row_stride, bk, p.head_dim, w.dm,
                       round_up((bk + 1) / 2, kTile), kw + w.kw_size, Scratch::kKeyPairs);
   }
-}
-
-// The forward items (b·H + h)·query_tiles + t in the order they run: gathered, the pairs of one
-// image and head one after another (pairs by image, stable), so each thread packs an image's
-// K / V once per head rather than once per pair and reads it from cache meanwhile. In the bf16
-// reranker (BERT-base, 128 pairs over up to 32 images x 197 keys) packing per pair took about
-// as long as the products, and each pair read its K / V from memory.
-std::vector<int64_t> item_order(const CrossAttentionFwdParams& p) {
-  const int64_t q_tiles = tiles::query_tiles(p);
-  std::vector<int64_t> order(p.batch * p.heads * q_tiles);
-  if (p.kv_index == nullptr) {
-    std::iota(order.begin(), order.end(), 0);
-    return order;
-  }
-  std::vector<int64_t> pairs(p.batch);
-  std::iota(pairs.begin(), pairs.end(), 0);
-  std::stable_sort(pairs.begin(), pairs.end(),
-                   [&](int64_t a, int64_t b) { return p.kv_index[a] < p.kv_index[b]; });
-  auto next = order.begin();
-  for (int64_t first = 0, last = 0; first < p.batch; first = last) {
-    while (last < p.batch && p.kv_index[pairs[last]] == p.kv_index[pairs[first]]) ++last;
-    for (int64_t h = 0; h < p.heads; ++h)
-      for (int64_t i = first; i < last; ++i)
-        for (int64_t t = 0; t < q_tiles; ++t) *next++ = (pairs[i] * p.heads + h) * q_tiles + t;
-  }
-  return order;
 }
 
 // One (batch, head, query tile) of the forward.
@@ -435,27 +408,9 @@ BLIP_FAST_TARGET_BF16 void fwd_tile(const CrossAttentionFwdParams& p, int64_t it
   }
 }
 
-// The (K / V row)·H + head that forward item `item` reads.
-int64_t kv_of_item(const CrossAttentionFwdParams& p, int64_t item) {
-  const int64_t bh = item / tiles::query_tiles(p);
-  return kv_row(p, bh / p.heads) * p.heads + bh % p.heads;
-}
-
-// When the n-th item starts another K / V than the one before it, asks for the K / V of the
-// next group (the first item after n that reads other K / V) ahead of use: gathered, groups read
-// different images, rarely in cache.
-void prefetch_next_group(const CrossAttentionFwdParams& p, const std::vector<int64_t>& order,
-                         int64_t n) {
-  const int64_t items = static_cast<int64_t>(order.size()), kv = kv_of_item(p, order[n]);
-  if (n > 0 && kv_of_item(p, order[n - 1]) == kv) return;
-  int64_t next = n + 1;
-  while (next < items && kv_of_item(p, order[next]) == kv) ++next;
-  if (next < items) tiles::prefetch_kv<uint16_t>(p, order[next]);
-}
-
 template <typename Products>
 void fwd(const CrossAttentionFwdParams& p, int num_threads) {
-  const std::vector<int64_t> order = item_order(p);
+  const std::vector<int64_t> order = tiles::item_order(p);
   const int64_t items = static_cast<int64_t>(order.size());
 #pragma omp parallel num_threads(num_threads)
   {
@@ -463,7 +418,7 @@ void fwd(const CrossAttentionFwdParams& p, int num_threads) {
     Products::begin();
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < items; ++n) {
-      if (p.kv_index != nullptr) prefetch_next_group(p, order, n);
+      if (p.kv_index != nullptr) tiles::prefetch_next_group<uint16_t>(p, order, n);
       fwd_tile<Products>(p, order[n], scratch);
     }
     Products::end();
