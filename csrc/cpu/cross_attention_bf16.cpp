@@ -11,7 +11,7 @@
 //   st[j, i] = Σ_t kw[j, t] · qp[t, i]      fp32 scores, transposed; online softmax in fp32
 //   pp[u, i] = (P[i, 2u], P[i, 2u + 1])    probabilities rounded to bf16
 //   vt[d, u] = (V[2u, d], V[2u + 1, d])    V's row pairs interleaved, transposed, per key tile
-//   ot[d, i] += Σ_u vt[d, u] · pp[u, i]     fp32 output, transposed
+//   ot[d, i] += Σ_u vt[d, u] · pp[u, i]     fp32 output, transposed (each tile's sum apart)
 //
 // P is rounded to bf16 before P V, as FlashAttention does on GPUs; the row sums l are taken from
 // the fp32 P. Every dimension is padded to whole 16 × 16 tiles (16 pairs along the reductions)
@@ -69,7 +69,7 @@ static_assert(kTile == kWidth && kBlockK % (2 * kTile) == 0 && kBlockQ % kTile =
 
 using Pair = uint32_t;  // two bf16, the first in the low half (x86 is little-endian)
 
-// The two ways of C[M, N] (+)= A[M, K] · B[K, N] in fp32, K counting pairs, A and B row-major
+// The two ways of C[M, N] = A[M, K] · B[K, N] in fp32, K counting pairs, A and B row-major
 // tiles of pairs, M, N and K multiples of kTile (callers pad); begin() and end() bracket one
 // thread's products.
 struct Avx512Bf16 {
@@ -77,14 +77,13 @@ struct Avx512Bf16 {
   static void end() {}
 
   // kRows rows × (kNV · kWidth) columns of C in registers, as vec::gemm_block.
-  template <int64_t kRows, int64_t kNV, bool kAccumulate>
+  template <int64_t kRows, int64_t kNV>
   BLIP_FAST_TARGET_BF16 BLIP_FAST_INLINE static void block(int64_t K, const Pair* a, int64_t lda,
                                                            const Pair* B, int64_t ldb, float* C,
                                                            int64_t ldc) {
     __m512 acc[kRows][kNV];
     for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t v = 0; v < kNV; ++v)
-        acc[r][v] = kAccumulate ? _mm512_loadu_ps(C + r * ldc + v * kWidth) : _mm512_setzero_ps();
+      for (int64_t v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
       __m512bh b[kNV];
       for (int64_t v = 0; v < kNV; ++v)
@@ -103,7 +102,6 @@ struct Avx512Bf16 {
   // or 4 rows of 4 (at most 24 accumulators of AVX-512's 32 registers). BLIP's 35 queries are 3
   // vectors; 8 rows rather than vec::gemm's 4 took the reranker forward (64 x 12 heads x 35
   // queries over 577 keys, 1 thread, an AMX Xeon capped to this path) from 80 to 76 ms.
-  template <bool kAccumulate>
   BLIP_FAST_TARGET_BF16 BLIP_FAST_INLINE static void product(int64_t M, int64_t N, int64_t K,
                                                              const Pair* A, int64_t lda,
                                                              const Pair* B, int64_t ldb,
@@ -114,10 +112,10 @@ struct Avx512Bf16 {
       const Pair* a = A + i0 * lda;
       float* c = C + i0 * ldc;
       switch (vectors) {
-        case 1: block<8, 1, kAccumulate>(K, a, lda, B, ldb, c, ldc); break;
-        case 2: block<8, 2, kAccumulate>(K, a, lda, B, ldb, c, ldc); break;
-        case 3: block<8, 3, kAccumulate>(K, a, lda, B, ldb, c, ldc); break;
-        default: block<4, 4, kAccumulate>(K, a, lda, B, ldb, c, ldc);
+        case 1: block<8, 1>(K, a, lda, B, ldb, c, ldc); break;
+        case 2: block<8, 2>(K, a, lda, B, ldb, c, ldc); break;
+        case 3: block<8, 3>(K, a, lda, B, ldb, c, ldc); break;
+        default: block<4, 4>(K, a, lda, B, ldb, c, ldc);
       }
     }
   }
@@ -144,26 +142,19 @@ struct Amx {
   }
   BLIP_FAST_TARGET_BF16 static void end() { _tile_release(); }
 
-  // kTiles row tiles of C (rows 16·r of c, r < kTiles) (+)= the same rows of A · one column
-  // tile of B. Tile numbers are immediates, hence one branch per tile.
-  template <int kTiles, bool kAccumulate>
+  // kTiles row tiles of C (rows 16·r of c, r < kTiles) = the same rows of A · one column tile
+  // of B. Tile numbers are immediates, hence one branch per tile.
+  template <int kTiles>
   BLIP_FAST_TARGET_BF16 BLIP_FAST_INLINE static void rows(int64_t K, const Pair* a, int64_t lda,
                                                           const Pair* b, int64_t ldb, float* c,
                                                           int64_t ldc) {
     const int64_t a_next = kTile * lda, c_next = kTile * ldc;
     const int64_t a_bytes = lda * sizeof(Pair), b_bytes = ldb * sizeof(Pair);
     const int64_t c_bytes = ldc * sizeof(float);
-    if constexpr (kAccumulate) {
-      _tile_loadd(0, c, c_bytes);
-      if constexpr (kTiles > 1) _tile_loadd(1, c + c_next, c_bytes);
-      if constexpr (kTiles > 2) _tile_loadd(2, c + 2 * c_next, c_bytes);
-      if constexpr (kTiles > 3) _tile_loadd(3, c + 3 * c_next, c_bytes);
-    } else {
-      _tile_zero(0);
-      if constexpr (kTiles > 1) _tile_zero(1);
-      if constexpr (kTiles > 2) _tile_zero(2);
-      if constexpr (kTiles > 3) _tile_zero(3);
-    }
+    _tile_zero(0);
+    if constexpr (kTiles > 1) _tile_zero(1);
+    if constexpr (kTiles > 2) _tile_zero(2);
+    if constexpr (kTiles > 3) _tile_zero(3);
     for (int64_t k0 = 0; k0 < K; k0 += kTile) {
       _tile_loadd(6, b + k0 * ldb, b_bytes);
       _tile_loadd(4, a + k0, a_bytes);
@@ -187,7 +178,6 @@ struct Amx {
     if constexpr (kTiles > 3) _tile_stored(3, c + 3 * c_next, c_bytes);
   }
 
-  template <bool kAccumulate>
   BLIP_FAST_TARGET_BF16 BLIP_FAST_INLINE static void product(int64_t M, int64_t N, int64_t K,
                                                              const Pair* A, int64_t lda,
                                                              const Pair* B, int64_t ldb,
@@ -197,10 +187,10 @@ struct Amx {
         const Pair *a = A + i0 * lda, *b = B + j0;
         float* c = C + i0 * ldc + j0;
         switch (std::min<int64_t>((M - i0) / kTile, 4)) {
-          case 1: rows<1, kAccumulate>(K, a, lda, b, ldb, c, ldc); break;
-          case 2: rows<2, kAccumulate>(K, a, lda, b, ldb, c, ldc); break;
-          case 3: rows<3, kAccumulate>(K, a, lda, b, ldb, c, ldc); break;
-          default: rows<4, kAccumulate>(K, a, lda, b, ldb, c, ldc);
+          case 1: rows<1>(K, a, lda, b, ldb, c, ldc); break;
+          case 2: rows<2>(K, a, lda, b, ldb, c, ldc); break;
+          case 3: rows<3>(K, a, lda, b, ldb, c, ldc); break;
+          default: rows<4>(K, a, lda, b, ldb, c, ldc);
         }
       }
   }
@@ -375,8 +365,7 @@ BLIP_FAST_TARGET_BF16 void fwd_tile(const CrossAttentionFwdParams& p, int64_t it
     const Pair* kw = w.kv.data() + j0 / kBlockK * w.tile_size;
     const Pair* vt = kw + w.kw_size;
     tiles::load_mask(p, b, j0, bk, w.mask_add.data());
-    Products::template product<false>(bk_pad, lanes, pd, kw, pd, w.qp.data(), lanes,
-                                      w.st.data(), lanes);
+    Products::product(bk_pad, lanes, pd, kw, pd, w.qp.data(), lanes, w.st.data(), lanes);
 
     tiles::online_softmax(w.st.data(), lanes, bk, static_cast<float>(p.scale),
                           w.mask_add.data(), w.m.data(), w.l.data(), w.correction.data());
@@ -389,8 +378,8 @@ BLIP_FAST_TARGET_BF16 void fwd_tile(const CrossAttentionFwdParams& p, int64_t it
     // this tile's P V into its own buffer, then ot = ot · correction + P V: accumulating into
     // ot itself made the products load ot right after the vector code rescaled it, and a tile
     // load waits for those stores to retire (the gathered forward above: 6.4 -> 6.0 ms)
-    Products::template product<false>(dm, lanes, k_pairs_pad, vt, kKeyPairs, w.pp.data(), lanes,
-                                      w.pv.data(), lanes);
+    Products::product(dm, lanes, k_pairs_pad, vt, kKeyPairs, w.pp.data(), lanes, w.pv.data(),
+                      lanes);
     for (int64_t d = 0; d < D; ++d)
       for (int64_t c = 0; c < lanes; c += kWidth) {
         float* o = w.ot.data() + d * lanes + c;
