@@ -26,10 +26,12 @@ SOURCES = _harness.op_sources("linear")
 BASELINES = ("reference", "F.linear bf16")
 ROWS = 128 * 23  # the reranker's batch of 128 pairs x 23 tokens (synthetic captions)
 # (in_features, out_features, activation): attention / cross-attention projections, FFN up
-# (its GELU fused into the packed GEMM) and FFN down.
+# (its GELU fused into the packed GEMM) and FFN down; "residual": FFN down + the residual sum,
+# inside the packed GEMM (BertOutput of an inference copy), after F.linear.
 LAYERS = {
     "blip_small_demo": [(256, 256, None), (256, 1024, "gelu"), (1024, 256, None)],
-    "bert_base": [(768, 768, None), (768, 3072, "gelu"), (3072, 768, None)],
+    "bert_base": [(768, 768, None), (768, 3072, "gelu"), (3072, 768, None)]
+    + [(3072, 768, "residual")],
 }
 
 
@@ -59,12 +61,20 @@ def test_linear(case, provider, measure):
     linear = nn.Linear(case["in_features"], case["out_features"])
     x = torch.randn(case["rows"], case["in_features"])
     bf16 = provider.endswith("bf16")
+    act = case["activation"]
+    # the residual in the GEMM's dtype, as the reranker's all-bf16 copy holds it
+    residual = torch.randn(case["rows"], case["out_features"])
+    residual = residual.bfloat16() if bf16 else residual
     if provider.startswith("onednn"):
-        layer = PackedLinear(linear, case["activation"])
+        packed = PackedLinear(linear, "gelu" if act == "gelu" else None)
+        layer = (lambda t: packed(t, residual=residual)) if act == "residual" else packed
     else:
         if bf16:
             linear, x = linear.bfloat16(), x.bfloat16()
-        layer = nn.Sequential(linear, nn.GELU()) if case["activation"] == "gelu" else linear
+        layer = {
+            "gelu": nn.Sequential(linear, nn.GELU()),
+            "residual": lambda t: linear(t) + residual,
+        }.get(act, linear)
 
     @torch.no_grad()
     @torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)

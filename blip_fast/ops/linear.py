@@ -99,6 +99,12 @@ class PackedLinear(nn.Module):
                 f"PackedLinear: input of shape {tuple(x.shape)} has {x.shape[-1]} "
                 f"features, expected (..., {self.in_features})"
             )
+        out_shape = (*x.shape[:-1], self.out_features)
+        if residual is not None and tuple(residual.shape) != out_shape:  # no broadcasting
+            raise ValueError(
+                f"PackedLinear: residual of shape {tuple(residual.shape)} does not match the "
+                f"output's {out_shape}"
+            )
         w, b = self.linear.weight, self.linear.bias
         grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
         dtype = self._gemm_dtype(x)
@@ -111,13 +117,9 @@ class PackedLinear(nn.Module):
         if b is not None:  # a bf16 GEMM fuses an fp32 or bf16 bias, an fp32 one fp32 only
             b = b.detach() if dtype == torch.bfloat16 else b.detach().to(dtype)
         x = x.to(dtype)
-        fuse = (
-            residual is not None
-            and self.activation is None
-            and residual.dtype == dtype
-            and residual.shape == (*x.shape[:-1], self.out_features)
-        )
-        if fuse:  # the binary post-op takes a bias of the GEMM's dtype only
+        if (
+            residual is not None and self.activation is None and residual.dtype == dtype
+        ):  # the binary post-op takes a bias of the GEMM's dtype only
             bias = None if b is None else b.to(dtype)
             return torch.ops.mkldnn._linear_pointwise.binary(
                 x, residual.contiguous(), self.packed[dtype], bias, "add"

@@ -27,6 +27,11 @@ constexpr double kMaskValue = -10000.0;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The K / V row batch entry b reads: kv_index[b] (gathered) or b.
+inline int64_t kv_row(const CrossAttentionParams& p, int64_t b) {
+  return p.kv_index == nullptr ? b : p.kv_index[b];
+}
+
 inline int64_t query_tiles(const CrossAttentionParams& p) {
   return (p.q_len + kBlockQ - 1) / kBlockQ;
 }
@@ -98,8 +103,7 @@ BLIP_FAST_INLINE void drop_transposed(const Dropout& d, acc_t* st, int64_t lanes
 template <typename scalar_t>
 BLIP_FAST_INLINE void prefetch_kv(const CrossAttentionFwdParams& p, int64_t item) {
   constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
-  const int64_t bh = item / query_tiles(p), b = bh / p.heads;
-  const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b], h = bh % p.heads;
+  const int64_t bh = item / query_tiles(p), kb = kv_row(p, bh / p.heads), h = bh % p.heads;
   for (const Operand* x : {&p.k, &p.v}) {
     const auto* head = static_cast<const scalar_t*>(x->data) + kb * x->batch_stride +
                        h * x->head_stride;
@@ -138,8 +142,8 @@ inline std::vector<int64_t> item_order(const CrossAttentionFwdParams& p) {
 
 // The (K / V row)·H + head that forward item `item` reads.
 inline int64_t kv_of_item(const CrossAttentionFwdParams& p, int64_t item) {
-  const int64_t bh = item / query_tiles(p), b = bh / p.heads;
-  return (p.kv_index == nullptr ? b : p.kv_index[b]) * p.heads + bh % p.heads;
+  const int64_t bh = item / query_tiles(p);
+  return kv_row(p, bh / p.heads) * p.heads + bh % p.heads;
 }
 
 // When the n-th item of `order` starts another K / V than the one before it, asks for the K / V

@@ -100,7 +100,7 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;  // no conversion needed
   const int64_t q_tiles = tiles::query_tiles(p);
   const int64_t bh = item / q_tiles, b = bh / p.heads, h = bh % p.heads;
-  const int64_t kb = p.kv_index == nullptr ? b : p.kv_index[b];  // K / V row (gathered)
+  const int64_t kb = tiles::kv_row(p, b);
   const int64_t i0 = (item % q_tiles) * kBlockQ, bq = std::min(kBlockQ, p.q_len - i0);
   const int64_t bq_pad = round_up(bq, kMR), lanes = round_up(bq, kWidth);
   const int64_t D = p.head_dim, dp = w.dp;
@@ -174,15 +174,14 @@ struct KvGroups {
 };
 
 KvGroups group_by_kv_row(const CrossAttentionBwdParams& p) {
-  const auto row = [&](int64_t b) { return p.kv_index == nullptr ? b : p.kv_index[b]; };
   KvGroups g{std::vector<int64_t>(p.kv_batch + 1, 0), std::vector<int64_t>(p.batch), 0};
-  for (int64_t b = 0; b < p.batch; ++b) ++g.offsets[row(b) + 1];
+  for (int64_t b = 0; b < p.batch; ++b) ++g.offsets[tiles::kv_row(p, b) + 1];
   for (int64_t n = 0; n < p.kv_batch; ++n) {
     g.largest = std::max(g.largest, g.offsets[n + 1]);
     g.offsets[n + 1] += g.offsets[n];
   }
   std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
-  for (int64_t b = 0; b < p.batch; ++b) g.order[next[row(b)]++] = b;
+  for (int64_t b = 0; b < p.batch; ++b) g.order[next[tiles::kv_row(p, b)]++] = b;
   return g;
 }
 

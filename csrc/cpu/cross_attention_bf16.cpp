@@ -312,11 +312,6 @@ const uint16_t* head_of(const Operand& x, int64_t b, int64_t h) {
   return static_cast<const uint16_t*>(x.data) + b * x.batch_stride + h * x.head_stride;
 }
 
-// The K / V row of batch entry b.
-int64_t kv_row(const CrossAttentionFwdParams& p, int64_t b) {
-  return p.kv_index == nullptr ? b : p.kv_index[b];
-}
-
 // Packs K / V of (row kb, head h), every key tile, into w.kv (unless it holds them already).
 BLIP_FAST_TARGET_BF16 void pack_kv(const CrossAttentionFwdParams& p, int64_t kb, int64_t h,
                                    Scratch& w) {
@@ -339,7 +334,7 @@ BLIP_FAST_TARGET_BF16 void fwd_tile(const CrossAttentionFwdParams& p, int64_t it
   constexpr int64_t kKeyPairs = Scratch::kKeyPairs;
   const int64_t q_tiles = tiles::query_tiles(p);
   const int64_t bh = item / q_tiles, b = bh / p.heads, h = bh % p.heads;
-  const int64_t kb = kv_row(p, b);
+  const int64_t kb = tiles::kv_row(p, b);
   const int64_t i0 = (item % q_tiles) * kBlockQ, bq = std::min(kBlockQ, p.q_len - i0);
   const int64_t lanes = round_up(bq, kTile), D = p.head_dim, pd = w.d_pairs, dm = w.dm;
   const uint16_t* q = head_of(p.q, b, h);

@@ -129,6 +129,8 @@ def test_residual_added_inside_the_gemm(case, dtype):
     assert mixed.dtype == torch.float32
     x.requires_grad_()
     torch.testing.assert_close(packed(x, residual=residual), linear(x) + residual, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=rf"residual of shape \({out_features},\)"):
+        packed(x, residual=residual[(0,) * (residual.dim() - 1)])  # would broadcast
 
 
 @needs_onednn
