@@ -20,6 +20,19 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
     const std::optional<at::Tensor>& key_padding_mask, double scale, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed);
 
+// cross_attention_fwd / _bwd with causal, for self-attention: query i sees keys
+// j <= Lk − Lq + i (bottom-right aligned, as a decoder over a KV cache needs). CPU only.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 double scale, bool causal, double dropout_p,
+                                                 const std::optional<at::Tensor>& dropout_seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale, bool causal, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
+
 // q [P, H, Lq, D], k_cache / v_cache [N_images, H, Lk, D], image_index [P] int64 in
 // [0, N_images) -> out [P, H, Lq, D] (q's dtype), lse [P, H, Lq] fp32: pair p attends over
 // cache row image_index[p].

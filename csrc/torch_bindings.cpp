@@ -10,6 +10,8 @@
 TORCH_LIBRARY_IMPL(blip_fast, CPU, m) {
   m.impl("cross_attention_fwd", &blip_fast::cross_attention_fwd);
   m.impl("cross_attention_bwd", &blip_fast::cross_attention_bwd);
+  m.impl("attention_fwd", &blip_fast::attention_fwd);
+  m.impl("attention_bwd", &blip_fast::attention_bwd);
   m.impl("itc_fwd", &blip_fast::itc_fwd);
   m.impl("itc_bwd", &blip_fast::itc_bwd);
   m.impl("gathered_cross_attention_fwd", &blip_fast::gathered_cross_attention_fwd);

@@ -16,7 +16,7 @@ log = logging.getLogger("blip_fast")
 
 # Fastest first, per device type. "reference" is last everywhere and always available.
 PREFERENCE = {
-    # C++ (the cross-attention kernel; causal / dropout go to sdpa) on CPU, fwd / fwd+bwd:
+    # C++ (the cross-attention kernel with its causal flag) on CPU, fwd / fwd+bwd:
     # 2-core AMD EPYC: 4.9 / 17 ms vs sdpa 15 / 43 at 128x12x35x35 (reranker text), 16 / 68 vs
     # 39 / 133 at 32x12x197x197 (ViT-B/224). 2-core Intel Xeon (results/attention-cpu.json):
     # 5.4 / 21.0 vs sdpa 5.8 / eager 17.5 at 35 tokens (it loses fwd+bwd there), 19.4 / 72.0 vs

@@ -22,6 +22,10 @@ struct CrossAttentionParams {
   // N cached images), values in [0, N) (the caller checks); nullptr = row b. The CUDA kernels
   // have a forward only; the CPU backward takes it without a key_padding_mask.
   const int64_t* kv_index = nullptr;
+  // Causal self-attention, bottom-right aligned: query i sees keys j <= Lk − Lq + i (a decoder
+  // over a KV cache); a key masked by both masks gets −10000 once, as official BERT's
+  // (1 − causal · padding) · −10000. CPU kernels only, and never with kv_index.
+  bool causal = false;
   // Attention-probability dropout (core/dropout.h), the element of (batch entry b, head h,
   // query i, key j) counted as ((b·H + h)·Lq + i)·Lk + j. CPU kernels only.
   Dropout dropout;

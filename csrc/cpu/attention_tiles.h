@@ -36,6 +36,31 @@ inline int64_t query_tiles(const CrossAttentionParams& p) {
   return (p.q_len + kBlockQ - 1) / kBlockQ;
 }
 
+// A causal shift (causal_shift) under which every query sees every key.
+constexpr int64_t kSeesAll = std::numeric_limits<int64_t>::max() / 4;
+
+// Query i0 + i sees key j0 + j iff j <= i + causal_shift(p, i0, j0) (kSeesAll without causal).
+inline int64_t causal_shift(const CrossAttentionParams& p, int64_t i0, int64_t j0) {
+  return p.causal ? p.k_len - p.q_len + i0 - j0 : kSeesAll;
+}
+
+// `add` (what a vector of keys adds to scores) with lanes [first, last) of the vector masked by
+// the causal mask too: min(add, −10000), so a key masked both ways still adds −10000 once.
+template <typename acc_t>
+BLIP_FAST_INLINE vec::Vec<acc_t> causal_masked(vec::Vec<acc_t> add, int64_t first, int64_t last) {
+  first = std::max<int64_t>(first, 0);
+  last = std::min<int64_t>(last, vec::kWidth);
+  if (first >= last) return add;
+  const vec::Vec<acc_t> limit = vec::broadcast(static_cast<acc_t>(kMaskValue));
+  const vec::Vec<acc_t> masked = add < limit ? add : limit;
+  if (first == 0 && last == vec::kWidth) return masked;
+  vec::Vec<acc_t> lane;
+  for (int64_t l = 0; l < vec::kWidth; ++l) lane[l] = static_cast<acc_t>(l);
+  const vec::Vec<acc_t> lo = vec::broadcast(static_cast<acc_t>(first));
+  const vec::Vec<acc_t> hi = vec::broadcast(static_cast<acc_t>(last));
+  return (lane >= lo) & (lane < hi) ? masked : add;
+}
+
 // What each key j0 + j of batch b adds to its scores: 0 to attend, −10000 for padding, −inf
 // past the last key.
 template <typename acc_t>
@@ -51,10 +76,11 @@ BLIP_FAST_INLINE void load_mask(const CrossAttentionParams& p, int64_t b, int64_
 // One key tile of the online softmax on transposed scores st[key, query] (queries as vector
 // lanes, `lanes` of them): the first bk rows of st become exp(score · scale + mask − running
 // max); the running max m and sum l are updated, and correction gets the factor by which what
-// earlier tiles summed must be rescaled (0 on the first tile).
+// earlier tiles summed must be rescaled (0 on the first tile). Query lane i sees key j iff
+// j <= i + shift (causal_shift).
 template <typename acc_t>
 BLIP_FAST_INLINE void online_softmax(acc_t* st, int64_t lanes, int64_t bk, acc_t scale,
-                                     const acc_t* mask_add, acc_t* m, acc_t* l,
+                                     const acc_t* mask_add, int64_t shift, acc_t* m, acc_t* l,
                                      acc_t* correction) {
   using vec::Vec;
   for (int64_t c = 0; c < lanes; c += vec::kWidth) {
@@ -62,7 +88,9 @@ BLIP_FAST_INLINE void online_softmax(acc_t* st, int64_t lanes, int64_t bk, acc_t
     Vec<acc_t> m_new = m_old;
     for (int64_t j = 0; j < bk; ++j) {
       acc_t* s = st + j * lanes + c;
-      const Vec<acc_t> x = vec::load(s) * scale + mask_add[j];
+      // query lanes c + l < j − shift do not see key j
+      const Vec<acc_t> add = causal_masked<acc_t>(vec::broadcast(mask_add[j]), 0, j - shift - c);
+      const Vec<acc_t> x = vec::load(s) * scale + add;
       vec::store(s, x);
       m_new = x > m_new ? x : m_new;
     }

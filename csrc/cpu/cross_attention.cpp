@@ -135,8 +135,9 @@ BLIP_FAST_TARGET_CLONES void fwd_tile(const CrossAttentionFwdParams& p, int64_t 
     load_mask(p, b, j0, bk, w.mask_add.data());
     vec::gemm<false>(bk_pad, lanes, D, k_rows, ldk, w.qt.data(), lanes, w.st.data(), lanes);
 
-    tiles::online_softmax(w.st.data(), lanes, bk, scale, w.mask_add.data(), w.m.data(),
-                          w.l.data(), w.correction.data());
+    tiles::online_softmax(w.st.data(), lanes, bk, scale, w.mask_add.data(),
+                          tiles::causal_shift(p, i0, j0), w.m.data(), w.l.data(),
+                          w.correction.data());
     if (p.dropout.p > 0.0)  // after the row sums l, which count every key
       tiles::drop_transposed(p.dropout, w.st.data(), lanes, bq, bk,
                              static_cast<uint64_t>((bh * p.q_len + i0) * p.k_len + j0), p.k_len);
@@ -261,6 +262,9 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
 
   for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
     const int64_t bk = std::min(kBlockK, p.k_len - j0), bk_pad = round_up(bk, kMR);
+    // score columns up to whole vectors past bk, not the whole tile: text self-attention (Lk
+    // 35) would otherwise compute 64
+    const int64_t bk_vec = round_up(bk, kWidth);
     std::fill(w.dk.begin(), w.dk.end(), acc_t(0));
     std::fill(w.dv.begin(), w.dv.end(), acc_t(0));
     load_rows<scalar_t>(p.k, n, h, j0, bk, D, w.k.data(), dp);
@@ -273,8 +277,8 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
       const int64_t bq = std::min(kBlockQ, rows - i0), bq_pad = round_up(bq, kMR);
       const acc_t* q = w.q.data() + i0 * dp;
       const acc_t* dout = w.dout.data() + i0 * dp;
-      vec::gemm<false>(bq_pad, kBlockK, D, q, dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
-      vec::gemm<false>(bq_pad, kBlockK, D, dout, dp, w.vt.data(), kBlockK, w.ds.data(), kBlockK);
+      vec::gemm<false>(bq_pad, bk_vec, D, q, dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
+      vec::gemm<false>(bq_pad, bk_vec, D, dout, dp, w.vt.data(), kBlockK, w.ds.data(), kBlockK);
       // s becomes P = exp(score − lse) and ds (holding dP) becomes dS = P ∘ (dP − delta) ·
       // scale; both are also transposed for the dK / dV products. With dropout, s becomes the
       // dropped P that multiplied V and dP is taken through the same mask (`kept`).
@@ -283,9 +287,12 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
         acc_t* ds = w.ds.data() + i * kBlockK;
         const acc_t row_lse = w.lse[i0 + i], row_delta = w.delta[i0 + i];
         if (p.dropout.p > 0.0 && i0 + i < rows) keep_scales(p, entries, h, i0 + i, j0, bk, w);
-        for (int64_t j = 0; j < kBlockK; j += kWidth) {
-          const Vec<acc_t> prob =
-              vec::exp(vec::load(s + j) * scale + vec::load(w.mask_add.data() + j) - row_lse);
+        // causal: this query sees keys j <= shift of the tile (a causal group is one entry)
+        const int64_t shift = tiles::causal_shift(p, (i0 + i) % Lq, j0);
+        for (int64_t j = 0; j < bk_vec; j += kWidth) {
+          const Vec<acc_t> add =
+              tiles::causal_masked<acc_t>(vec::load(w.mask_add.data() + j), shift + 1 - j, kWidth);
+          const Vec<acc_t> prob = vec::exp(vec::load(s + j) * scale + add - row_lse);
           const Vec<acc_t> kept = vec::load(w.kept.data() + j);
           vec::store(s + j, prob * kept);
           vec::store(ds + j, prob * (vec::load(ds + j) * kept - row_delta) * scale);

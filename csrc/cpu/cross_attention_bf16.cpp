@@ -363,7 +363,8 @@ BLIP_FAST_TARGET_BF16 void fwd_tile(const CrossAttentionFwdParams& p, int64_t it
     Products::product(bk_pad, lanes, pd, kw, pd, w.qp.data(), lanes, w.st.data(), lanes);
 
     tiles::online_softmax(w.st.data(), lanes, bk, static_cast<float>(p.scale),
-                          w.mask_add.data(), w.m.data(), w.l.data(), w.correction.data());
+                          w.mask_add.data(), tiles::causal_shift(p, i0, j0), w.m.data(),
+                          w.l.data(), w.correction.data());
     for (int64_t u = 0; u < k_pairs; ++u) {
       const float* first = w.st.data() + 2 * u * lanes;
       pack_rounded(first, 2 * u + 1 < bk ? first + lanes : nullptr, lanes,

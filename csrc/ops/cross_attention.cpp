@@ -93,7 +93,7 @@ int64_t attention_work(const at::Tensor& q, const at::Tensor& k) {
 std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_index,
-    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    double scale, bool causal, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const Dropout dropout = dropout_arg(op, q, dropout_p, dropout_seed);
   const at::Tensor q_rows = rows_contiguous(q), k_rows = rows_contiguous(k);
   const at::Tensor v_rows = rows_contiguous(v);
@@ -107,11 +107,13 @@ std::tuple<at::Tensor, at::Tensor> run_cross_attention_fwd(
   CrossAttentionFwdParams p{};
   fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
   p.kv_index = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  p.causal = causal;
   p.dropout = dropout;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
 #ifdef BLIP_FAST_WITH_CUDA
   if (q.is_cuda()) {
+    TORCH_CHECK(!causal, op, ": the CUDA kernel has no causal mask; the triton backend has");
     check_cuda_dtype(op, p.dtype);
     TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, op, ": the CUDA kernel takes head dim <= ",
                 cuda::kMaxHeadDim, ", got ", q.size(3));
@@ -134,15 +136,26 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd(
     const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "cross_attention_fwd";
   check_inputs(op, q, k, v, key_padding_mask);
-  return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale, dropout_p,
-                                 dropout_seed);
+  return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale, false,
+                                 dropout_p, dropout_seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 double scale, bool causal, double dropout_p,
+                                                 const std::optional<at::Tensor>& dropout_seed) {
+  const char* op = "attention_fwd";
+  check_inputs(op, q, k, v, key_padding_mask);
+  return run_cross_attention_fwd(op, q, k, v, key_padding_mask, std::nullopt, scale, causal,
+                                 dropout_p, dropout_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
     const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_index, const at::Tensor& out, const at::Tensor& lse,
-    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    double scale, bool causal, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout must have q's shape ", q.sizes(), ", got ",
               dout.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
@@ -175,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cross_attention_bwd(
   fill_inputs(op, p, q_rows, k_rows, v_rows, mask, scale);
   p.kv_index = index.defined() ? index.data_ptr<int64_t>() : nullptr;
   p.kv_batch = k.size(0);
+  p.causal = causal;
   p.dropout = dropout;
   p.dout = operand(dout_rows);
   p.out = operand(out_rows);
@@ -194,7 +208,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd(
   const char* op = "cross_attention_bwd";
   check_inputs(op, q, k, v, key_padding_mask);
   return run_cross_attention_bwd(op, dout, q, k, v, key_padding_mask, std::nullopt, out, lse,
-                                 scale, dropout_p, dropout_seed);
+                                 scale, false, dropout_p, dropout_seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale, bool causal, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
+  const char* op = "attention_bwd";
+  check_inputs(op, q, k, v, key_padding_mask);
+  return run_cross_attention_bwd(op, dout, q, k, v, key_padding_mask, std::nullopt, out, lse,
+                                 scale, causal, dropout_p, dropout_seed);
 }
 
 }  // namespace blip_fast

@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> gathered_cross_attention_fwd(const at::Tensor
   check_index_range(op, image_index, k_cache.size(0));
   // image tokens are all attended: no key padding mask
   return run_cross_attention_fwd(op, q, k_cache, v_cache, std::nullopt, image_index, scale,
-                                 dropout_p, dropout_seed);
+                                 false, dropout_p, dropout_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_cross_attention_bwd(
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_cross_attention_bwd(
   check_inputs(op, q, k_cache, v_cache, image_index);
   check_index_range(op, image_index, k_cache.size(0));
   return run_cross_attention_bwd(op, dout, q, k_cache, v_cache, std::nullopt, image_index, out,
-                                 lse, scale, dropout_p, dropout_seed);
+                                 lse, scale, false, dropout_p, dropout_seed);
 }
 
 }  // namespace blip_fast

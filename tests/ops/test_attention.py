@@ -1,9 +1,9 @@
-"""blip_fast.ops.attention (ViT / text self-attention): every available CPU backend vs the
-reference, forward and gradients, and where the C++ kernel hands over to sdpa."""
+"""blip_fast.ops.attention (ViT / text self-attention, the decoder's causal one): every
+available CPU backend vs the reference, forward and gradients, and which kernel runs."""
 
 import pytest
 import torch
-from _utils import TOL, assert_close_verbose
+from _utils import TOL, OpsSeen, assert_close_verbose
 
 from blip_fast.ops import _backend, attention, reference
 
@@ -25,17 +25,18 @@ def make_inputs(b, h, length, d, masked, seed=0):
     return q, k, v, mask
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_backends_match_reference_forward_and_grads(shape, masked):
+def test_backends_match_reference_forward_and_grads(shape, masked, causal):
     q, k, v, mask = make_inputs(*shape, masked)
     dout = torch.randn_like(q)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    reference.attention(*leaves, mask).backward(dout)
-    want = [reference.attention(q, k, v, mask)] + [t.grad for t in leaves]
+    reference.attention(*leaves, mask, causal).backward(dout)
+    want = [reference.attention(q, k, v, mask, causal)] + [t.grad for t in leaves]
     for backend in CPU_BACKENDS:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*leaves, mask, backend=backend)
+        out = attention(*leaves, mask, causal, backend=backend)
         out.backward(dout)
         for name, got, exp in zip(
             ("out", "dq", "dk", "dv"), [out] + [t.grad for t in leaves], want
@@ -45,17 +46,30 @@ def test_backends_match_reference_forward_and_grads(shape, masked):
 
 
 @needs_cpu_kernel
-def test_cpu_is_the_default_and_hands_causal_to_sdpa():
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_kernel_is_the_default_causal_or_not(causal):
+    """The decoder's causal self-attention runs the C++ kernel too (forward and backward), no
+    sdpa or materialised scores."""
     assert _backend.resolve("attention", "cpu") == "cpu"
     q, k, v, mask = make_inputs(2, 2, 9, 16, masked=True)
-    torch.testing.assert_close(
-        attention(q, k, v, mask, causal=True),
-        reference.attention(q, k, v, mask, causal=True),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    with pytest.raises(ValueError, match="backend 'cpu' does not support causal"):
-        attention(q, k, v, mask, backend="cpu", causal=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with OpsSeen() as seen:
+        attention(*leaves, mask, causal=causal, dropout_p=0.1).sum().backward()
+    assert "blip_fast.attention_fwd.default" in seen.names
+    assert "blip_fast.attention_bwd.default" in seen.names
+    assert not any("scaled_dot_product" in n or "softmax" in n for n in seen.names), seen.names
+
+
+@needs_cpu_kernel
+def test_decoding_over_a_kv_cache_goes_to_sdpa_unless_asked():
+    q, k, v, _ = make_inputs(2, 2, 9, 16, masked=False)
+    q = q[:, :, -1:]  # one new token over the cache
+    want = reference.attention(q, k, v, None, causal=True)
+    for backend, op in ((None, "aten._scaled_dot_product"), ("cpu", "blip_fast.attention_fwd")):
+        with OpsSeen() as seen:
+            got = attention(q, k, v, None, causal=True, backend=backend)
+        assert any(n.startswith(op) for n in seen.names), (backend, seen.names)
+        assert_close_verbose(got, want, **TOL[torch.float32], name=str(backend))
 
 
 @needs_cpu_kernel
