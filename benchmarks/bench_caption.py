@@ -200,7 +200,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
-    folder = tempfile.mkdtemp(prefix="bench_caption_")
+    # removed at exit: a demo checkpoint and images per run would pile up on the disk
+    scratch = tempfile.TemporaryDirectory(prefix="bench_caption_")
+    folder = scratch.name
     checkpoint = args.checkpoint or train_demo(folder)
     cases = [(f"demo model, {args.images} images", args.images, demo_captioners(checkpoint, dev))]
     for spec in args.random:

@@ -195,8 +195,9 @@ def main():
         )
     model = create_model("retrieval", cfg).to(dev).eval()
     size = model.cfg.vision.image_size
+    scratch = tempfile.TemporaryDirectory(prefix="bench_ret_")  # removed at exit
     paths = make_synthetic(
-        tempfile.mkdtemp(prefix="bench_ret_"),
+        scratch.name,
         n_train_images=1,
         n_test_images=n_img,
         n_val_images=1,

@@ -225,7 +225,8 @@ def main():
     commit = _harness.require_clean(args.allow_dirty)
     from blip_fast.data import make_synthetic
 
-    tmp = tempfile.mkdtemp(prefix="blip_fast_bench_train_step_")
+    scratch = tempfile.TemporaryDirectory(prefix="blip_fast_bench_train_step_")  # removed at exit
+    tmp = scratch.name
     data = make_synthetic(
         tmp, n_train_images=2 * args.batch * DISTINCT_BATCHES, n_test_images=1, n_val_images=1
     )
