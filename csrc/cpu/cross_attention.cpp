@@ -10,11 +10,11 @@
 //
 // All products go through one micro-kernel (vec.h), on tiles in the compute type (fp32, or
 // fp64 for fp64 inputs) padded to its block sizes; a bf16 forward on a CPU with bf16 dot
-// products runs cross_attention_bf16.cpp instead. The forward holds scores transposed (keys
-// x queries, the queries as vector lanes), so fp32 / fp64 key and value rows are read where
-// they lie; fp16 / bf16 tiles and a tile's ragged last rows are copied into per-thread scratch.
-// The backward copies every tile; its key columns past Lk get score −inf, so their
-// probabilities are exactly 0.
+// products runs cross_attention_bf16.cpp instead. Both passes hold scores transposed (keys x
+// queries, the queries as vector lanes), so key and value rows are the products' row operand,
+// never transposed: the forward reads fp32 / fp64 rows where they lie (fp16 / bf16 tiles and a
+// tile's ragged last rows are copied into per-thread scratch); the backward copies every tile,
+// and its key rows past Lk get score −inf, so their probabilities are exactly 0.
 #include "cpu/cross_attention.h"
 
 #include <omp.h>
@@ -56,20 +56,6 @@ BLIP_FAST_INLINE void load_rows(const Operand& x, int64_t b, int64_t h, int64_t 
     const scalar_t* row = src + (row0 + i) * x.row_stride;
     for (int64_t d = 0; d < D; ++d) dst[i * ld + d] = static_cast<acc_t>(row[d]);
   }
-}
-
-// A key tile transposed, dst[D, kBlockK] with dst[d, j] = x[j0 + j, d]; columns past `bk` are
-// zeroed so that their scores are finite before the −inf of load_mask is added.
-template <typename scalar_t, typename acc_t>
-BLIP_FAST_INLINE void load_keys_t(const Operand& x, int64_t b, int64_t h, int64_t j0, int64_t bk,
-                                  int64_t D, acc_t* dst) {
-  const auto* src = static_cast<const scalar_t*>(x.data) + b * x.batch_stride + h * x.head_stride;
-  for (int64_t j = 0; j < bk; ++j) {
-    const scalar_t* row = src + (j0 + j) * x.row_stride;
-    for (int64_t d = 0; d < D; ++d) dst[d * kBlockK + j] = static_cast<acc_t>(row[d]);
-  }
-  for (int64_t d = 0; d < D && bk < kBlockK; ++d)
-    std::fill(dst + d * kBlockK + bk, dst + (d + 1) * kBlockK, acc_t(0));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -186,35 +172,58 @@ KvGroups group_by_kv_row(const CrossAttentionBwdParams& p) {
   return g;
 }
 
+// Query rows per backward tile: kBlockQ, but a last tile takes up to one vector more rather
+// than leave a remainder of a few lanes, whose products over 64 keys would run 1-vector blocks
+// that wait on FMA latency (ViT-B/224's 197 rows: 64 + 64 + 69, not 64 x 3 + 5; 32 x 12 heads
+// backward 47 -> 40 ms on a 2-core Xeon).
+constexpr int64_t kBwdLanes = kBlockQ + kWidth;
+
 // Per-thread buffers of the backward: the query-side rows of one work item (sized for the
-// largest group of batch entries), one key tile and the score tiles.
+// largest group of batch entries), row-major and transposed, one key tile and the score tiles.
+// Scores are held transposed, keys x queries, as in the forward: K and V rows are then the
+// products' row operand and are never transposed, and the probabilities feed dV / dK as they
+// lie (dQ reads them transposed, which the micro-kernel's broadcast operand does for free).
 template <typename acc_t>
 struct BwdScratch {
-  int64_t dp;
-  std::vector<acc_t> q, dout, dq, lse, delta;      // [rows, dp] / [rows], rows padded to kBlockQ
-  std::vector<acc_t> k, kt, vt, dk, dv, mask_add;  // one key tile
-  std::vector<acc_t> kept;                         // one row's dropout scale per key
-  std::vector<acc_t> s, ds, pt, dst;               // [kBlockQ, kBlockK] and transposes
+  int64_t dp, lanes;                             // head_dim, rows rounded up to kBwdLanes
+  std::vector<acc_t> q, dout, dq;                // [rows, dp]
+  std::vector<acc_t> qt, dot, lse, delta;        // [D, lanes] / [lanes]
+  std::vector<acc_t> k, v, dk, dv, mask_add;     // one key tile
+  std::vector<acc_t> kept;                       // one key's dropout scale per query lane
+  std::vector<uint64_t> counter;                 // dropout counters of a query tile's rows
+  std::vector<acc_t> st, dst;                    // [kBlockK, kBwdLanes]: Pᵀ and dSᵀ
   BwdScratch(int64_t head_dim, int64_t rows)
-      : dp(round_up(head_dim, kWidth)), q(round_up(rows, kBlockQ) * dp), dout(q.size()),
-        dq(q.size()), lse(round_up(rows, kBlockQ)), delta(lse.size()), k(kBlockK * dp),
-        kt(dp * kBlockK), vt(dp * kBlockK), dk(kBlockK * dp), dv(kBlockK * dp), mask_add(kBlockK),
-        kept(kBlockK, acc_t(1)),
-        s(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), pt(kBlockK * kBlockQ),
-        dst(kBlockK * kBlockQ) {}
+      : dp(round_up(head_dim, kWidth)), lanes(round_up(rows, kBwdLanes)), q(lanes * dp),
+        dout(q.size()), dq(q.size()), qt(head_dim * lanes), dot(qt.size()), lse(lanes),
+        delta(lanes), k(kBlockK * dp), v(kBlockK * dp), dk(kBlockK * dp), dv(kBlockK * dp),
+        mask_add(kBlockK), kept(kWidth, acc_t(1)), counter(kBwdLanes), st(kBlockK * kBwdLanes),
+        dst(kBlockK * kBwdLanes) {}
 };
 
-// w.kept[j] = 1 / (1 − p) or 0: the forward's dropout of key j0 + j for stacked query row
-// `row` (entry row / Lq of the group, query row % Lq) of head h.
+// w.counter[l]: the dropout counter of key 0 for stacked query row i0 + l (entry row / Lq of
+// the group, query row % Lq) of head h, for the rows of one query tile.
 template <typename acc_t>
-BLIP_FAST_INLINE void keep_scales(const CrossAttentionBwdParams& p, const int64_t* entries,
-                                  int64_t h, int64_t row, int64_t j0, int64_t bk,
-                                  BwdScratch<acc_t>& w) {
-  const int64_t b = entries[row / p.q_len], i = row % p.q_len;
-  const uint64_t c0 = static_cast<uint64_t>(((b * p.heads + h) * p.q_len + i) * p.k_len + j0);
+BLIP_FAST_INLINE void dropout_counters(const CrossAttentionBwdParams& p, const int64_t* entries,
+                                       int64_t h, int64_t i0, int64_t bq,
+                                       BwdScratch<acc_t>& w) {
+  for (int64_t l = 0; l < bq; ++l) {
+    const int64_t b = entries[(i0 + l) / p.q_len], i = (i0 + l) % p.q_len;
+    w.counter[l] = static_cast<uint64_t>(((b * p.heads + h) * p.q_len + i) * p.k_len);
+  }
+}
+
+// w.kept[l] = 1 / (1 − p) or 0: the forward's dropout of key `key` for query lanes c + l of
+// the tile (dropout_counters); 1 past its last row.
+template <typename acc_t>
+BLIP_FAST_INLINE void keep_scales(const CrossAttentionBwdParams& p, int64_t c, int64_t bq,
+                                  int64_t key, BwdScratch<acc_t>& w) {
   const acc_t kept = static_cast<acc_t>(1.0 / (1.0 - p.dropout.p));
-  for (int64_t j = 0; j < bk; ++j)
-    w.kept[j] = dropout_bits(c0 + j, p.dropout.seed) >= p.dropout.threshold ? kept : acc_t(0);
+  const int64_t last = std::min<int64_t>(kWidth, bq - c);
+  for (int64_t l = 0; l < last; ++l) {
+    const uint64_t bits = dropout_bits(w.counter[c + l] + key, p.dropout.seed);
+    w.kept[l] = bits >= p.dropout.threshold ? kept : acc_t(0);
+  }
+  for (int64_t l = last; l < kWidth; ++l) w.kept[l] = acc_t(1);
 }
 
 // One (K / V row n, head h) of the backward, its query-side rows those of every batch entry
@@ -227,7 +236,8 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
   const int64_t n = item / p.heads, h = item % p.heads, D = p.head_dim, dp = w.dp, Lq = p.q_len;
   const int64_t* entries = groups.order.data() + groups.offsets[n];
   const int64_t count = groups.offsets[n + 1] - groups.offsets[n];
-  const int64_t rows = count * Lq, rows_pad = round_up(rows, kMR);
+  const int64_t rows = count * Lq, rows_lanes = round_up(rows, kWidth);
+  const int64_t ld = w.lanes;  // leading dimension of the transposed rows
   const acc_t scale = static_cast<acc_t>(p.scale);
   auto* dk = static_cast<scalar_t*>(p.dk) + (n * p.heads + h) * p.k_len * D;
   auto* dv = static_cast<scalar_t*>(p.dv) + (n * p.heads + h) * p.k_len * D;
@@ -239,73 +249,80 @@ BLIP_FAST_TARGET_CLONES void bwd_item(const CrossAttentionBwdParams& p, const Kv
 
   for (int64_t e = 0; e < count; ++e) {
     const int64_t b = entries[e];
+    acc_t* q = w.q.data() + e * Lq * dp;
     acc_t* dout = w.dout.data() + e * Lq * dp;
-    load_rows<scalar_t>(p.q, b, h, 0, Lq, D, w.q.data() + e * Lq * dp, dp);
+    load_rows<scalar_t>(p.q, b, h, 0, Lq, D, q, dp);
     load_rows<scalar_t>(p.dout, b, h, 0, Lq, D, dout, dp);
     const auto* out = static_cast<const scalar_t*>(p.out.data) + b * p.out.batch_stride +
                       h * p.out.head_stride;
     const float* lse = p.lse + (b * p.heads + h) * Lq;
     for (int64_t i = 0; i < Lq; ++i) {  // delta_i = dO_i · O_i, the softmax-gradient correction
       acc_t sum = 0;
-      for (int64_t d = 0; d < D; ++d)
+      for (int64_t d = 0; d < D; ++d) {
         sum += dout[i * dp + d] * static_cast<acc_t>(out[i * p.out.row_stride + d]);
+        w.qt[d * ld + e * Lq + i] = q[i * dp + d];
+        w.dot[d * ld + e * Lq + i] = dout[i * dp + d];
+      }
       w.delta[e * Lq + i] = sum;
       w.lse[e * Lq + i] = lse[i];
     }
   }
-  // The micro-kernel reads whole blocks of kMR rows: the rows past the last hold zeros.
-  std::fill(w.q.begin() + rows * dp, w.q.begin() + rows_pad * dp, acc_t(0));
-  std::fill(w.dout.begin() + rows * dp, w.dout.begin() + rows_pad * dp, acc_t(0));
-  std::fill(w.lse.begin() + rows, w.lse.begin() + rows_pad, acc_t(0));
-  std::fill(w.delta.begin() + rows, w.delta.begin() + rows_pad, acc_t(0));
-  std::fill(w.dq.begin(), w.dq.begin() + rows_pad * dp, acc_t(0));
+  // Padding query lanes score 0 with lse = delta = 0: their dS is 0, and no product reads
+  // their P past the last row.
+  for (int64_t d = 0; d < D; ++d) {
+    std::fill(w.qt.begin() + d * ld + rows, w.qt.begin() + d * ld + rows_lanes, acc_t(0));
+    std::fill(w.dot.begin() + d * ld + rows, w.dot.begin() + d * ld + rows_lanes, acc_t(0));
+  }
+  std::fill(w.lse.begin() + rows, w.lse.begin() + rows_lanes, acc_t(0));
+  std::fill(w.delta.begin() + rows, w.delta.begin() + rows_lanes, acc_t(0));
+  std::fill(w.dq.begin(), w.dq.begin() + round_up(rows, kMR) * dp, acc_t(0));
 
   for (int64_t j0 = 0; j0 < p.k_len; j0 += kBlockK) {
     const int64_t bk = std::min(kBlockK, p.k_len - j0), bk_pad = round_up(bk, kMR);
-    // score columns up to whole vectors past bk, not the whole tile: text self-attention (Lk
-    // 35) would otherwise compute 64
-    const int64_t bk_vec = round_up(bk, kWidth);
     std::fill(w.dk.begin(), w.dk.end(), acc_t(0));
     std::fill(w.dv.begin(), w.dv.end(), acc_t(0));
     load_rows<scalar_t>(p.k, n, h, j0, bk, D, w.k.data(), dp);
-    load_keys_t<scalar_t>(p.k, n, h, j0, bk, D, w.kt.data());
-    load_keys_t<scalar_t>(p.v, n, h, j0, bk, D, w.vt.data());
+    load_rows<scalar_t>(p.v, n, h, j0, bk, D, w.v.data(), dp);
+    std::fill(w.k.begin() + bk * dp, w.k.begin() + bk_pad * dp, acc_t(0));
+    std::fill(w.v.begin() + bk * dp, w.v.begin() + bk_pad * dp, acc_t(0));
     // a key_padding_mask comes without kv_index, so its group is one batch entry
     load_mask(p, entries[0], j0, bk, w.mask_add.data());
 
-    for (int64_t i0 = 0; i0 < rows; i0 += kBlockQ) {
-      const int64_t bq = std::min(kBlockQ, rows - i0), bq_pad = round_up(bq, kMR);
-      const acc_t* q = w.q.data() + i0 * dp;
-      const acc_t* dout = w.dout.data() + i0 * dp;
-      vec::gemm<false>(bq_pad, bk_vec, D, q, dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
-      vec::gemm<false>(bq_pad, bk_vec, D, dout, dp, w.vt.data(), kBlockK, w.ds.data(), kBlockK);
-      // s becomes P = exp(score − lse) and ds (holding dP) becomes dS = P ∘ (dP − delta) ·
-      // scale; both are also transposed for the dK / dV products. With dropout, s becomes the
-      // dropped P that multiplied V and dP is taken through the same mask (`kept`).
-      for (int64_t i = 0; i < bq_pad; ++i) {
-        acc_t* s = w.s.data() + i * kBlockK;
-        acc_t* ds = w.ds.data() + i * kBlockK;
-        const acc_t row_lse = w.lse[i0 + i], row_delta = w.delta[i0 + i];
-        if (p.dropout.p > 0.0 && i0 + i < rows) keep_scales(p, entries, h, i0 + i, j0, bk, w);
-        // causal: this query sees keys j <= shift of the tile (a causal group is one entry)
-        const int64_t shift = tiles::causal_shift(p, (i0 + i) % Lq, j0);
-        for (int64_t j = 0; j < bk_vec; j += kWidth) {
-          const Vec<acc_t> add =
-              tiles::causal_masked<acc_t>(vec::load(w.mask_add.data() + j), shift + 1 - j, kWidth);
-          const Vec<acc_t> prob = vec::exp(vec::load(s + j) * scale + add - row_lse);
-          const Vec<acc_t> kept = vec::load(w.kept.data() + j);
-          vec::store(s + j, prob * kept);
-          vec::store(ds + j, prob * (vec::load(ds + j) * kept - row_delta) * scale);
-        }
-        for (int64_t j = 0; j < bk_pad; ++j) {
-          w.pt[j * kBlockQ + i] = s[j];
-          w.dst[j * kBlockQ + i] = ds[j];
+    for (int64_t i0 = 0, bq = 0; i0 < rows; i0 += bq) {
+      bq = rows - i0 <= kBwdLanes ? rows - i0 : kBlockQ;
+      const int64_t bq_pad = round_up(bq, kMR);
+      const int64_t lanes = round_up(bq, kWidth);
+      vec::gemm<false>(bk_pad, lanes, D, w.k.data(), dp, w.qt.data() + i0, ld, w.st.data(),
+                       kBwdLanes);
+      vec::gemm<false>(bk_pad, lanes, D, w.v.data(), dp, w.dot.data() + i0, ld, w.dst.data(),
+                       kBwdLanes);
+      // st becomes Pᵀ = exp(score − lse) and dst (holding dPᵀ) dSᵀ = P ∘ (dP − delta) · scale.
+      // With dropout, st becomes the dropped P that multiplied V and dP is taken through the
+      // same mask (`kept`). Causal: query lane l sees key j iff j <= l + shift (a causal group
+      // is one entry, so lane l is query i0 + l).
+      const int64_t shift = tiles::causal_shift(p, i0, j0);
+      if (p.dropout.p > 0.0) dropout_counters(p, entries, h, i0, bq, w);
+      for (int64_t j = 0; j < bk_pad; ++j) {
+        acc_t* st = w.st.data() + j * kBwdLanes;
+        acc_t* dst = w.dst.data() + j * kBwdLanes;
+        const Vec<acc_t> key_add = vec::broadcast(w.mask_add[j]);
+        for (int64_t c = 0; c < lanes; c += kWidth) {
+          if (p.dropout.p > 0.0 && j < bk) keep_scales(p, c, bq, j0 + j, w);
+          const Vec<acc_t> add = tiles::causal_masked<acc_t>(key_add, 0, j - shift - c);
+          const Vec<acc_t> prob = vec::exp(vec::load(st + c) * scale + add -
+                                           vec::load(w.lse.data() + i0 + c));
+          const Vec<acc_t> kept = vec::load(w.kept.data());
+          vec::store(st + c, prob * kept);
+          vec::store(dst + c, prob * (vec::load(dst + c) * kept -
+                                      vec::load(w.delta.data() + i0 + c)) * scale);
         }
       }
-      vec::gemm<true>(bq_pad, dp, bk, w.ds.data(), kBlockK, w.k.data(), dp,
-                      w.dq.data() + i0 * dp, dp);
-      vec::gemm<true>(bk_pad, dp, bq, w.pt.data(), kBlockQ, dout, dp, w.dv.data(), dp);
-      vec::gemm<true>(bk_pad, dp, bq, w.dst.data(), kBlockQ, q, dp, w.dk.data(), dp);
+      const acc_t* q = w.q.data() + i0 * dp;
+      const acc_t* dout = w.dout.data() + i0 * dp;
+      vec::gemm<true>(bk_pad, dp, bq, w.st.data(), kBwdLanes, dout, dp, w.dv.data(), dp);
+      vec::gemm<true>(bk_pad, dp, bq, w.dst.data(), kBwdLanes, q, dp, w.dk.data(), dp);
+      vec::gemm<true>(bq_pad, dp, bk, w.dst.data(), 1, w.k.data(), dp, w.dq.data() + i0 * dp,
+                      dp, kBwdLanes);
     }
     store_rows(w.dk.data(), dp, bk, D, dk + j0 * D);
     store_rows(w.dv.data(), dp, bk, D, dv + j0 * D);
