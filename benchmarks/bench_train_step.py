@@ -8,6 +8,9 @@ official math against blip-fast's, with each speed lever's share, in one run:
                    its reference kernel), so X's share is time(-X) / time(fast eager)
     fast eager +image_token_drop  pre-training with half the patch tokens dropped (FLIP-style;
                    it changes the objective, so it is measured, not a default)
+    reference +keep_freed_memory  CPU: the official step with the one lever that is not its
+                   math, glibc keeping freed blocks (train.heap), so that fast / this row is
+                   the speed-up on equal allocator terms
 
 A lever that does nothing in a task gets no row (captioning has no ITM pass and no momentum
 encoder, and the official caption batches are already padded to their longest caption).
@@ -26,8 +29,9 @@ caches and allocator state stay apart) on the same batches; after warm-up (compi
 included, every batch seen once) each step is timed on its own: the median with quartiles over
 ``--steps`` (>= 5), samples/s at the median. Then one more step measures peak memory beyond
 what exists before it (CUDA: max_memory_allocated; CPU: peak resident set, with glibc told to
-give every buffer above 128 KiB its own mapping, returned when freed, so that what earlier
-steps left in the heap does not hide this step's allocations). Writes
+give every buffer above 128 KiB its own mapping, returned when freed, or, under
+keep_freed_memory, which maps nothing, the free pages of the heap returned first, so that what
+earlier steps left in the heap does not hide this step's allocations). Writes
 results/train_step-<device>.json; refuses an uncommitted tree unless ``--allow-dirty``.
 """
 
@@ -46,12 +50,13 @@ import _harness  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
 LEVERS = ("share_image_kv", "itm_enc_only", "fused_lm_head_loss", "foreach_momentum")
-LEVERS += ("pad_to_longest", "fused_attention_dropout")
+LEVERS += ("pad_to_longest", "fused_attention_dropout", "keep_freed_memory")
+CPU_LEVERS = ("keep_freed_memory",)  # no-ops on a GPU: no rows there
 # the levers that change anything in each task
 TASK_LEVERS = {
     "pretrain": LEVERS,
     "retrieval": LEVERS[:2] + LEVERS[3:],
-    "caption": ("fused_lm_head_loss", "fused_attention_dropout"),
+    "caption": ("fused_lm_head_loss", "fused_attention_dropout", "keep_freed_memory"),
 }
 DISTINCT_BATCHES = 3
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -60,18 +65,23 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 CAPTION_WORDS_MEAN, CAPTION_WORDS_SD = 12.3, 5.2
 
 
-def rows_for(task: str, lever_rows: bool = True) -> dict[str, dict]:
+def rows_for(task: str, cpu: bool, lever_rows: bool = True) -> dict[str, dict]:
     """Row name -> (backend, compile, levers off, image_token_drop)."""
     rows = {
         "reference": dict(backend="reference", compile=False, off=LEVERS),
         "fast": dict(backend=None, compile=True, off=()),
         "fast eager": dict(backend=None, compile=False, off=()),
     }
+    if cpu:
+        rows["reference +keep_freed_memory"] = dict(
+            backend="reference", compile=False, off=tuple(x for x in LEVERS if x not in CPU_LEVERS)
+        )
     if not lever_rows:
         return rows
     rows["fast eager -kernels"] = dict(backend="reference", compile=False, off=())
     for lever in TASK_LEVERS[task]:
-        rows[f"fast eager -{lever}"] = dict(backend=None, compile=False, off=(lever,))
+        if cpu or lever not in CPU_LEVERS:
+            rows[f"fast eager -{lever}"] = dict(backend=None, compile=False, off=(lever,))
     if task == "pretrain":
         rows["fast eager +image_token_drop"] = dict(
             backend=None, compile=False, off=(), image_token_drop=0.5
@@ -119,7 +129,7 @@ def _mfu(trainer, batch, device, seconds: float) -> float | None:
 def worker(args) -> dict:
     from blip_fast.train.main import StepLevers, build_trainer
 
-    row = rows_for(args.task)[args.worker]
+    row = rows_for(args.task, args.device == "cpu")[args.worker]
     device = torch.device(args.device)
     fast = args.worker != "reference"
     precision = "bf16" if device.type == "cuda" and fast else "fp32"
@@ -234,7 +244,7 @@ def main():
     rows = []
     for task in args.tasks:
         case = f"{task} {args.config} {args.image_size}px B={args.batch}"
-        for name in rows_for(task, args.lever_rows):
+        for name in rows_for(task, args.device == "cpu", args.lever_rows):
             cmd = [sys.executable, __file__, "--worker", name, "--task", task]
             cmd += ["--device", args.device, "--batch", str(args.batch)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]

@@ -34,6 +34,7 @@ from blip_fast.models.med import BertSelfAttention
 from blip_fast.train.config import validate_config
 from blip_fast.train.data import Collate, NLVRCollate, SeededSamples, TrainSampler, VQACollate
 from blip_fast.train.distributed import init_distributed, shutdown
+from blip_fast.train.heap import keep_freed_memory
 from blip_fast.train.loop import LoopConfig, Trainer
 from blip_fast.train.optim import LRSchedule, build_optimizer
 from blip_fast.train.task import CaptionTask, ContrastiveTask, NLVRTask, VQATask
@@ -169,6 +170,8 @@ class StepLevers:
     # attention dropout inside the fused kernels (BertSelfAttention.fused_dropout): the ITM / LM
     # rows keep reading the shared image K / V, the text encoder's self-attention stays fused
     fused_attention_dropout: bool = True
+    # CPU: glibc keeps the blocks a step frees for the next step (train.heap); process-wide
+    keep_freed_memory: bool = True
 
     @classmethod
     def official(cls) -> "StepLevers":
@@ -209,6 +212,8 @@ def build_trainer(
     validate_config(task, y, origins)
     itc_warmup = int(y.get("itc_warmup_steps", 0))
     dist_info = init_distributed(device)
+    if levers.keep_freed_memory and dist_info.device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(seed + dist_info.rank)  # official: seed + rank
     cfg = model_config(y)
     model = build_model(task, cfg, y, _with_levers(backend, levers)).to(dist_info.device)
