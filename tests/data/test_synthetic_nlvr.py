@@ -16,11 +16,13 @@ from blip_fast.data.transforms import test_transform as eval_tf
 
 SMALL = dict(n_train_images=30, n_test_images=40, n_val_images=12, image_size=48)
 SIZE = {w: k for k, words in synthetic.SIZE_WORDS.items() for w in words}
+PAIRS_PER_IMAGE = 10  # make_synthetic's default
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("nlvr"), **SMALL)
+    """The small set with statements of every kind."""
+    return make_synthetic(tmp_path_factory.mktemp("nlvr"), **SMALL, nlvr_kinds=synthetic.NLVR_KINDS)
 
 
 def _load(path):
@@ -63,8 +65,8 @@ def _truth(sentence: str, left: set, right: set) -> bool:
 @pytest.mark.parametrize("split,images", [("nlvr_train", 30), ("nlvr_dev", 12), ("nlvr_test", 40)])
 def test_official_format_and_balanced_labels(data, split, images):
     ann = _load(data[split])
-    assert len(ann) == 2 * images
-    assert Counter(e["label"] for e in ann) == {"True": images, "False": images}
+    half = PAIRS_PER_IMAGE * images // 2
+    assert Counter(e["label"] for e in ann) == {"True": half, "False": half}
     folder = {"nlvr_train": "train", "nlvr_dev": "val", "nlvr_test": "test"}[split]
     assert all(p.startswith(f"images/{folder}/") for e in ann for p in e["images"])
     dataset = NLVRDataset(data[split], data["image_root"], eval_tf(32))
@@ -148,9 +150,13 @@ def test_other_files_do_not_depend_on_the_nlvr_annotations(data, tmp_path):
 
 
 def test_nlvr_kinds_choose_the_statements(tmp_path):
+    default = make_synthetic(tmp_path / "default", **SMALL)
+    ann = _load(default["nlvr_train"])
+    assert synthetic.DEFAULT_NLVR_KINDS == ("colour", "contains")
+    assert Counter(_kind(e["sentence"]) for e in ann).keys() == {"colour", "contains"}
     colour = make_synthetic(tmp_path / "colour", **SMALL, nlvr_kinds=("colour",))
     ann = _load(colour["nlvr_train"])
     assert {_kind(e["sentence"]) for e in ann} == {"colour"}
-    assert Counter(e["label"] for e in ann) == {"True": 30, "False": 30}
+    assert Counter(e["label"] for e in ann) == {"True": 150, "False": 150}
     with pytest.raises(ValueError, match="kinds must be some of .* got \\('most',\\)"):
         make_synthetic(tmp_path / "bad", **SMALL, nlvr_kinds=("most",))

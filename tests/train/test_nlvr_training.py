@@ -82,7 +82,7 @@ def test_fine_tune_logs_finite_losses_resumes_exactly_and_evaluates(nlvr_config,
     evals = [r for r in _log(tmp_path / "split") if "split" in r]
     assert [(r["split"], r["global_step"]) for r in evals] == [("dev", 4), ("test", 4)]
     assert accuracy == {r["split"]: r["acc"] for r in evals}
-    assert [r["n"] for r in evals] == [4, 16]  # 2 entries per image of 2 val / 8 test images
+    assert [r["n"] for r in evals] == [20, 80]  # 10 entries per image of 2 val / 8 test images
 
 
 def test_train_and_eval_nlvr_cli(nlvr_config, synthetic_train, tmp_path, capsys):
