@@ -7,8 +7,9 @@ max length 20, min length 5 (official COCO decoding; lengths count the prompt):
                 (the decoding loop, ``models.generation``, is the same for all three)
     fast        ``BlipCaption.generate`` on the best backends, fp32
     fast bf16   ``generate(precision="bf16")``: ViT and decoder under bf16 autocast, on a CPU
-                with AMX / AVX512-BF16 on prepacked bf16 weights (oneDNN); each beam's 16
-                largest logits recomputed in fp32, beam scores fp32
+                with AMX / AVX512-BF16 on prepacked bf16 weights (oneDNN), the decoder's layers
+                in fp32 where they weigh little beside its LM head (the demo model's); each
+                beam's 16 largest logits recomputed in fp32, beam scores fp32
                 (default where bf16 is native: CUDA, or such a CPU)
 ``reference`` is the baseline: every row gets its ratio to it. Each captioner is warmed up on
 two images, then they take turns ``--repeats`` times over the whole set, each keeping its
@@ -22,8 +23,8 @@ The model is ``blip-fast demo``'s (pre-trained from scratch on the synthetic set
 captions without a prompt, as the demo's do): ``--checkpoint`` one saved by ``blip-fast demo
 --save``, or, without it, the demo is run here first (defaults, a few minutes on 2 cores).
 The test images are the demo's (synthetic set, seed 0, regenerated here). The demo model is
-tiny (one 128-wide text layer): its decoding step is mostly (beams, 30524-word) passes that bf16
-does not speed up. Further cases, speed only, caption the same images with random weights of
+tiny (one 128-wide text layer): its decoding step is mostly (beams, 30524-word) passes, and bf16
+keeps its layers in fp32. Further cases, speed only, caption the same images with random weights of
 the ``--random`` presets (default ``blip_small_demo``: 4 text layers of 256, 100 images, and
 ``blip_base_vit_b16_224``: ViT-B/16 and a 12-layer BERT-base decoder as people serve it, 12
 images), with the official prompt, where the GEMMs weigh more; their caption agreement is not

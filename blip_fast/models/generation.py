@@ -20,7 +20,8 @@ _EXACT_TOP = 16  # logits per row recomputed in fp32 after a bf16 LM head: 2K fo
 
 class _Stepper:
     """Runs the decoder on new tokens, keeping one cache dict per layer; under CPU / CUDA
-    autocast to ``compute_dtype`` when one is given (None: the caller's precision).
+    autocast to ``compute_dtype`` when one is given (None: the caller's precision), or, with
+    ``fp32_layers``, only its LM head output projection (the layers and head transform in fp32).
 
     Each layer's cross-attention K / V are projected on the first call and cached: beam
     search makes that call with one row per image, then ``repeat`` copies the cache to every
@@ -28,9 +29,10 @@ class _Stepper:
     a small decoder's step; after a low-precision one, each row's largest logits are
     recomputed in fp32 (``_exact_top``)."""
 
-    def __init__(self, decoder, image_embeds, compute_dtype=None):
-        self.decoder, self.image_embeds = decoder, image_embeds
-        self.compute_dtype = compute_dtype
+    def __init__(self, decoder, image_embeds, compute_dtype=None, fp32_layers=False):
+        self.decoder = decoder
+        self.image_embeds = image_embeds.float() if fp32_layers else image_embeds
+        self.compute_dtype, self.fp32_layers = compute_dtype, fp32_layers
         self.cache = [dict() for _ in decoder.bert.encoder.layer]
         self.length = 0
 
@@ -40,11 +42,13 @@ class _Stepper:
         dtype = self.compute_dtype
         autocast = nullcontext() if dtype is None else torch.autocast(tokens.device.type, dtype)
         head = self.decoder.cls.predictions
-        with autocast:  # image_embeds is read on the first call only: then the cache has K / V
+        with nullcontext() if self.fp32_layers else autocast:
+            # image_embeds is read on the first call only: then the cache has K / V
             hidden = self.decoder.bert(
                 tokens, mask, self.image_embeds, None, "decoder", cache=self.cache
             )
             hidden = head.transform(hidden[:, -1])
+        with autocast:
             logits = head.decoder(hidden).float()
         if dtype is not None:
             _exact_top(logits, hidden.float(), head.decoder.weight, head.decoder.bias)
@@ -121,13 +125,15 @@ def beam_search(
     repetition_penalty=1.0,
     length_penalty=1.0,
     compute_dtype=None,
+    fp32_layers=False,
 ):
     """image_embeds (B, N, W), prompt_ids (B, P) -> list of B token lists (prompt included,
     ending with eos unless max_length was reached). ``compute_dtype``: the decoder runs under
-    autocast to it (None: as called); log-probabilities and beam scores are fp32 either way."""
+    autocast to it (None: as called), with ``fp32_layers`` its LM head's output projection
+    only; log-probabilities and beam scores are fp32 either way."""
     B, P = prompt_ids.shape
     K = num_beams
-    stepper = _Stepper(decoder, image_embeds, compute_dtype)
+    stepper = _Stepper(decoder, image_embeds, compute_dtype, fp32_layers)
     # The K beams of an image share its prompt: run it once, then start K copies of the cache
     # (beams 1.. start at score -1e9, so the first step's top 2K come from beam 0).
     logits = stepper(prompt_ids).repeat_interleave(K, dim=0)
@@ -196,13 +202,14 @@ def sample(
     repetition_penalty=1.0,
     generator=None,
     compute_dtype=None,
+    fp32_layers=False,
 ):
     """Greedy (``do_sample=False``) or nucleus sampling as HF ``_sample``: processors on the
     logits, then (sampling) top-k 50 and top-p warpers, multinomial draw; finished rows get pad.
-    image_embeds (B, N, W), prompt_ids (B, P) -> list of B token lists. ``compute_dtype``: as
-    in ``beam_search``."""
+    image_embeds (B, N, W), prompt_ids (B, P) -> list of B token lists. ``compute_dtype``,
+    ``fp32_layers``: as in ``beam_search``."""
     B, P = prompt_ids.shape
-    stepper = _Stepper(decoder, image_embeds, compute_dtype)
+    stepper = _Stepper(decoder, image_embeds, compute_dtype, fp32_layers)
     seqs, tokens = prompt_ids, prompt_ids
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     while seqs.shape[1] < max_length and not done.all():

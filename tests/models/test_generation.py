@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from blip_fast.models import blip_caption, create_model
+from blip_fast.models.configs import BlipConfig
 from blip_fast.models.generation import _exact_top, _Stepper, _topk, beam_search, sample
 from blip_fast.ops.linear import PackedLinear, native_bf16
 
@@ -104,17 +105,50 @@ def test_cross_attention_kv_projected_once_per_image(monkeypatch):
 
 
 @needs_bf16
+@pytest.mark.parametrize("fp32_layers", [False, True])
 @torch.no_grad()
-def test_bf16_decoder_step_matches_fp32_reference():
+def test_bf16_decoder_step_matches_fp32_reference(fp32_layers):
+    """bf16 logits within bf16 rounding of fp32's; with ``fp32_layers`` the layers' keys /
+    values (the cache) are fp32's within fp32 rounding, without it they are bf16."""
     m, ref = _fast_model()
-    img = ref.visual_encoder(torch.randn(3, 3, 64, 64))
+    # image tokens as the bf16 ViT hands them over, so that both decoders read the same ones
+    img = ref.visual_encoder(torch.randn(3, 3, 64, 64)).bfloat16().float()
     prompt = ref.prompt_ids(3, "cpu")
-    want = _Stepper(ref.text_decoder, img)(prompt)
-    _, decoder, dtype = m._inference_modules("bf16", "cpu")
+    want_step = _Stepper(ref.text_decoder, img)
+    want = want_step(prompt)
+    _, decoder, dtype, _ = m._inference_modules("bf16", "cpu")
     assert dtype == torch.bfloat16 and isinstance(decoder.cls.predictions.decoder, PackedLinear)
-    got = _Stepper(decoder, img, dtype)(prompt)
+    got_step = _Stepper(decoder, img.bfloat16(), dtype, fp32_layers)
+    got = got_step(prompt)
     assert got.dtype == torch.float32
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2
+    for key in ("self_k", "cross_v"):
+        k_got, k_want = got_step.cache[-1][key], want_step.cache[-1][key]
+        if fp32_layers:
+            torch.testing.assert_close(k_got, k_want, rtol=1e-5, atol=1e-5)
+        else:
+            assert k_got.dtype == torch.bfloat16
+
+
+def test_bf16_decoder_layers_only_where_they_weigh_beside_the_lm_head():
+    share = {
+        name: blip_caption.decoder_layer_share(BlipConfig.preset(name).text)
+        for name in ("blip_demo", "blip_small_demo", "blip_base_vit_b16_224")
+    }
+    assert share == pytest.approx(
+        {"blip_demo": 0.059, "blip_small_demo": 0.47, "blip_base_vit_b16_224": 4.23}, rel=0.01
+    )
+    fp32 = {name: s < blip_caption.BF16_LAYERS_MIN_SHARE for name, s in share.items()}
+    assert fp32 == {"blip_demo": True, "blip_small_demo": False, "blip_base_vit_b16_224": False}
+
+
+@needs_bf16
+def test_the_caption_model_chooses_fp32_layers_by_their_share(monkeypatch):
+    m, _ = _fast_model()
+    assert m._inference_modules("bf16", "cpu")[3]  # blip_tiny: share 0.04
+    monkeypatch.setattr(blip_caption, "BF16_LAYERS_MIN_SHARE", 0.01)
+    assert not m._inference_modules("bf16", "cpu")[3]
+    assert m._inference_modules("fp32", "cpu")[2:] == (None, False)
 
 
 @needs_bf16
@@ -122,7 +156,7 @@ def test_bf16_vit_is_an_all_bf16_copy_within_bf16_tolerance():
     """The CPU bf16 ViT runs on bf16 weights end to end (no autocast casts), the model's own
     stays fp32, and the tokens it gives the decoder are fp32's within bf16 rounding."""
     m, ref = _fast_model()
-    vit, decoder, _ = m._inference_modules("bf16", "cpu")
+    vit, decoder, *_ = m._inference_modules("bf16", "cpu")
     assert {p.dtype for p in vit.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in m.parameters()} == {p.dtype for p in decoder.parameters()}
     assert {p.dtype for p in m.parameters()} == {torch.float32}
